@@ -1,0 +1,226 @@
+//! Compiles `kernels-gpu/` to PTX with rustc's NVPTX backend and hands the module to the library
+//! (`OUT_DIR/sparseflow_kernels.ptx`, embedded with `include_str!`).
+//!
+//! The nvptx toolchain (Debian's `rustc-web` + `rust-web-src`, see the README) is optional: when
+//! it is absent the committed `kernels-gpu/ptx/sparseflow_kernels.ptx` is used, so a user's plain
+//! `cargo build` never needs it. `SPARSEFLOW_PTX` selects the mode:
+//!
+//! - `auto` (default): build if the toolchain is present, else use the committed PTX;
+//! - `committed`: always use the committed PTX;
+//! - `check`: build, and fail if the result differs from the committed PTX (CI);
+//! - `write`: build, and overwrite the committed PTX and its toolchain record.
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const KERNEL_DIR: &str = "kernels-gpu";
+const COMMITTED_PTX: &str = "kernels-gpu/ptx/sparseflow_kernels.ptx";
+const COMMITTED_TOOLCHAIN: &str = "kernels-gpu/ptx/TOOLCHAIN";
+const PTX_NAME: &str = "sparseflow_kernels.ptx";
+const TARGET_CPU: &str = "sm_80";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Auto,
+    Committed,
+    Check,
+    Write,
+}
+
+fn main() {
+    for path in [
+        "kernels-gpu/src",
+        "kernels-gpu/Cargo.toml",
+        COMMITTED_PTX,
+        COMMITTED_TOOLCHAIN,
+    ] {
+        println!("cargo:rerun-if-changed={path}");
+    }
+    for var in [
+        "SPARSEFLOW_PTX",
+        "SPARSEFLOW_NVPTX_RUSTC",
+        "SPARSEFLOW_NVPTX_CARGO",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let mode = match env::var("SPARSEFLOW_PTX").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Mode::Auto,
+        Ok("committed") => Mode::Committed,
+        Ok("check") => Mode::Check,
+        Ok("write") => Mode::Write,
+        Ok(other) => fail(&format!(
+            "SPARSEFLOW_PTX={other}: expected auto, committed, check or write"
+        )),
+    };
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let committed = fs::read_to_string(root.join(COMMITTED_PTX)).ok();
+    let toolchain = Toolchain::locate();
+
+    let (ptx, origin) = match (mode, &toolchain) {
+        (Mode::Committed, _) | (Mode::Auto, Err(_)) => {
+            if let (Mode::Auto, Err(why)) = (mode, &toolchain) {
+                println!(
+                    "cargo:warning=using the committed PTX ({COMMITTED_PTX}): the nvptx kernel toolchain is not installed ({why})"
+                );
+            }
+            let ptx = committed.clone().unwrap_or_else(|| {
+                fail(&format!(
+                    "{COMMITTED_PTX} is missing and the kernels cannot be built here"
+                ))
+            });
+            (ptx, "committed")
+        }
+        (Mode::Check | Mode::Write, Err(why)) => fail(&format!(
+            "SPARSEFLOW_PTX needs the nvptx kernel toolchain, which is not usable: {why}"
+        )),
+        (_, Ok(tc)) => match tc.build(&root, &out_dir) {
+            Ok(ptx) => {
+                let stale = committed.as_deref() != Some(ptx.as_str());
+                let recorded =
+                    fs::read_to_string(root.join(COMMITTED_TOOLCHAIN)).unwrap_or_default();
+                let why = if recorded.trim() != tc.version.trim() {
+                    format!(
+                        "the kernel toolchain changed ({} -> {}): regenerate with `SPARSEFLOW_PTX=write cargo build`",
+                        recorded.lines().next().unwrap_or("none recorded"),
+                        tc.version.lines().next().unwrap_or("?")
+                    )
+                } else {
+                    "kernel sources changed without regenerating it: run `SPARSEFLOW_PTX=write cargo build` and commit kernels-gpu/ptx/".to_string()
+                };
+                match mode {
+                    Mode::Check if stale => fail(&format!("{COMMITTED_PTX} is stale: {why}")),
+                    Mode::Write => {
+                        fs::write(root.join(COMMITTED_PTX), &ptx).unwrap();
+                        fs::write(root.join(COMMITTED_TOOLCHAIN), &tc.version).unwrap();
+                        println!("cargo:warning=wrote {COMMITTED_PTX}");
+                    }
+                    _ if stale => println!("cargo:warning={COMMITTED_PTX} is stale: {why}"),
+                    _ => {}
+                }
+                (ptx, "built")
+            }
+            Err(err) if mode == Mode::Auto => {
+                println!("cargo:warning=building the GPU kernels failed, using the committed PTX instead:");
+                for line in err.lines().filter(|l| !l.trim().is_empty()).take(40) {
+                    println!("cargo:warning=  {line}");
+                }
+                let ptx = committed.clone().unwrap_or_else(|| fail(&err));
+                (ptx, "committed")
+            }
+            Err(err) => fail(&err),
+        },
+    };
+    fs::write(out_dir.join(PTX_NAME), ptx).unwrap();
+    println!("cargo:rustc-env=SPARSEFLOW_PTX_ORIGIN={origin}");
+}
+
+struct Toolchain {
+    rustc: PathBuf,
+    cargo: PathBuf,
+    version: String,
+}
+
+impl Toolchain {
+    /// The toolchain is usable when its rustc knows the nvptx target and its sysroot has `core`'s
+    /// sources (needed by `-Zbuild-std`).
+    fn locate() -> Result<Self, String> {
+        let rustc =
+            PathBuf::from(env::var("SPARSEFLOW_NVPTX_RUSTC").unwrap_or("/usr/bin/rustc".into()));
+        let cargo =
+            PathBuf::from(env::var("SPARSEFLOW_NVPTX_CARGO").unwrap_or("/usr/bin/cargo".into()));
+        if !rustc.exists() || !cargo.exists() {
+            return Err(format!(
+                "{} or {} not found",
+                rustc.display(),
+                cargo.display()
+            ));
+        }
+        let version = run_capture(Command::new(&rustc).arg("-vV"))?;
+        let sysroot = run_capture(Command::new(&rustc).args(["--print", "sysroot"]))?;
+        let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
+        if !core_src.exists() {
+            return Err(format!(
+                "{} is missing (install rust-web-src)",
+                core_src.display()
+            ));
+        }
+        let targets = run_capture(Command::new(&rustc).args(["--print", "target-list"]))?;
+        if !targets.lines().any(|t| t == "nvptx64-nvidia-cuda") {
+            return Err(format!(
+                "{} has no nvptx64-nvidia-cuda target",
+                rustc.display()
+            ));
+        }
+        Ok(Self {
+            rustc,
+            cargo,
+            version,
+        })
+    }
+
+    /// Runs the recipe of DESIGN.md in a clean environment and its own target directory, so no
+    /// outer `RUSTFLAGS`/`CARGO_*` setting leaks into the device build.
+    fn build(&self, root: &Path, out_dir: &Path) -> Result<String, String> {
+        let target_dir = out_dir.join("nvptx-target");
+        let mut cmd = Command::new(&self.cargo);
+        cmd.env_clear()
+            .current_dir(root.join(KERNEL_DIR))
+            .env("RUSTC", &self.rustc)
+            .env("RUSTC_BOOTSTRAP", "1");
+        for var in [
+            "PATH",
+            "HOME",
+            "CARGO_HOME",
+            "TMPDIR",
+            "http_proxy",
+            "https_proxy",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "NO_PROXY",
+        ] {
+            if let Ok(v) = env::var(var) {
+                cmd.env(var, v);
+            }
+        }
+        // The device build's profile: aborting panics and fat LTO, so that core's panic paths are
+        // compiled into the one PTX module instead of left as unresolved externs.
+        cmd.args(["rustc", "--release", "--quiet", "-Zbuild-std=core"])
+            .args(["--config", "profile.release.panic=\"abort\""])
+            .args(["--config", "profile.release.lto=\"fat\""])
+            .args(["--config", "profile.release.codegen-units=1"])
+            .args(["--config", "profile.release.opt-level=3"])
+            .args(["--target", "nvptx64-nvidia-cuda", "--crate-type", "cdylib"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .args(["--", "--emit=asm", "-C", "linker=true"])
+            .arg(format!("-Ctarget-cpu={TARGET_CPU}"));
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.cargo.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kernel build failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let asm = target_dir.join("nvptx64-nvidia-cuda/release/deps/sparseflow_kernels.s");
+        fs::read_to_string(&asm).map_err(|e| format!("cannot read {}: {e}", asm.display()))
+    }
+}
+
+fn run_capture(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    panic!("{msg}");
+}

@@ -1,0 +1,22 @@
+//! SparseFlow: sparse inference for spiking neural networks.
+//!
+//! Spiking networks are mostly silent: the tensors between their layers are spikes, 0 or 1, and
+//! typically 95% zeros. SparseFlow runs such networks computing only where spikes are, on the CPU
+//! (always available) and on NVIDIA GPUs through kernels written in Rust (`kernels-gpu/`, compiled
+//! to PTX and embedded in this library).
+//!
+//! Where things live:
+//! - [`device`]: which device runs the work ([`Device::best_available`] never panics);
+//! - [`cuda`]: the CUDA backend (context, stream, the PTX module loaded once per context);
+//! - [`tensor`]: host tensors;
+//! - [`ops`]: one module per operator, holding its CPU code, its GPU launch and its tests.
+pub mod cuda;
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod tensor;
+pub mod testing;
+
+pub use device::{Device, DeviceSelection};
+pub use error::{Error, Result};
+pub use tensor::Tensor;

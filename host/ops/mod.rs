@@ -1,0 +1,3 @@
+//! Operators, one module each: the CPU code, the GPU launch and the tests of an operator live
+//! together in its file.
+pub mod prescan;
