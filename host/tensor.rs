@@ -71,3 +71,22 @@ impl Tensor {
         self.data.iter().filter(|&&v| v == 0.0).count() as f64 / self.data.len() as f64
     }
 }
+
+impl Tensor {
+    /// The same data under another shape with the same element count.
+    pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
+        Self::new(shape, self.data)
+    }
+
+    /// Splits the shape into (batch = product of the leading dims, the last `k` dims).
+    pub fn split_trailing(&self, k: usize) -> Result<(usize, &[usize])> {
+        if self.shape.len() < k {
+            return Err(Error::Shape(format!(
+                "expected at least {k} dimensions, got {:?}",
+                self.shape
+            )));
+        }
+        let (lead, tail) = self.shape.split_at(self.shape.len() - k);
+        Ok((lead.iter().product(), tail))
+    }
+}

@@ -1,3 +1,69 @@
 //! Operators, one module each: the CPU code, the GPU launch and the tests of an operator live
 //! together in its file.
+//!
+//! Every graph node holds a `Box<dyn Operator>`: plain data (weights, geometry, neuron parameters)
+//! that the optimize passes can inspect by downcasting (`as_any`) and replace.
+//!
+//! Tensor conventions (spikingjelly's multi-step mode): activations are `[T, N, C, H, W]` or
+//! `[T, N, F]`. Stateless operators treat every leading dimension before the ones they act on as
+//! batch (so T folds into N); neurons iterate over dimension 0 (T).
+use std::any::Any;
+use std::fmt::Debug;
+
+use crate::error::Result;
+use crate::tensor::Tensor;
+
 pub mod prescan;
+
+/// A graph operator.
+pub trait Operator: Debug + Send + Sync + 'static {
+    /// The operator's type name, e.g. `"Conv2d"` or `"LIFNode"`.
+    fn type_name(&self) -> &'static str;
+
+    /// Computes the output from the inputs, in the order of the node's input edges.
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor>;
+
+    /// Parameters by local name (`"weight"`, `"running_mean"`, …), as in a PyTorch `state_dict`.
+    fn params(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
+
+    /// Mutable access to the same parameters, for loading weights.
+    fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        Vec::new()
+    }
+
+    /// A one-line description of the configuration, e.g. `"3x3 s1 p1 64->64"`.
+    fn describe(&self) -> String {
+        String::new()
+    }
+
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Implements the `as_any` boilerplate of [`Operator`].
+#[macro_export]
+macro_rules! impl_as_any {
+    () => {
+        fn as_any(&self) -> &dyn ::std::any::Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn ::std::any::Any {
+            self
+        }
+    };
+}
+
+/// Checks an operator's input count.
+pub(crate) fn expect_inputs<'a, const K: usize>(
+    op: &str,
+    inputs: &[&'a Tensor],
+) -> Result<[&'a Tensor; K]> {
+    <[&Tensor; K]>::try_from(inputs).map_err(|_| {
+        crate::Error::InvalidArgument(format!(
+            "{op} takes {K} input(s), got {}",
+            inputs.len()
+        ))
+    })
+}
