@@ -19,6 +19,12 @@ pub enum Error {
     /// The PTX module has no entry point for the requested kernel variant.
     #[error("no GPU kernel variant for {0}")]
     MissingKernelVariant(String),
+    /// A set of weights does not fit the model: missing, unexpected or mis-shaped tensors.
+    #[error("weights do not match the model: {0}")]
+    Weights(String),
+    /// A file is not what it claims to be (corrupt or truncated safetensors, wrong dtype, …).
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

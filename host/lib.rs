@@ -13,6 +13,7 @@
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod graph;
 pub mod ops;
 pub mod tensor;
 pub mod testing;

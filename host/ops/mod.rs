@@ -13,6 +13,9 @@ use std::fmt::Debug;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+pub mod connect;
+pub mod flatten;
+pub mod neuron;
 pub mod prescan;
 
 /// A graph operator.

@@ -1,0 +1,118 @@
+//! Joining a residual branch with its shortcut: the plain `Add` of spiking ResNets and the SEW
+//! connect functions of SEW ResNets (ADD, AND, IAND).
+use crate::error::{Error, Result};
+use crate::impl_as_any;
+use crate::ops::{expect_inputs, Operator};
+use crate::tensor::Tensor;
+
+/// spikingjelly's `cnf` argument of SEW ResNets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFunction {
+    /// `a + b`: spikes summed into small non-negative integers.
+    Add,
+    /// `a · b`
+    And,
+    /// `a · (1 − b)`: the first input passes where the second did not fire.
+    Iand,
+}
+
+impl ConnectFunction {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "add" => Ok(Self::Add),
+            "and" => Ok(Self::And),
+            "iand" => Ok(Self::Iand),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown connect function `{other}`: expected add, and or iand"
+            ))),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Add => "ADD",
+            Self::And => "AND",
+            Self::Iand => "IAND",
+        }
+    }
+
+    fn apply(&self, a: f32, b: f32) -> f32 {
+        match self {
+            Self::Add => a + b,
+            Self::And => a * b,
+            Self::Iand => a * (1.0 - b),
+        }
+    }
+}
+
+fn zip_same_shape(op: &str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        return Err(Error::Shape(format!(
+            "{op}: input shapes differ: {:?} vs {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let data = a.data().iter().zip(b.data()).map(|(&x, &y)| f(x, y)).collect();
+    Tensor::new(a.shape().to_vec(), data)
+}
+
+/// The residual sum of spiking ResNets: `branch + shortcut`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Add;
+
+impl Operator for Add {
+    fn type_name(&self) -> &'static str {
+        "Add"
+    }
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let [a, b] = expect_inputs::<2>("Add", inputs)?;
+        zip_same_shape("Add", a, b, |x, y| x + y)
+    }
+    impl_as_any!();
+}
+
+/// A SEW connect function applied to `(inputs[0], inputs[1])` in that order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SewConnect {
+    pub function: ConnectFunction,
+}
+
+impl Operator for SewConnect {
+    fn type_name(&self) -> &'static str {
+        "SewConnect"
+    }
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let [a, b] = expect_inputs::<2>("SewConnect", inputs)?;
+        let f = self.function;
+        zip_same_shape("SewConnect", a, b, |x, y| f.apply(x, y))
+    }
+    fn describe(&self) -> String {
+        self.function.name().into()
+    }
+    impl_as_any!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_functions_follow_spikingjelly() {
+        let a = Tensor::new(vec![4], vec![0.0, 0.0, 1.0, 1.0]).unwrap();
+        let b = Tensor::new(vec![4], vec![0.0, 1.0, 0.0, 1.0]).unwrap();
+        let run = |f| SewConnect { function: f }.forward(&[&a, &b]).unwrap().into_data();
+        assert_eq!(run(ConnectFunction::Add), vec![0.0, 1.0, 1.0, 2.0]);
+        assert_eq!(run(ConnectFunction::And), vec![0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(run(ConnectFunction::Iand), vec![0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(Add.forward(&[&a, &b]).unwrap().into_data(), vec![0.0, 1.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let a = Tensor::zeros(vec![2, 3]);
+        let b = Tensor::zeros(vec![3, 2]);
+        assert!(matches!(Add.forward(&[&a, &b]), Err(Error::Shape(_))));
+        assert!(ConnectFunction::parse("xor").is_err());
+    }
+}

@@ -1,0 +1,373 @@
+//! Spiking neurons in spikingjelly's multi-step mode: `IFNode`, `LIFNode`, `ParametricLIFNode`.
+//!
+//! The input is `[T, ...]`; the membrane starts at `v_reset` (0 for soft reset) for every sample
+//! and the neuron steps over T. Each step charges `H` from the membrane `V` and the input `X`,
+//! fires `S = (H >= v_threshold)`, and resets: hard (`v_reset` set) `V = S·v_reset + (1 − S)·H`,
+//! soft `V = H − S·v_threshold`. The charge expressions follow spikingjelly 2.0's CPU code
+//! (`_ops/{if_,lif,plif}/cpu.py`) operation for operation, because a spike is decided by an exact
+//! comparison and a reordered expression can flip one:
+//!
+//! - IF: `H = V + X`
+//! - LIF, `decay_input`: `H = V + (X − (V − v_r)) / tau`; otherwise `H = V − (V − v_r) / tau + X`
+//! - PLIF: the same with `· sigmoid(w)` in place of `/ tau`
+//!
+//! where `v_r` is `v_reset`, or 0 under soft reset. `detach_reset` only changes gradients and is
+//! kept for fidelity of the configuration.
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::impl_as_any;
+use crate::ops::{expect_inputs, Operator};
+use crate::tensor::Tensor;
+
+/// Firing and reset parameters shared by every neuron type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Firing {
+    pub v_threshold: f32,
+    /// `Some(v)`: hard reset to `v`; `None`: soft reset (subtract the threshold).
+    pub v_reset: Option<f32>,
+    pub detach_reset: bool,
+}
+
+impl Default for Firing {
+    /// spikingjelly's defaults: threshold 1, hard reset to 0.
+    fn default() -> Self {
+        Self {
+            v_threshold: 1.0,
+            v_reset: Some(0.0),
+            detach_reset: false,
+        }
+    }
+}
+
+impl Firing {
+    fn reset_value(&self) -> f32 {
+        self.v_reset.unwrap_or(0.0)
+    }
+
+    fn describe(&self) -> String {
+        match self.v_reset {
+            Some(r) => format!("v_th={} v_reset={r}", self.v_threshold),
+            None => format!("v_th={} soft reset", self.v_threshold),
+        }
+    }
+}
+
+/// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
+const CHUNK: usize = 16 * 1024;
+
+/// Runs a neuron over `x = [T, ...]`. `charge(v, x) -> h` is the neuron's charge equation.
+/// Returns the spikes and, when `keep_charge`, the charged membrane `H` of every step.
+fn multi_step<F>(
+    op: &str,
+    x: &Tensor,
+    firing: &Firing,
+    charge: F,
+    keep_charge: bool,
+) -> Result<(Tensor, Option<Tensor>)>
+where
+    F: Fn(f32, f32) -> f32 + Sync,
+{
+    let Some((&steps, rest)) = x.shape().split_first() else {
+        return Err(Error::Shape(format!("{op} needs a [T, ...] input, got a scalar")));
+    };
+    let per_step: usize = rest.iter().product();
+    let mut spikes = vec![0.0f32; x.len()];
+    let mut charged = if keep_charge { vec![0.0f32; x.len()] } else { Vec::new() };
+    let mut v = vec![firing.reset_value(); per_step];
+    let (threshold, hard_reset) = (firing.v_threshold, firing.v_reset);
+    for t in 0..steps {
+        let range = t * per_step..(t + 1) * per_step;
+        let x_t = &x.data()[range.clone()];
+        let s_t = &mut spikes[range.clone()];
+        let chunks = per_step.div_ceil(CHUNK);
+        let h_chunks: Vec<Option<&mut [f32]>> = if keep_charge {
+            charged[range].chunks_mut(CHUNK).map(Some).collect()
+        } else {
+            (0..chunks).map(|_| None).collect()
+        };
+        s_t.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(x_t.par_chunks(CHUNK))
+            .zip(h_chunks)
+            .for_each(|(((s, v), x), mut h_out)| {
+                for i in 0..s.len() {
+                    let h = charge(v[i], x[i]);
+                    let spike = if h >= threshold { 1.0f32 } else { 0.0 };
+                    v[i] = match hard_reset {
+                        Some(reset) => spike * reset + (1.0 - spike) * h,
+                        None => h - spike * threshold,
+                    };
+                    s[i] = spike;
+                    if let Some(h_out) = h_out.as_deref_mut() {
+                        h_out[i] = h;
+                    }
+                }
+            });
+    }
+    let spikes = Tensor::new(x.shape().to_vec(), spikes)?;
+    let charged = if keep_charge {
+        Some(Tensor::new(x.shape().to_vec(), charged)?)
+    } else {
+        None
+    };
+    Ok((spikes, charged))
+}
+
+/// What every neuron type offers beyond [`Operator`]: its firing parameters and the charged
+/// membrane, so tests can tell a genuine spike mismatch from a threshold tie.
+pub trait SpikingNeuron: Operator {
+    fn firing(&self) -> &Firing;
+    /// Spikes and the charged membrane `H` of every step, `[T, ...]` each.
+    fn forward_with_charge(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
+}
+
+macro_rules! neuron_operator {
+    ($ty:ident, $name:literal) => {
+        impl Operator for $ty {
+            fn type_name(&self) -> &'static str {
+                $name
+            }
+            fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+                let [x] = expect_inputs::<1>($name, inputs)?;
+                Ok(self.run(x, false)?.0)
+            }
+            fn params(&self) -> Vec<(&'static str, &Tensor)> {
+                self.param_list()
+            }
+            fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+                self.param_list_mut()
+            }
+            fn describe(&self) -> String {
+                self.description()
+            }
+            impl_as_any!();
+        }
+        impl SpikingNeuron for $ty {
+            fn firing(&self) -> &Firing {
+                &self.firing
+            }
+            fn forward_with_charge(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+                let (s, h) = self.run(x, true)?;
+                Ok((s, h.expect("charge requested")))
+            }
+        }
+    };
+}
+
+/// Integrate-and-fire: `H = V + X`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IFNode {
+    pub firing: Firing,
+}
+
+impl IFNode {
+    pub fn new(firing: Firing) -> Self {
+        Self { firing }
+    }
+    fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+        multi_step("IFNode", x, &self.firing, |v, x| v + x, keep)
+    }
+    fn param_list(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
+    fn param_list_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        Vec::new()
+    }
+    fn description(&self) -> String {
+        self.firing.describe()
+    }
+}
+neuron_operator!(IFNode, "IFNode");
+
+/// Leaky integrate-and-fire with time constant `tau`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LIFNode {
+    pub tau: f32,
+    pub decay_input: bool,
+    pub firing: Firing,
+}
+
+impl LIFNode {
+    /// `tau` must be greater than 1, as spikingjelly requires.
+    pub fn new(tau: f32, decay_input: bool, firing: Firing) -> Result<Self> {
+        if !(tau > 1.0) {
+            return Err(Error::InvalidArgument(format!("LIF tau must be > 1, got {tau}")));
+        }
+        Ok(Self {
+            tau,
+            decay_input,
+            firing,
+        })
+    }
+    fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (tau, v_r) = (self.tau, self.firing.reset_value());
+        if self.decay_input {
+            multi_step("LIFNode", x, &self.firing, |v, x| v + (x - (v - v_r)) / tau, keep)
+        } else {
+            multi_step("LIFNode", x, &self.firing, |v, x| v - (v - v_r) / tau + x, keep)
+        }
+    }
+    fn param_list(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
+    fn param_list_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        Vec::new()
+    }
+    fn description(&self) -> String {
+        format!("tau={} decay_input={} {}", self.tau, self.decay_input, self.firing.describe())
+    }
+}
+neuron_operator!(LIFNode, "LIFNode");
+
+/// LIF with a learned time constant: `1/tau = sigmoid(w)`, `w` a scalar parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParametricLIFNode {
+    /// Shape `[]` (one element), as spikingjelly's `w` parameter.
+    pub w: Tensor,
+    pub decay_input: bool,
+    pub firing: Firing,
+}
+
+impl ParametricLIFNode {
+    /// Starts at `w = -ln(init_tau - 1)`, spikingjelly's initialisation.
+    pub fn new(init_tau: f32, decay_input: bool, firing: Firing) -> Result<Self> {
+        if !(init_tau > 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "PLIF init_tau must be > 1, got {init_tau}"
+            )));
+        }
+        let w = -((init_tau - 1.0) as f64).ln() as f32;
+        Ok(Self {
+            w: Tensor::new(vec![], vec![w])?,
+            decay_input,
+            firing,
+        })
+    }
+
+    /// `sigmoid(w)`, the reciprocal time constant.
+    pub fn inverse_tau(&self) -> f32 {
+        let w = self.w.data()[0];
+        1.0 / (1.0 + (-w).exp())
+    }
+
+    fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (q, v_r) = (self.inverse_tau(), self.firing.reset_value());
+        if self.decay_input {
+            multi_step("ParametricLIFNode", x, &self.firing, |v, x| v + (x - (v - v_r)) * q, keep)
+        } else {
+            multi_step("ParametricLIFNode", x, &self.firing, |v, x| v - (v - v_r) * q + x, keep)
+        }
+    }
+    fn param_list(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("w", &self.w)]
+    }
+    fn param_list_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        vec![("w", &mut self.w)]
+    }
+    fn description(&self) -> String {
+        format!(
+            "tau={:.4} decay_input={} {}",
+            1.0 / self.inverse_tau(),
+            self.decay_input,
+            self.firing.describe()
+        )
+    }
+}
+neuron_operator!(ParametricLIFNode, "ParametricLIFNode");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::SplitMix64;
+
+    fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let mut rng = SplitMix64::new(seed);
+        let n = shape.iter().product();
+        let data = (0..n).map(|_| (rng.next_f32() * 2.0 - 0.5) * scale).collect();
+        Tensor::new(shape.to_vec(), data).unwrap()
+    }
+
+    /// A float64 transcription of the update rules, stepped one element at a time.
+    fn reference(x: &Tensor, firing: Firing, charge: impl Fn(f64, f64, f64) -> f64) -> Vec<f32> {
+        let steps = x.shape()[0];
+        let m = x.len() / steps;
+        let v_r = firing.v_reset.unwrap_or(0.0) as f64;
+        let th = firing.v_threshold as f64;
+        let mut out = vec![0.0; x.len()];
+        for i in 0..m {
+            let mut v = v_r;
+            for t in 0..steps {
+                let h = charge(v, x.data()[t * m + i] as f64, v_r);
+                let s = (h >= th) as u8 as f64;
+                v = match firing.v_reset {
+                    Some(r) => if s > 0.0 { r as f64 } else { h },
+                    None => h - s * th,
+                };
+                out[t * m + i] = s as f32;
+            }
+        }
+        out
+    }
+
+    fn assert_matches(got: &Tensor, h: &Tensor, want: &[f32], th: f32) {
+        for ((g, w), h) in got.data().iter().zip(want).zip(h.data()) {
+            // A float32 / float64 disagreement is only possible right at the threshold.
+            assert!(g == w || (h - th).abs() < 1e-4, "spike {g} vs {w}, H = {h}");
+        }
+        assert!(got.data().iter().any(|&s| s == 1.0) && got.data().iter().any(|&s| s == 0.0));
+    }
+
+    #[test]
+    fn lif_if_plif_match_a_float64_reference() {
+        let x = random(&[6, 3, 4, 5, 7], 11, 2.0);
+        for firing in [
+            Firing::default(),
+            Firing { v_threshold: 0.7, v_reset: None, detach_reset: true },
+            Firing { v_threshold: 1.2, v_reset: Some(-0.3), detach_reset: false },
+        ] {
+            let th = firing.v_threshold;
+            let if_node = IFNode::new(firing);
+            let (s, h) = if_node.forward_with_charge(&x).unwrap();
+            assert_matches(&s, &h, &reference(&x, firing, |v, x, _| v + x), th);
+            for decay_input in [true, false] {
+                let lif = LIFNode::new(1.7, decay_input, firing).unwrap();
+                let (s, h) = lif.forward_with_charge(&x).unwrap();
+                let tau = 1.7f32 as f64;
+                let want = if decay_input {
+                    reference(&x, firing, |v, x, r| v + (x - (v - r)) / tau)
+                } else {
+                    reference(&x, firing, |v, x, r| v - (v - r) / tau + x)
+                };
+                assert_matches(&s, &h, &want, th);
+                let plif = ParametricLIFNode::new(2.5, decay_input, firing).unwrap();
+                let q = plif.inverse_tau() as f64;
+                assert!((q - 1.0 / 2.5).abs() < 1e-6);
+                let (s, h) = plif.forward_with_charge(&x).unwrap();
+                let want = if decay_input {
+                    reference(&x, firing, |v, x, r| v + (x - (v - r)) * q)
+                } else {
+                    reference(&x, firing, |v, x, r| v - (v - r) * q + x)
+                };
+                assert_matches(&s, &h, &want, th);
+            }
+        }
+    }
+
+    #[test]
+    fn membrane_restarts_for_every_forward() {
+        let x = random(&[3, 2, 50], 5, 2.0);
+        let lif = LIFNode::new(2.0, true, Firing::default()).unwrap();
+        assert_eq!(lif.forward(&[&x]).unwrap(), lif.forward(&[&x]).unwrap());
+    }
+
+    #[test]
+    fn bad_parameters_and_inputs_are_errors() {
+        assert!(LIFNode::new(1.0, true, Firing::default()).is_err());
+        assert!(ParametricLIFNode::new(0.5, true, Firing::default()).is_err());
+        let node = IFNode::new(Firing::default());
+        let scalar = Tensor::new(vec![], vec![1.0]).unwrap();
+        assert!(node.forward(&[&scalar]).is_err());
+        assert!(node.forward(&[]).is_err());
+    }
+}
