@@ -223,24 +223,24 @@ impl Graph {
     pub fn topo_order(&self) -> Result<Vec<NodeId>> {
         let mut pending: BTreeMap<NodeId, usize> =
             self.nodes().map(|(id, n)| (id, n.inputs.len())).collect();
-        let mut ready: Vec<NodeId> = pending
+        // Lowest id first among the ready nodes: insertion order where the edges allow it.
+        let mut ready: std::collections::BTreeSet<NodeId> = pending
             .iter()
             .filter(|(_, &k)| k == 0)
             .map(|(&id, _)| id)
             .collect();
-        ready.reverse();
         let mut order = Vec::with_capacity(pending.len());
         let mut consumers: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
         for (from, to) in self.edges() {
             consumers.entry(from).or_default().push(to);
         }
-        while let Some(id) = ready.pop() {
+        while let Some(id) = ready.pop_first() {
             order.push(id);
             for &c in consumers.get(&id).into_iter().flatten() {
                 let k = pending.get_mut(&c).expect("consumer exists");
                 *k -= 1;
                 if *k == 0 {
-                    ready.push(c);
+                    ready.insert(c);
                 }
             }
         }
