@@ -259,76 +259,94 @@ impl Graph {
     }
 
     /// [`forward`](Self::forward), calling `observe` after every node with its inputs, output and
-    /// run time. Intermediate tensors are freed after their last use.
+    /// run time.
     pub fn forward_observed(
         &self,
         input: &Tensor,
         observe: &mut dyn FnMut(&NodeRun) -> Result<()>,
     ) -> Result<Tensor> {
+        let plan = self.plan()?;
+        self.with_single_step(input, |input| {
+            plan.execute(input, &mut |id, args| {
+                let node = self.get(id).expect("planned nodes exist");
+                let start = Instant::now();
+                let output = run_node(id == self.input, node, args)?;
+                observe(&NodeRun {
+                    id,
+                    node,
+                    inputs: args,
+                    output: &output,
+                    elapsed: start.elapsed(),
+                })?;
+                Ok(output)
+            })
+        })
+    }
+
+    /// Runs the graph, letting `prepare` modify each node just before it runs, given the inputs
+    /// it is about to see (used by calibration, which sets BatchNorm statistics on the fly).
+    pub fn forward_prepared(
+        &mut self,
+        input: &Tensor,
+        prepare: &mut dyn FnMut(&mut Node, &[&Tensor]) -> Result<()>,
+    ) -> Result<Tensor> {
+        let plan = self.plan()?;
+        let input_id = self.input;
         let single_step = self.single_step_input(input);
         let owned;
         let input = if single_step {
-            let mut shape = vec![1];
-            shape.extend_from_slice(input.shape());
-            owned = input.clone().reshape(shape)?;
+            owned = add_step_dim(input)?;
             &owned
         } else {
             input
         };
-        let order = self.topo_order()?;
-        let mut uses: Vec<usize> = vec![0; self.nodes.len()];
+        let out = plan.execute(input, &mut |id, args| {
+            let node = self.node_mut(id)?;
+            prepare(node, args)?;
+            run_node(id == input_id, node, args)
+        })?;
+        if single_step {
+            drop_step_dim(out)
+        } else {
+            Ok(out)
+        }
+    }
+
+    fn with_single_step(
+        &self,
+        input: &Tensor,
+        run: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self.single_step_input(input) {
+            drop_step_dim(run(&add_step_dim(input)?)?)
+        } else {
+            run(input)
+        }
+    }
+
+    fn plan(&self) -> Result<Plan> {
+        let mut uses = vec![0; self.nodes.len()];
         for (from, _) in self.edges() {
             uses[from] += 1;
         }
         uses[self.output] += 1;
-        let mut values: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
-        for id in order {
-            let node = self.get(id).expect("topo order lists live nodes");
-            let start = Instant::now();
-            let output = {
-                let args: Vec<&Tensor> = if id == self.input {
-                    vec![input]
-                } else {
-                    node.inputs
-                        .iter()
-                        .map(|&i| values[i].as_ref().expect("inputs run first"))
-                        .collect()
-                };
-                let output = node.op.forward(&args).map_err(|e| match e {
-                    Error::Shape(m) if id != self.input => {
-                        Error::Shape(format!("node `{}` ({}): {m}", node.name, node.op.type_name()))
-                    }
-                    other => other,
-                })?;
-                observe(&NodeRun {
-                    id,
-                    node,
-                    inputs: &args,
-                    output: &output,
-                    elapsed: start.elapsed(),
-                })?;
-                output
-            };
-            for &i in &node.inputs {
-                uses[i] -= 1;
-                if uses[i] == 0 {
-                    values[i] = None;
-                }
-            }
-            if uses[id] > 0 {
-                values[id] = Some(output);
-            }
-        }
-        let out = values[self.output].take().expect("output computed");
-        if single_step {
-            let shape = out.shape()[1..].to_vec();
-            return out.reshape(shape);
-        }
-        Ok(out)
+        Ok(Plan {
+            order: self.topo_order()?,
+            inputs: self
+                .nodes
+                .iter()
+                .map(|n| n.as_ref().map_or(Vec::new(), |n| n.inputs.clone()))
+                .collect(),
+            uses,
+            input: self.input,
+            output: self.output,
+        })
     }
 
     fn single_step_input(&self, x: &Tensor) -> bool {
-        let Some(input) = self.get(self.input).and_then(|n| n.op.as_any().downcast_ref::<Input>())
+        let Some(input) = self
+            .get(self.input)
+            .and_then(|n| n.op.as_any().downcast_ref::<Input>())
         else {
             return false;
         };
@@ -357,7 +375,11 @@ impl Graph {
         self.load_params_inner(tensors, false)
     }
 
-    fn load_params_inner(&mut self, tensors: &BTreeMap<String, Tensor>, strict: bool) -> Result<usize> {
+    fn load_params_inner(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        strict: bool,
+    ) -> Result<usize> {
         let mut missing = Vec::new();
         let mut misshaped = Vec::new();
         let mut used = 0;
@@ -400,10 +422,24 @@ impl Graph {
     /// A table of the nodes: id, name, type, inputs, configuration.
     pub fn summary(&self) -> String {
         let mut out = String::new();
-        let width = self.nodes().map(|(_, n)| n.name.len()).max().unwrap_or(4).max(4);
-        let _ = writeln!(out, "{:>4}  {:width$}  {:18}  {:12}  config", "id", "name", "op", "inputs");
+        let width = self
+            .nodes()
+            .map(|(_, n)| n.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            out,
+            "{:>4}  {:width$}  {:18}  {:12}  config",
+            "id", "name", "op", "inputs"
+        );
         for (id, n) in self.nodes() {
-            let inputs = n.inputs.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+            let inputs = n
+                .inputs
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
             let _ = writeln!(
                 out,
                 "{id:>4}  {:width$}  {:18}  {:12}  {}",
@@ -419,9 +455,82 @@ impl Graph {
     }
 }
 
+/// The execution schedule of a graph, detached from the nodes so that a step may borrow them
+/// mutably.
+struct Plan {
+    order: Vec<NodeId>,
+    inputs: Vec<Vec<NodeId>>,
+    uses: Vec<usize>,
+    input: NodeId,
+    output: NodeId,
+}
+
+impl Plan {
+    /// Runs `step` on every node in order, keeping each value until its last consumer has run.
+    fn execute(
+        &self,
+        input: &Tensor,
+        step: &mut dyn FnMut(NodeId, &[&Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut uses = self.uses.clone();
+        let mut values: Vec<Option<Tensor>> = vec![None; uses.len()];
+        for &id in &self.order {
+            let output = {
+                let args: Vec<&Tensor> = if id == self.input {
+                    vec![input]
+                } else {
+                    self.inputs[id]
+                        .iter()
+                        .map(|&i| values[i].as_ref().expect("inputs run first"))
+                        .collect()
+                };
+                step(id, &args)?
+            };
+            for &i in &self.inputs[id] {
+                uses[i] -= 1;
+                if uses[i] == 0 {
+                    values[i] = None;
+                }
+            }
+            if uses[id] > 0 {
+                values[id] = Some(output);
+            }
+        }
+        Ok(values[self.output].take().expect("output computed"))
+    }
+}
+
+/// Runs one node, naming it in shape errors.
+fn run_node(is_input: bool, node: &Node, args: &[&Tensor]) -> Result<Tensor> {
+    node.op.forward(args).map_err(|e| match e {
+        Error::Shape(m) if !is_input => Error::Shape(format!(
+            "node `{}` ({}): {m}",
+            node.name,
+            node.op.type_name()
+        )),
+        other => other,
+    })
+}
+
+fn add_step_dim(x: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1];
+    shape.extend_from_slice(x.shape());
+    x.clone().reshape(shape)
+}
+
+fn drop_step_dim(x: Tensor) -> Result<Tensor> {
+    let shape = x.shape()[1..].to_vec();
+    x.reshape(shape)
+}
+
 fn list<T: AsRef<str>>(names: &[T]) -> String {
     const SHOWN: usize = 8;
-    let mut s = names.iter().take(SHOWN).map(|n| n.as_ref()).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| n.as_ref())
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         let _ = write!(s, " and {} more", names.len() - SHOWN);
     }
@@ -436,7 +545,9 @@ mod tests {
     use crate::ops::neuron::{Firing, IFNode};
 
     fn diamond() -> Graph {
-        let mut g = Graph::new(Input { dims: vec![None, None, Some(2)] });
+        let mut g = Graph::new(Input {
+            dims: vec![None, None, Some(2)],
+        });
         let a = g.add("a", IFNode::new(Firing::default()), &[0]).unwrap();
         let b = g.add("b", Flatten { start_dim: 2 }, &[0]).unwrap();
         let c = g.add("sum", Add, &[a, b]).unwrap();
@@ -465,10 +576,19 @@ mod tests {
     #[test]
     fn wrong_input_rank_or_size_is_an_error() {
         let g = diamond();
-        assert!(matches!(g.forward(&Tensor::zeros(vec![2, 1, 3])), Err(Error::Shape(_))));
-        assert!(matches!(g.forward(&Tensor::zeros(vec![1, 1, 1, 2])), Err(Error::Shape(_))));
+        assert!(matches!(
+            g.forward(&Tensor::zeros(vec![2, 1, 3])),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            g.forward(&Tensor::zeros(vec![1, 1, 1, 2])),
+            Err(Error::Shape(_))
+        ));
         // Single step: [N, C] runs as T = 1.
-        assert_eq!(g.forward(&Tensor::zeros(vec![3, 2])).unwrap().shape(), &[3, 2]);
+        assert_eq!(
+            g.forward(&Tensor::zeros(vec![3, 2])).unwrap().shape(),
+            &[3, 2]
+        );
     }
 
     #[test]

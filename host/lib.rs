@@ -12,11 +12,15 @@
 //! - [`ops`]: one module per operator, holding its CPU code, its GPU launch and its tests.
 pub mod cuda;
 pub mod device;
+pub mod encode;
 pub mod error;
 pub mod graph;
+pub mod model;
 pub mod ops;
+pub mod optimize;
 pub mod tensor;
 pub mod testing;
+pub mod weights;
 
 pub use device::{Device, DeviceSelection};
 pub use error::{Error, Result};

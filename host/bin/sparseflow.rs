@@ -1,8 +1,16 @@
 //! The `sparseflow` command line: run, benchmark and profile spiking networks.
-use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
+use sparseflow::ops::connect::ConnectFunction;
+use sparseflow::ops::neuron::Firing;
 use sparseflow::ops::prescan::{prescan_cpu, DevicePrescan};
+use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
 use sparseflow::testing::random_spikes;
-use sparseflow::{Device, Result};
+use sparseflow::{weights, Device, Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +25,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a zoo model on an input tensor file and write its output.
+    Run(RunArgs),
+    /// Print a zoo model's graph and, with --optimize, what optimize does to it.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Run optimize and print its report
+        #[arg(long)]
+        optimize: bool,
+        /// Input height and width, to fix each sparse conv's block size
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+    },
     /// Benchmark SparseFlow on this machine (the default command).
     Bench {
         /// auto, cpu, cuda or cuda:N
@@ -27,11 +48,120 @@ enum Command {
     Info,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum NeuronArg {
+    Lif,
+    If,
+    Plif,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConnectArg {
+    Add,
+    And,
+    Iand,
+}
+
+/// The model and its neuron, as spikingjelly's constructor arguments.
+#[derive(Args)]
+struct ModelArgs {
+    /// spiking_resnet18/34/50/101/152 or sew_resnet18/34/50/101/152
+    #[arg(long)]
+    model: String,
+    #[arg(long, value_enum, default_value = "lif")]
+    neuron: NeuronArg,
+    /// LIF tau, or PLIF's initial tau
+    #[arg(long, default_value_t = 2.0)]
+    tau: f32,
+    /// LIF/PLIF: decay the membrane without decaying the input
+    #[arg(long)]
+    no_decay_input: bool,
+    #[arg(long, default_value_t = 1.0)]
+    v_threshold: f32,
+    /// A number (hard reset to it) or `none` (soft reset)
+    #[arg(long, default_value = "0")]
+    v_reset: String,
+    /// Accepted for fidelity with spikingjelly; it only affects training
+    #[arg(long)]
+    detach_reset: bool,
+    /// SEW ResNets' connect function
+    #[arg(long, value_enum, default_value = "add")]
+    connect: ConnectArg,
+    #[arg(long, default_value_t = 1000)]
+    num_classes: usize,
+}
+
+impl ModelArgs {
+    fn config(&self) -> Result<ModelConfig> {
+        let v_reset = match self.v_reset.as_str() {
+            "none" | "None" => None,
+            v => Some(v.parse::<f32>().map_err(|_| {
+                Error::InvalidArgument(format!("--v-reset {v}: expected a number or `none`"))
+            })?),
+        };
+        let decay_input = !self.no_decay_input;
+        let kind = match self.neuron {
+            NeuronArg::If => NeuronKind::If,
+            NeuronArg::Lif => NeuronKind::Lif {
+                tau: self.tau,
+                decay_input,
+            },
+            NeuronArg::Plif => NeuronKind::Plif {
+                init_tau: self.tau,
+                decay_input,
+            },
+        };
+        Ok(ModelConfig {
+            neuron: NeuronConfig {
+                kind,
+                firing: Firing {
+                    v_threshold: self.v_threshold,
+                    v_reset,
+                    detach_reset: self.detach_reset,
+                },
+            },
+            num_classes: self.num_classes,
+            connect: match self.connect {
+                ConnectArg::Add => ConnectFunction::Add,
+                ConnectArg::And => ConnectFunction::And,
+                ConnectArg::Iand => ConnectFunction::Iand,
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// safetensors file with the model's state_dict
+    #[arg(long)]
+    weights: PathBuf,
+    /// safetensors file with a tensor `input` [T, N, C, H, W] (or [N, C, H, W] for one step)
+    #[arg(long)]
+    input: PathBuf,
+    /// where to write the tensor `output` [T, N, num_classes]
+    #[arg(long)]
+    output: PathBuf,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Replace the convolutions fed by spikes with sparse operators before running
+    #[arg(long)]
+    optimize: bool,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Bench {
         device: "auto".into(),
     }) {
+        Command::Run(args) => run(&args),
+        Command::Inspect {
+            model,
+            optimize,
+            size,
+        } => inspect(&model, optimize, size),
         Command::Bench { device } => bench(&device),
         Command::Info => info(),
     };
@@ -39,6 +169,68 @@ fn main() {
         eprintln!("error: {err}");
         std::process::exit(1);
     }
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    let selection = Device::from_name(&args.device)?;
+    if let Device::Cuda(_) = selection.device {
+        if args.device != "auto" {
+            return Err(Error::InvalidArgument(
+                "whole models do not run on CUDA yet; use --device cpu".into(),
+            ));
+        }
+        eprintln!("note: whole models run on the CPU until the GPU engine lands");
+    }
+    let config = args.model.config()?;
+    let mut graph = model::build(&args.model.model, &config)?;
+    let weights = weights::read(&args.weights)?;
+    graph.load_params(&weights.tensors)?;
+    let input_file = weights::read(&args.input)?;
+    let input = input_file.get("input", &args.input)?;
+    if args.optimize {
+        let shape = input.shape();
+        let options = OptimizeOptions {
+            input_hw: (shape.len() >= 2).then(|| (shape[shape.len() - 2], shape[shape.len() - 1])),
+            ..OptimizeOptions::default()
+        };
+        let report = optimize(&mut graph, &options)?;
+        eprintln!(
+            "optimize: {} replaced, {} folded, {} kept",
+            report.count(Decision::Replaced),
+            report.count(Decision::Folded),
+            report.count(Decision::Kept)
+        );
+    }
+    let start = Instant::now();
+    let output = graph.forward(input)?;
+    eprintln!(
+        "{}: input {:?} -> output {:?} in {:.1} ms on cpu",
+        args.model.model,
+        input.shape(),
+        output.shape(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    weights::write(
+        &args.output,
+        [("output".to_string(), &output)],
+        &BTreeMap::new(),
+    )
+}
+
+fn inspect(args: &ModelArgs, optimize_it: bool, size: usize) -> Result<()> {
+    let mut graph = model::build(&args.model, &args.config()?)?;
+    if optimize_it {
+        let options = OptimizeOptions {
+            input_hw: Some((size, size)),
+            ..OptimizeOptions::default()
+        };
+        let report = optimize(&mut graph, &options)?;
+        println!("{}", graph.summary());
+        println!("{report}");
+    } else {
+        println!("{}", graph.summary());
+    }
+    Ok(())
 }
 
 fn info() -> Result<()> {
@@ -53,8 +245,8 @@ fn info() -> Result<()> {
     Ok(())
 }
 
-/// Until the network engine lands, the benchmark exercises the one operator that exists: the
-/// prescan, on a synthetic spike tensor of a ResNet-18 layer1 shape.
+/// Until the network benchmark lands, this exercises the prescan stage on a synthetic spike
+/// tensor of a ResNet-18 layer1 shape.
 fn bench(device: &str) -> Result<()> {
     let sel = Device::from_name(device)?;
     println!("device: {} ({})", sel.device, sel.reason);
@@ -63,7 +255,7 @@ fn bench(device: &str) -> Result<()> {
     );
     let shape = [4, 8, 64, 56, 56];
     let input = random_spikes(&shape, 0.05, 7);
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let cpu = prescan_cpu(&input, 16)?;
     let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
     println!(

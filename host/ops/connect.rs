@@ -2,7 +2,7 @@
 //! connect functions of SEW ResNets (ADD, AND, IAND).
 use crate::error::{Error, Result};
 use crate::impl_as_any;
-use crate::ops::{expect_inputs, Operator};
+use crate::ops::{expect_inputs, Operator, ValueKind};
 use crate::tensor::Tensor;
 
 /// spikingjelly's `cnf` argument of SEW ResNets.
@@ -53,8 +53,22 @@ fn zip_same_shape(op: &str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32)
             b.shape()
         )));
     }
-    let data = a.data().iter().zip(b.data()).map(|(&x, &y)| f(x, y)).collect();
+    let data = a
+        .data()
+        .iter()
+        .zip(b.data())
+        .map(|(&x, &y)| f(x, y))
+        .collect();
     Tensor::new(a.shape().to_vec(), data)
+}
+
+/// A sum of non-negative integers is one; a sum of spikes is no longer binary.
+fn sum_kind(inputs: &[ValueKind]) -> ValueKind {
+    if inputs.iter().all(|k| k.is_sparse()) {
+        ValueKind::SparseInteger
+    } else {
+        ValueKind::Dense
+    }
 }
 
 /// The residual sum of spiking ResNets: `branch + shortcut`.
@@ -68,6 +82,9 @@ impl Operator for Add {
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let [a, b] = expect_inputs::<2>("Add", inputs)?;
         zip_same_shape("Add", a, b, |x, y| x + y)
+    }
+    fn output_kind(&self, inputs: &[ValueKind]) -> ValueKind {
+        sum_kind(inputs)
     }
     impl_as_any!();
 }
@@ -87,6 +104,19 @@ impl Operator for SewConnect {
         let f = self.function;
         zip_same_shape("SewConnect", a, b, |x, y| f.apply(x, y))
     }
+    fn output_kind(&self, inputs: &[ValueKind]) -> ValueKind {
+        let &[a, b] = inputs else {
+            return ValueKind::Dense;
+        };
+        match self.function {
+            ConnectFunction::Add => sum_kind(inputs),
+            // A product of non-negative integers is one; of spikes, a spike.
+            ConnectFunction::And => a.join(b),
+            // a·(1 − b) keeps a's kind only when b is a spike (else 1 − b can be negative).
+            ConnectFunction::Iand if b == ValueKind::Binary => a,
+            ConnectFunction::Iand => ValueKind::Dense,
+        }
+    }
     fn describe(&self) -> String {
         self.function.name().into()
     }
@@ -101,11 +131,19 @@ mod tests {
     fn connect_functions_follow_spikingjelly() {
         let a = Tensor::new(vec![4], vec![0.0, 0.0, 1.0, 1.0]).unwrap();
         let b = Tensor::new(vec![4], vec![0.0, 1.0, 0.0, 1.0]).unwrap();
-        let run = |f| SewConnect { function: f }.forward(&[&a, &b]).unwrap().into_data();
+        let run = |f| {
+            SewConnect { function: f }
+                .forward(&[&a, &b])
+                .unwrap()
+                .into_data()
+        };
         assert_eq!(run(ConnectFunction::Add), vec![0.0, 1.0, 1.0, 2.0]);
         assert_eq!(run(ConnectFunction::And), vec![0.0, 0.0, 0.0, 1.0]);
         assert_eq!(run(ConnectFunction::Iand), vec![0.0, 0.0, 1.0, 0.0]);
-        assert_eq!(Add.forward(&[&a, &b]).unwrap().into_data(), vec![0.0, 1.0, 1.0, 2.0]);
+        assert_eq!(
+            Add.forward(&[&a, &b]).unwrap().into_data(),
+            vec![0.0, 1.0, 1.0, 2.0]
+        );
     }
 
     #[test]

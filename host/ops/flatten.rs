@@ -2,7 +2,7 @@
 //! `flatten(x, 2)` on `[T, N, C, 1, 1]`).
 use crate::error::{Error, Result};
 use crate::impl_as_any;
-use crate::ops::{expect_inputs, Operator};
+use crate::ops::{expect_inputs, Operator, ValueKind};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -26,6 +26,9 @@ impl Operator for Flatten {
         let mut shape = x.shape()[..self.start_dim].to_vec();
         shape.push(x.shape()[self.start_dim..].iter().product());
         x.clone().reshape(shape)
+    }
+    fn output_kind(&self, inputs: &[ValueKind]) -> ValueKind {
+        inputs.first().copied().unwrap_or(ValueKind::Dense)
     }
     fn describe(&self) -> String {
         format!("start_dim={}", self.start_dim)

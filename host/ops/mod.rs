@@ -13,10 +13,39 @@ use std::fmt::Debug;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+pub mod batch_norm;
 pub mod connect;
+pub mod conv2d;
 pub mod flatten;
+pub mod linear;
 pub mod neuron;
+pub mod pool;
 pub mod prescan;
+pub mod sparse_conv2d;
+pub mod sparse_linear;
+
+/// What the values of a tensor are known to be, from the graph's structure alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ValueKind {
+    /// Every element is 0 or 1 (spikes).
+    Binary,
+    /// Every element is a small non-negative integer (e.g. the SEW ADD of spikes).
+    SparseInteger,
+    /// Anything.
+    Dense,
+}
+
+impl ValueKind {
+    /// The kind of a value that may come from either input: the weaker guarantee.
+    pub fn join(self, other: ValueKind) -> ValueKind {
+        self.max(other)
+    }
+
+    /// Binary or integer-valued: the values a sparse operator exploits.
+    pub fn is_sparse(self) -> bool {
+        self != ValueKind::Dense
+    }
+}
 
 /// A graph operator.
 pub trait Operator: Debug + Send + Sync + 'static {
@@ -34,6 +63,14 @@ pub trait Operator: Debug + Send + Sync + 'static {
     /// Mutable access to the same parameters, for loading weights.
     fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         Vec::new()
+    }
+
+    /// What kind of values this operator outputs given its inputs' kinds; the optimize analyzer
+    /// propagates kinds through the graph with it. Spiking neurons are not asked: the analyzer's
+    /// registry knows them. The default, `Dense`, is always safe.
+    fn output_kind(&self, inputs: &[ValueKind]) -> ValueKind {
+        let _ = inputs;
+        ValueKind::Dense
     }
 
     /// A one-line description of the configuration, e.g. `"3x3 s1 p1 64->64"`.
@@ -64,9 +101,6 @@ pub(crate) fn expect_inputs<'a, const K: usize>(
     inputs: &[&'a Tensor],
 ) -> Result<[&'a Tensor; K]> {
     <[&Tensor; K]>::try_from(inputs).map_err(|_| {
-        crate::Error::InvalidArgument(format!(
-            "{op} takes {K} input(s), got {}",
-            inputs.len()
-        ))
+        crate::Error::InvalidArgument(format!("{op} takes {K} input(s), got {}", inputs.len()))
     })
 }

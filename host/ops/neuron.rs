@@ -69,11 +69,17 @@ where
     F: Fn(f32, f32) -> f32 + Sync,
 {
     let Some((&steps, rest)) = x.shape().split_first() else {
-        return Err(Error::Shape(format!("{op} needs a [T, ...] input, got a scalar")));
+        return Err(Error::Shape(format!(
+            "{op} needs a [T, ...] input, got a scalar"
+        )));
     };
     let per_step: usize = rest.iter().product();
     let mut spikes = vec![0.0f32; x.len()];
-    let mut charged = if keep_charge { vec![0.0f32; x.len()] } else { Vec::new() };
+    let mut charged = if keep_charge {
+        vec![0.0f32; x.len()]
+    } else {
+        Vec::new()
+    };
     let mut v = vec![firing.reset_value(); per_step];
     let (threshold, hard_reset) = (firing.v_threshold, firing.v_reset);
     for t in 0..steps {
@@ -124,6 +130,10 @@ pub trait SpikingNeuron: Operator {
 
 macro_rules! neuron_operator {
     ($ty:ident, $name:literal) => {
+        impl $ty {
+            /// The operator type name, as the optimize registry knows it.
+            pub const TYPE_NAME: &'static str = $name;
+        }
         impl Operator for $ty {
             fn type_name(&self) -> &'static str {
                 $name
@@ -191,8 +201,10 @@ pub struct LIFNode {
 impl LIFNode {
     /// `tau` must be greater than 1, as spikingjelly requires.
     pub fn new(tau: f32, decay_input: bool, firing: Firing) -> Result<Self> {
-        if !(tau > 1.0) {
-            return Err(Error::InvalidArgument(format!("LIF tau must be > 1, got {tau}")));
+        if tau.is_nan() || tau <= 1.0 {
+            return Err(Error::InvalidArgument(format!(
+                "LIF tau must be > 1, got {tau}"
+            )));
         }
         Ok(Self {
             tau,
@@ -203,9 +215,21 @@ impl LIFNode {
     fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (tau, v_r) = (self.tau, self.firing.reset_value());
         if self.decay_input {
-            multi_step("LIFNode", x, &self.firing, |v, x| v + (x - (v - v_r)) / tau, keep)
+            multi_step(
+                "LIFNode",
+                x,
+                &self.firing,
+                |v, x| v + (x - (v - v_r)) / tau,
+                keep,
+            )
         } else {
-            multi_step("LIFNode", x, &self.firing, |v, x| v - (v - v_r) / tau + x, keep)
+            multi_step(
+                "LIFNode",
+                x,
+                &self.firing,
+                |v, x| v - (v - v_r) / tau + x,
+                keep,
+            )
         }
     }
     fn param_list(&self) -> Vec<(&'static str, &Tensor)> {
@@ -215,7 +239,12 @@ impl LIFNode {
         Vec::new()
     }
     fn description(&self) -> String {
-        format!("tau={} decay_input={} {}", self.tau, self.decay_input, self.firing.describe())
+        format!(
+            "tau={} decay_input={} {}",
+            self.tau,
+            self.decay_input,
+            self.firing.describe()
+        )
     }
 }
 neuron_operator!(LIFNode, "LIFNode");
@@ -232,7 +261,7 @@ pub struct ParametricLIFNode {
 impl ParametricLIFNode {
     /// Starts at `w = -ln(init_tau - 1)`, spikingjelly's initialisation.
     pub fn new(init_tau: f32, decay_input: bool, firing: Firing) -> Result<Self> {
-        if !(init_tau > 1.0) {
+        if init_tau.is_nan() || init_tau <= 1.0 {
             return Err(Error::InvalidArgument(format!(
                 "PLIF init_tau must be > 1, got {init_tau}"
             )));
@@ -254,9 +283,21 @@ impl ParametricLIFNode {
     fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (q, v_r) = (self.inverse_tau(), self.firing.reset_value());
         if self.decay_input {
-            multi_step("ParametricLIFNode", x, &self.firing, |v, x| v + (x - (v - v_r)) * q, keep)
+            multi_step(
+                "ParametricLIFNode",
+                x,
+                &self.firing,
+                |v, x| v + (x - (v - v_r)) * q,
+                keep,
+            )
         } else {
-            multi_step("ParametricLIFNode", x, &self.firing, |v, x| v - (v - v_r) * q + x, keep)
+            multi_step(
+                "ParametricLIFNode",
+                x,
+                &self.firing,
+                |v, x| v - (v - v_r) * q + x,
+                keep,
+            )
         }
     }
     fn param_list(&self) -> Vec<(&'static str, &Tensor)> {
@@ -276,6 +317,19 @@ impl ParametricLIFNode {
 }
 neuron_operator!(ParametricLIFNode, "ParametricLIFNode");
 
+/// The operator as a [`SpikingNeuron`] when it is one of the built-in neuron types.
+pub fn as_spiking_neuron(op: &dyn Operator) -> Option<&dyn SpikingNeuron> {
+    let any = op.as_any();
+    if let Some(n) = any.downcast_ref::<IFNode>() {
+        return Some(n);
+    }
+    if let Some(n) = any.downcast_ref::<LIFNode>() {
+        return Some(n);
+    }
+    any.downcast_ref::<ParametricLIFNode>()
+        .map(|n| n as &dyn SpikingNeuron)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,7 +338,9 @@ mod tests {
     fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
         let mut rng = SplitMix64::new(seed);
         let n = shape.iter().product();
-        let data = (0..n).map(|_| (rng.next_f32() * 2.0 - 0.5) * scale).collect();
+        let data = (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 0.5) * scale)
+            .collect();
         Tensor::new(shape.to_vec(), data).unwrap()
     }
 
@@ -301,7 +357,13 @@ mod tests {
                 let h = charge(v, x.data()[t * m + i] as f64, v_r);
                 let s = (h >= th) as u8 as f64;
                 v = match firing.v_reset {
-                    Some(r) => if s > 0.0 { r as f64 } else { h },
+                    Some(r) => {
+                        if s > 0.0 {
+                            r as f64
+                        } else {
+                            h
+                        }
+                    }
                     None => h - s * th,
                 };
                 out[t * m + i] = s as f32;
@@ -315,7 +377,7 @@ mod tests {
             // A float32 / float64 disagreement is only possible right at the threshold.
             assert!(g == w || (h - th).abs() < 1e-4, "spike {g} vs {w}, H = {h}");
         }
-        assert!(got.data().iter().any(|&s| s == 1.0) && got.data().iter().any(|&s| s == 0.0));
+        assert!(got.data().contains(&1.0) && got.data().contains(&0.0));
     }
 
     #[test]
@@ -323,8 +385,16 @@ mod tests {
         let x = random(&[6, 3, 4, 5, 7], 11, 2.0);
         for firing in [
             Firing::default(),
-            Firing { v_threshold: 0.7, v_reset: None, detach_reset: true },
-            Firing { v_threshold: 1.2, v_reset: Some(-0.3), detach_reset: false },
+            Firing {
+                v_threshold: 0.7,
+                v_reset: None,
+                detach_reset: true,
+            },
+            Firing {
+                v_threshold: 1.2,
+                v_reset: Some(-0.3),
+                detach_reset: false,
+            },
         ] {
             let th = firing.v_threshold;
             let if_node = IFNode::new(firing);

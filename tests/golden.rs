@@ -1,0 +1,96 @@
+//! The CPU engine against spikingjelly 2.0.0: every fixture under tests/fixtures/ holds a model
+//! configuration, its input, its output and the spikes of several layers, computed by
+//! spikingjelly (`scripts/make_golden_fixtures.py`).
+//!
+//! Spikes must be identical except where our charged membrane sits within 1e-5 of the threshold
+//! (a tie, where the last bit of a float sum decides); logits must agree within 1e-4 relative.
+mod common;
+
+use std::collections::BTreeMap;
+
+use sparseflow::graph::Graph;
+use sparseflow::model::init::seeded_values;
+use sparseflow::ops::neuron::as_spiking_neuron;
+use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
+use sparseflow::Tensor;
+
+const TIE: f32 = 1e-5;
+
+#[test]
+fn seeded_weights_match_the_fixture_generator() {
+    for f in common::fixtures() {
+        let want: Vec<f32> = serde_json::from_str(f.meta("check_conv1_weight_first4")).unwrap();
+        let got = seeded_values("conv1.weight", 0, 4, 1.0 / (3.0f64 * 49.0).sqrt());
+        assert_eq!(got, want, "{}", f.name);
+    }
+}
+
+#[test]
+fn zoo_models_reproduce_spikingjelly() {
+    for f in common::fixtures() {
+        check_against_fixture(&f, &f.model(), "dense");
+    }
+}
+
+#[test]
+fn optimized_zoo_models_reproduce_spikingjelly() {
+    for f in common::fixtures() {
+        let mut graph = f.model();
+        let report = optimize(&mut graph, &OptimizeOptions::default()).unwrap();
+        assert!(report.count(Decision::Replaced) > 0, "{}: {report}", f.name);
+        check_against_fixture(&f, &graph, "optimized");
+    }
+}
+
+fn check_against_fixture(f: &common::Fixture, graph: &Graph, label: &str) {
+    {
+        let wanted: BTreeMap<String, &Tensor> = f
+            .file
+            .tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix("spikes.").map(|k| (k.to_string(), t)))
+            .collect();
+        assert!(!wanted.is_empty(), "{}: fixture has no spikes", f.name);
+        let mut seen = 0;
+        let mut ties = 0;
+        let mut compared = 0usize;
+        let output = graph
+            .forward_observed(f.tensor("input"), &mut |run| {
+                let Some(want) = wanted.get(&run.node.name) else {
+                    return Ok(());
+                };
+                seen += 1;
+                let neuron = as_spiking_neuron(run.node.op.as_ref()).expect("spikes come from neurons");
+                let (spikes, charge) = neuron.forward_with_charge(run.inputs[0])?;
+                assert_eq!(&spikes, run.output);
+                assert_eq!(spikes.shape(), want.shape(), "{} {}", f.name, run.node.name);
+                let threshold = neuron.firing().v_threshold;
+                for ((&got, &want), &h) in spikes.data().iter().zip(want.data()).zip(charge.data()) {
+                    compared += 1;
+                    if got != want {
+                        assert!(
+                            (h - threshold).abs() < TIE,
+                            "{}: {} spike {got} vs spikingjelly {want} with H = {h} (threshold {threshold})",
+                            f.name,
+                            run.node.name
+                        );
+                        ties += 1;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            wanted.len(),
+            "{}: every recorded layer was compared",
+            f.name
+        );
+        let err = common::relative_error(&output, f.tensor("output"));
+        println!(
+            "{} ({label}): {compared} spikes compared in {seen} layers, {ties} threshold ties, logits max error {err:.2e} (relative to max |logit|)",
+            f.name
+        );
+        assert!(err <= 1e-4, "{}: logits differ by {err:.2e}", f.name);
+    }
+}

@@ -1,0 +1,241 @@
+//! `optimize` on the zoo: every convolution fed by spikes is replaced (the stem, fed by the
+//! image, is not), every BatchNorm after a convolution is folded, and the network computes the
+//! same function: spikes identical at every neuron, logits within 1e-5 relative.
+mod common;
+
+use std::collections::BTreeMap;
+
+use sparseflow::graph::{Graph, Input};
+use sparseflow::model::{self, init, ModelConfig, NeuronConfig, NeuronKind};
+use sparseflow::ops::connect::ConnectFunction;
+use sparseflow::ops::conv2d::Conv2d;
+use sparseflow::ops::neuron::Firing;
+use sparseflow::ops::{Operator, ValueKind};
+use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
+use sparseflow::testing::SplitMix64;
+use sparseflow::{impl_as_any, Result, Tensor};
+
+fn random_image(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = SplitMix64::new(seed);
+    let data = (0..shape.iter().product())
+        .map(|_| rng.next_f32())
+        .collect();
+    Tensor::new(shape.to_vec(), data).unwrap()
+}
+
+fn calibrated(name: &str, config: &ModelConfig) -> Graph {
+    let mut g = model::build(name, config).unwrap();
+    init::init_seeded(&mut g, 17).unwrap();
+    init::calibrate_batchnorm(&mut g, &random_image(&[2, 2, 3, 32, 32], 5)).unwrap();
+    g
+}
+
+/// The output and the spikes of every neuron, by node name.
+fn run_with_spikes(g: &Graph, x: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) {
+    let mut spikes = BTreeMap::new();
+    let out = g
+        .forward_observed(x, &mut |r| {
+            if r.node.name.contains("sn") {
+                spikes.insert(r.node.name.clone(), r.output.clone());
+            }
+            Ok(())
+        })
+        .unwrap();
+    (out, spikes)
+}
+
+#[test]
+fn optimized_zoo_models_compute_the_same_function() {
+    let cases = [
+        ("spiking_resnet18", ConnectFunction::Add),
+        ("spiking_resnet34", ConnectFunction::Add),
+        ("spiking_resnet50", ConnectFunction::Add),
+        ("sew_resnet18", ConnectFunction::Add),
+        ("sew_resnet18", ConnectFunction::Iand),
+        ("sew_resnet50", ConnectFunction::Add),
+    ];
+    for (name, connect) in cases {
+        let config = ModelConfig {
+            num_classes: 10,
+            connect,
+            ..ModelConfig::default()
+        };
+        let dense = calibrated(name, &config);
+        let mut sparse = calibrated(name, &config);
+        let report = optimize(&mut sparse, &OptimizeOptions::default()).unwrap();
+
+        let convs: Vec<&str> = dense
+            .nodes()
+            .filter(|(_, n)| n.op.type_name() == "Conv2d")
+            .map(|(_, n)| n.name.as_str())
+            .collect();
+        let bns = dense
+            .nodes()
+            .filter(|(_, n)| n.op.type_name() == "BatchNorm2d")
+            .count();
+        for conv in &convs {
+            let e = report.entry(conv).unwrap();
+            let want = if *conv == "conv1" {
+                Decision::Kept
+            } else {
+                Decision::Replaced
+            };
+            assert_eq!(e.decision, want, "{name} {conv}: {}", e.reason);
+        }
+        assert_eq!(
+            report.count(Decision::Folded),
+            bns,
+            "{name}: every BatchNorm folded\n{report}"
+        );
+        assert_eq!(
+            report.entry("fc").unwrap().decision,
+            Decision::Kept,
+            "fc reads the dense average"
+        );
+
+        let x = random_image(&[2, 2, 3, 32, 32], 99);
+        let (want, want_spikes) = run_with_spikes(&dense, &x);
+        let (got, got_spikes) = run_with_spikes(&sparse, &x);
+        assert_eq!(got_spikes.len(), want_spikes.len());
+        for (layer, s) in &want_spikes {
+            let alive = 1.0 - s.zero_fraction();
+            assert!(alive > 0.0, "{name} {layer} is silent");
+            assert_eq!(&got_spikes[layer], s, "{name} {layer}: spikes changed");
+        }
+        let err = common::relative_error(&got, &want);
+        assert!(err <= 1e-5, "{name}: logits differ by {err:.2e}");
+    }
+}
+
+/// A user's own neuron: fires where the input reaches 0.5, no state.
+#[derive(Debug)]
+struct StepNeuron;
+
+impl Operator for StepNeuron {
+    fn type_name(&self) -> &'static str {
+        "StepNeuron"
+    }
+    fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let x = inputs[0];
+        let data = x.data().iter().map(|&v| (v >= 0.5) as u8 as f32).collect();
+        Tensor::new(x.shape().to_vec(), data)
+    }
+    impl_as_any!();
+}
+
+fn conv(cin: usize, cout: usize, seed: u64) -> Conv2d {
+    let w = random_image(&[cout, cin, 3, 3], seed);
+    Conv2d::new(w, None, (1, 1), (1, 1), (1, 1), 1).unwrap()
+}
+
+fn custom_neuron_graph() -> Graph {
+    let mut g = Graph::new(Input {
+        dims: vec![None, None, Some(2), None, None],
+    });
+    let a = g.add("conv_a", conv(2, 4, 1), &[0]).unwrap();
+    let s = g.add("step", StepNeuron, &[a]).unwrap();
+    let b = g.add("conv_b", conv(4, 3, 2), &[s]).unwrap();
+    g.set_output(b).unwrap();
+    g
+}
+
+#[test]
+fn a_registered_custom_neuron_gets_its_consumers_replaced() {
+    let x = random_image(&[2, 1, 2, 9, 9], 3);
+    let want = custom_neuron_graph().forward(&x).unwrap();
+
+    let mut g = custom_neuron_graph();
+    let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
+    assert_eq!(
+        report.entry("conv_b").unwrap().decision,
+        Decision::Kept,
+        "unknown op: dense"
+    );
+
+    let mut g = custom_neuron_graph();
+    let mut options = OptimizeOptions::default();
+    options.registry.register("StepNeuron");
+    let report = optimize(&mut g, &options).unwrap();
+    let e = report.entry("conv_b").unwrap();
+    assert_eq!(e.decision, Decision::Replaced, "{report}");
+    assert!(e.reason.contains("binary spikes from `step`"));
+    assert_eq!(report.entry("conv_a").unwrap().decision, Decision::Kept);
+    assert_eq!(
+        g.node(g.find("conv_b").unwrap()).unwrap().op.type_name(),
+        "SparseConv2d"
+    );
+    assert_eq!(g.forward(&x).unwrap(), want);
+}
+
+#[test]
+fn a_graph_without_spiking_neurons_is_left_alone_and_says_why() {
+    let mut g = Graph::new(Input {
+        dims: vec![None, None, Some(2), None, None],
+    });
+    let a = g.add("conv_a", conv(2, 4, 1), &[0]).unwrap();
+    let b = g.add("conv_b", conv(4, 3, 2), &[a]).unwrap();
+    g.set_output(b).unwrap();
+    let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
+    assert_eq!(report.count(Decision::Replaced), 0);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("no spiking operator")),
+        "{report}"
+    );
+    assert!(report.to_string().contains("input from `conv_a` is dense"));
+}
+
+#[test]
+fn block_sizes_follow_the_feature_map_and_overrides() {
+    let config = ModelConfig {
+        num_classes: 10,
+        ..ModelConfig::default()
+    };
+    let mut g = model::build("spiking_resnet18", &config).unwrap();
+    let mut options = OptimizeOptions {
+        input_hw: Some((224, 224)),
+        ..OptimizeOptions::default()
+    };
+    options
+        .block_overrides
+        .insert("layer4.1.conv2".into(), Some(8));
+    let report = optimize(&mut g, &options).unwrap();
+    let block = |n: &str| report.entry(n).unwrap().block.clone().unwrap();
+    assert_eq!(block("layer1.0.conv1"), "16"); // 56x56
+    assert_eq!(block("layer2.0.conv2"), "8"); // 28x28
+    assert_eq!(block("layer3.1.conv1"), "8"); // 14x14
+    assert_eq!(block("layer4.0.conv2"), "none"); // 7x7
+    assert_eq!(block("layer4.1.conv2"), "8"); // overridden
+}
+
+#[test]
+fn value_kinds_propagate_through_sew_connect() {
+    use sparseflow::optimize::analyzer::analyze;
+    use sparseflow::optimize::SpikeRegistry;
+    let neuron = NeuronConfig {
+        kind: NeuronKind::If,
+        firing: Firing::default(),
+    };
+    for (connect, want) in [
+        (ConnectFunction::Add, ValueKind::SparseInteger),
+        (ConnectFunction::And, ValueKind::Binary),
+        (ConnectFunction::Iand, ValueKind::Binary),
+    ] {
+        let config = ModelConfig {
+            neuron,
+            num_classes: 10,
+            connect,
+        };
+        let g = model::build("sew_resnet18", &config).unwrap();
+        let kinds = analyze(&g, &SpikeRegistry::default(), ValueKind::Dense).unwrap();
+        assert_eq!(
+            kinds.of(g.find("layer1.0.connect").unwrap()),
+            want,
+            "{connect:?}"
+        );
+        assert_eq!(kinds.of(g.find("maxpool").unwrap()), ValueKind::Binary);
+        assert_eq!(kinds.of(g.find("avgpool").unwrap()), ValueKind::Dense);
+    }
+}
