@@ -19,7 +19,7 @@ fn recorded_keys() -> BTreeMap<String, BTreeMap<String, Vec<usize>>> {
     for line in text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !(l.starts_with('#') && !l.starts_with("## ")))
+        .filter(|l| !l.is_empty() && (!l.starts_with('#') || l.starts_with("## ")))
     {
         if let Some(title) = line.strip_prefix("## ") {
             current = Some(title.trim().to_string());
