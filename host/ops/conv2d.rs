@@ -397,11 +397,14 @@ impl Blocking {
     fn choose(g: &Geom, threads: usize) -> (Blocking, usize) {
         let p = g.p();
         if p >= COL_BLOCK || g.n == 1 {
-            let per_image = p.div_ceil(COL_BLOCK).max(1);
-            // With fewer blocks than threads, split images further (but not below 64 columns).
-            let mut per_image = per_image;
+            let mut per_image = p.div_ceil(COL_BLOCK).max(1);
+            // With few blocks, split images further until every thread gets as many blocks (but
+            // not below 64 columns a block).
             let total = |pi: usize| pi * g.n * g.groups;
-            while total(per_image) < threads && p / (per_image + 1) >= 64 {
+            while total(per_image) < 8 * threads
+                && total(per_image) % threads != 0
+                && p / (per_image + 1) >= 64
+            {
                 per_image += 1;
             }
             (Blocking::WithinImage { per_image }, g.n * per_image)
@@ -546,38 +549,58 @@ fn im2col(g: &Geom, x: &[f32], p0: usize, p1: usize, dst: &mut [f32], ld: usize,
     for c in 0..g.cin_g {
         let xc = &x[c * plane..][..plane];
         for i in 0..g.kh {
-            for (j, &(lo, hi)) in ow_ranges.iter().enumerate() {
-                let row = ((c * g.kh + i) * g.kw + j) * ld + off;
-                let row = &mut dst[row..][..p1 - p0];
-                let mut pix = p0;
-                while pix < p1 {
-                    let (oh, ow0) = (pix / g.ow, pix % g.ow);
-                    let ow1 = g.ow.min(ow0 + (p1 - pix));
-                    let seg = &mut row[pix - p0..][..ow1 - ow0];
-                    let ih = (oh * g.sh + i * g.dh) as isize - g.ph as isize;
-                    if ih < 0 || ih as usize >= g.h {
-                        seg.fill(0.0);
-                    } else {
-                        let xr = &xc[ih as usize * g.w..][..g.w];
+            let row0 = (c * g.kh + i) * g.kw;
+            // One output row (a segment of the block's columns) at a time.
+            let mut pix = p0;
+            while pix < p1 {
+                let (oh, ow0) = (pix / g.ow, pix % g.ow);
+                let ow1 = g.ow.min(ow0 + (p1 - pix));
+                let at = off + pix - p0;
+                let ih = (oh * g.sh + i * g.dh) as isize - g.ph as isize;
+                if ih < 0 || ih as usize >= g.h {
+                    for j in 0..g.kw {
+                        dst[(row0 + j) * ld + at..][..ow1 - ow0].fill(0.0);
+                    }
+                } else {
+                    let xr = &xc[ih as usize * g.w..][..g.w];
+                    for (j, &(lo, hi)) in ow_ranges.iter().enumerate() {
+                        let seg = &mut dst[(row0 + j) * ld + at..][..ow1 - ow0];
                         let a = lo.clamp(ow0, ow1);
                         let b = hi.clamp(a, ow1);
-                        seg[..a - ow0].fill(0.0);
-                        seg[b - ow0..].fill(0.0);
+                        let (head, rest) = seg.split_at_mut(a - ow0);
+                        let (inner, tail) = rest.split_at_mut(b - a);
+                        head.fill(0.0);
+                        tail.fill(0.0);
                         if a < b {
                             // ow ≥ lo, so the input column is ≥ 0.
-                            let first = a * g.sw + j * g.dw - g.pw;
-                            let inner = &mut seg[a - ow0..b - ow0];
-                            if g.sw == 1 {
-                                inner.copy_from_slice(&xr[first..first + (b - a)]);
-                            } else {
-                                for (t, v) in inner.iter_mut().enumerate() {
-                                    *v = xr[first + t * g.sw];
-                                }
-                            }
+                            let src = &xr[a * g.sw + j * g.dw - g.pw..];
+                            gather(inner, src, g.sw);
                         }
                     }
-                    pix += ow1 - ow0;
                 }
+                pix += ow1 - ow0;
+            }
+        }
+    }
+}
+
+/// `dst[t] = src[t·stride]` for every `t` (the caller guarantees `src` is long enough).
+#[inline]
+fn gather(dst: &mut [f32], src: &[f32], stride: usize) {
+    match stride {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => {
+            let n = dst.len();
+            let src = &src[..2 * n - 1];
+            let (body, last) = dst.split_at_mut(n - 1);
+            for (o, pair) in body.iter_mut().zip(src.chunks_exact(2)) {
+                *o = pair[0];
+            }
+            last[0] = src[2 * n - 2];
+        }
+        _ => {
+            for (o, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                *o = v;
             }
         }
     }
@@ -978,120 +1001,3 @@ mod tests {
         assert!(conv.as_any().downcast_ref::<Conv2d>().is_some());
     }
 }
-
-// TEMP-TORCHCHECK-BEGIN
-#[cfg(test)]
-mod torch_golden_tmp {
-    use crate::ops::batch_norm::BatchNorm2d;
-    use crate::ops::conv2d::Conv2d;
-    use crate::ops::linear::Linear;
-    use crate::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
-    use crate::ops::Operator;
-    use crate::tensor::Tensor;
-
-    fn load(p: &str, shape: Vec<usize>) -> Tensor {
-        let b = std::fs::read(p).unwrap();
-        let v: Vec<f32> = b
-            .chunks(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Tensor::new(shape, v).unwrap()
-    }
-    fn bits(a: &Tensor, b: &Tensor) -> (usize, f64) {
-        assert_eq!(a.len(), b.len());
-        let mism = a
-            .data()
-            .iter()
-            .zip(b.data())
-            .filter(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()))
-            .count();
-        let scale = b.data().iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-        let err = a
-            .data()
-            .iter()
-            .zip(b.data())
-            .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
-            / scale;
-        (mism, err)
-    }
-
-    #[test]
-    #[ignore]
-    fn torch_golden() {
-        let txt = std::fs::read_to_string("/tmp/tg/cases.txt").unwrap();
-        for line in txt.lines() {
-            let f: Vec<&str> = line.split(' ').collect();
-            let s: Vec<usize> = f[1].split(',').map(|v| v.parse().unwrap()).collect();
-            let u = |i: usize| f[i].parse::<usize>().unwrap();
-            let (res, outshape): (Tensor, Vec<usize>) = match f[0] {
-                "bn" => {
-                    let c = s[s.len() - 3];
-                    let bn = BatchNorm2d::new(
-                        load(f[4], vec![c]),
-                        load(f[5], vec![c]),
-                        load(f[6], vec![c]),
-                        load(f[7], vec![c]),
-                        f[2].parse().unwrap(),
-                    )
-                    .unwrap();
-                    let y = bn.forward(&[&load(f[3], s.clone())]).unwrap();
-                    (y, s.clone())
-                }
-                "max" => {
-                    let p = MaxPool2d::new((u(2), u(2)), (u(3), u(3)), (u(4), u(4)))
-                        .unwrap()
-                        .with_dilation((u(5), u(5)))
-                        .unwrap()
-                        .with_ceil_mode(u(6) == 1);
-                    let y = p.forward(&[&load(f[7], s.clone())]).unwrap();
-                    let sh = y.shape().to_vec();
-                    (y, sh)
-                }
-                "avg" => {
-                    let div = u(7);
-                    let p = AvgPool2d::new((u(2), u(2)), (u(3), u(3)), (u(4), u(4)))
-                        .unwrap()
-                        .with_ceil_mode(u(5) == 1)
-                        .with_count_include_pad(u(6) == 1)
-                        .with_divisor_override((div > 0).then_some(div))
-                        .unwrap();
-                    let y = p.forward(&[&load(f[8], s.clone())]).unwrap();
-                    let sh = y.shape().to_vec();
-                    (y, sh)
-                }
-                "adapt" => {
-                    let p = AdaptiveAvgPool2d::new((u(2), u(3))).unwrap();
-                    let y = p.forward(&[&load(f[4], s.clone())]).unwrap();
-                    let sh = y.shape().to_vec();
-                    (y, sh)
-                }
-                "conv" => {
-                    let (co, k, st, p, d, g, bias) = (u(2), u(3), u(4), u(5), u(6), u(7), u(8));
-                    let w = load(f[10], vec![co, s[1] / g, k, k]);
-                    let b = (bias == 1).then(|| load(f[11], vec![co]));
-                    let conv = Conv2d::new(w, b, (st, st), (p, p), (d, d), g).unwrap();
-                    let y = conv.forward(&[&load(f[9], s.clone())]).unwrap();
-                    let sh = y.shape().to_vec();
-                    (y, sh)
-                }
-                "linear" => {
-                    let (r, i, o) = (u(1), u(2), u(3));
-                    let l = Linear::new(load(f[5], vec![o, i]), Some(load(f[6], vec![o]))).unwrap();
-                    let y = l.forward(&[&load(f[4], vec![r, i])]).unwrap();
-                    (y, vec![r, o])
-                }
-                _ => unreachable!(),
-            };
-            let want = load(f[f.len() - 1], outshape);
-            let (mism, err) = bits(&res, &want);
-            println!(
-                "{:>6} {:<14} {:?}: {mism}/{} bit mismatches, rel err {err:.2e}",
-                f[0],
-                f[1],
-                res.shape(),
-                res.len()
-            );
-        }
-    }
-}
-// TEMP-TORCHCHECK-END

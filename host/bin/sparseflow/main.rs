@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod bench_layer;
 use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::neuron::Firing;
@@ -44,6 +46,8 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Time one layer, dense against sparse, on the same synthetic spikes.
+    BenchLayer(bench_layer::BenchLayerArgs),
     /// Show the selected device and the kernel module.
     Info,
 }
@@ -163,6 +167,7 @@ fn main() {
             size,
         } => inspect(&model, optimize, size),
         Command::Bench { device } => bench(&device),
+        Command::BenchLayer(args) => bench_layer::bench_layer(&args),
         Command::Info => info(),
     };
     if let Err(err) = result {

@@ -1,0 +1,107 @@
+//! The CPU inner loop shared by the sparse operators: accumulate, into a register-resident
+//! vector of outputs, the weight rows of the active inputs only.
+//!
+//! Weights are stored input-major with the outputs contiguous (`[taps·inputs, outputs]`, the
+//! output dimension padded to a multiple of 8), so an active input contributes one contiguous,
+//! vectorised row: `acc[..] += value · W[input][..]`, or `acc[..] += W[input][..]` for binary
+//! spikes. Outputs are processed in chunks of 64/32/16/8 lanes so the accumulator fits in
+//! registers.
+
+/// Output lanes are padded to a multiple of this.
+pub const LANES: usize = 8;
+
+/// Weights transposed for gathering: row `r` holds the weights of input `r` for every output.
+#[derive(Clone, Debug, Default)]
+pub struct GatherWeights {
+    /// `[rows, padded_outputs]`.
+    pub data: Vec<f32>,
+    pub outputs: usize,
+    pub padded_outputs: usize,
+}
+
+impl GatherWeights {
+    /// From a row-major `[outputs, rows]` matrix (PyTorch's layout for Linear, and for a conv's
+    /// `[Cout, Cin·kh·kw]` after `row_of` maps its column index).
+    pub fn from_output_major(
+        w: &[f32],
+        outputs: usize,
+        rows: usize,
+        row_of: impl Fn(usize) -> usize,
+    ) -> Self {
+        let padded = outputs.div_ceil(LANES) * LANES;
+        let mut data = vec![0.0f32; rows * padded];
+        for o in 0..outputs {
+            for k in 0..rows {
+                data[row_of(k) * padded + o] = w[o * rows + k];
+            }
+        }
+        Self {
+            data,
+            outputs,
+            padded_outputs: padded,
+        }
+    }
+
+    /// The output chunks `(start, width)` that cover the padded outputs, widest first.
+    pub fn chunks(&self) -> Vec<(usize, usize)> {
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for width in [64, 32, 16, 8] {
+            while self.padded_outputs - start >= width {
+                chunks.push((start, width));
+                start += width;
+            }
+        }
+        chunks
+    }
+}
+
+/// `acc += value · src[..CH]` (`acc += src[..CH]` for binary spikes).
+///
+/// # Safety
+/// `src` points to `CH` readable floats.
+#[inline(always)]
+pub unsafe fn accumulate<const CH: usize, const BINARY: bool>(
+    acc: &mut [f32; CH],
+    src: *const f32,
+    value: f32,
+) {
+    for (i, a) in acc.iter_mut().enumerate() {
+        if BINARY {
+            *a += *src.add(i);
+        } else {
+            *a += value * *src.add(i);
+        }
+    }
+}
+
+/// True when the CPU can run the AVX2+FMA builds of the sparse kernels (their accumulators then
+/// live in ymm registers).
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A raw output pointer that parallel tasks write through, each to its own disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointWrites(pub *mut f32);
+// SAFETY: users guarantee that concurrent tasks write disjoint elements.
+unsafe impl Send for DisjointWrites {}
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    /// Writes `value` at element `i`.
+    ///
+    /// # Safety
+    /// `i` is in bounds and no other task writes or reads element `i` concurrently.
+    #[inline(always)]
+    pub(crate) unsafe fn write(&self, i: usize, value: f32) {
+        *self.0.add(i) = value;
+    }
+}
