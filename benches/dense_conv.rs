@@ -7,7 +7,8 @@
 //! - `gemm/<layer>`: one `gemm::gemm` call of `M = Cout`, `K = Cin·kh·kw`, `N = N·Hout·Wout`
 //!   (row-major, all rayon threads), the work the convolution's GEMMs do in total.
 //!
-//! Filter with e.g. `cargo bench --bench dense_conv -- conv2d/l1`.
+//! Each layer's two benchmarks run back to back, so both see the same machine load. Filter with
+//! e.g. `cargo bench --bench dense_conv -- l1_`.
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -38,14 +39,16 @@ fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.next_f32() - 0.5).collect()
 }
 
+fn configure<M: criterion::measurement::Measurement>(g: &mut criterion::BenchmarkGroup<'_, M>) {
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+}
+
+/// Layer by layer, the convolution and then its GEMM, so that both see the same machine load.
 fn bench(c: &mut Criterion) {
     let mut rng = SplitMix64::new(42);
     let threads = rayon::current_num_threads();
-    let mut conv_group = c.benchmark_group("conv2d");
-    conv_group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
     for &Layer(name, cin, cout, hw, k, s, p) in LAYERS {
         let weight = Tensor::new(vec![cout, cin, k, k], random(&mut rng, cout * cin * k * k))
             .expect("weight shape");
@@ -54,29 +57,29 @@ fn bench(c: &mut Criterion) {
         let input = random(&mut rng, BATCH * cin * hw * hw);
         let mut out = vec![0.0f32; BATCH * cout * oh * ow];
         let flops = 2 * BATCH * cout * oh * ow * cin * k * k;
-        conv_group.throughput(Throughput::Elements(flops as u64));
-        conv_group.bench_function(BenchmarkId::from_parameter(name), |b| {
+
+        let mut group = c.benchmark_group("conv2d");
+        configure(&mut group);
+        group.throughput(Throughput::Elements(flops as u64));
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
                 conv.forward_nchw(&input, BATCH, hw, hw, &mut out)
                     .expect("forward")
             })
         });
-    }
-    conv_group.finish();
+        group.finish();
+        drop((input, out));
 
-    let mut gemm_group = c.benchmark_group("gemm");
-    gemm_group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
-    for &Layer(name, cin, cout, hw, k, s, p) in LAYERS {
-        let o = (hw + 2 * p - k) / s + 1;
-        let (m, kk, n) = (cout, cin * k * k, BATCH * o * o);
+        // The im2col GEMM of the whole batch: [Cout × Cin·kh·kw] · [Cin·kh·kw × N·Hout·Wout].
+        let (m, kk, n) = (cout, cin * k * k, BATCH * oh * ow);
+        assert_eq!(2 * m * kk * n, flops);
         let lhs = random(&mut rng, m * kk);
         let rhs = random(&mut rng, kk * n);
         let mut dst = vec![0.0f32; m * n];
-        gemm_group.throughput(Throughput::Elements((2 * m * kk * n) as u64));
-        gemm_group.bench_function(BenchmarkId::from_parameter(name), |b| {
+        let mut group = c.benchmark_group("gemm");
+        configure(&mut group);
+        group.throughput(Throughput::Elements(flops as u64));
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| unsafe {
                 // SAFETY: dst [m×n], lhs [m×kk], rhs [kk×n], all row-major and disjoint.
                 gemm::gemm(
@@ -102,8 +105,8 @@ fn bench(c: &mut Criterion) {
                 )
             })
         });
+        group.finish();
     }
-    gemm_group.finish();
 }
 
 criterion_group!(benches, bench);

@@ -52,3 +52,94 @@ pub unsafe fn atomic_add_u32(ptr: *mut u32, value: u32) -> u32 {
     );
     old
 }
+
+#[inline(always)]
+pub fn block_y() -> u32 {
+    unsafe { nvptx::_block_idx_y() as u32 }
+}
+
+#[inline(always)]
+pub fn grid_dim_x() -> u32 {
+    unsafe { nvptx::_grid_dim_x() as u32 }
+}
+
+#[inline(always)]
+pub fn sync_threads() {
+    unsafe { nvptx::_syncthreads() }
+}
+
+/// `__syncthreads_or`: a barrier that returns true on every thread when `pred` held on any.
+#[inline(always)]
+pub fn sync_threads_or(pred: bool) -> bool {
+    let input = pred as u32;
+    let out: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .pred %p_in, %p_out;",
+            "setp.ne.u32 %p_in, {input}, 0;",
+            "bar.red.or.pred %p_out, 0, %p_in;",
+            "selp.u32 {out}, 1, 0, %p_out; }}",
+            input = in(reg32) input,
+            out = out(reg32) out,
+        );
+    }
+    out != 0
+}
+
+/// The 32-bit mask of lanes whose `pred` holds (`__ballot_sync` over the full warp).
+#[inline(always)]
+pub fn warp_ballot(pred: bool) -> u32 {
+    let input = pred as u32;
+    let out: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .pred %p_in;",
+            "setp.ne.u32 %p_in, {input}, 0;",
+            "vote.sync.ballot.b32 {out}, %p_in, 0xffffffff; }}",
+            input = in(reg32) input,
+            out = out(reg32) out,
+        );
+    }
+    out
+}
+
+/// Two consecutive floats through the read-only data cache.
+///
+/// # Safety
+/// `ptr` is 8-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_nc_f32x2(ptr: *const f32) -> (f32, f32) {
+    let (a, b): (f32, f32);
+    asm!(
+        "ld.global.nc.v2.f32 {{{a}, {b}}}, [{ptr}];",
+        a = out(reg32) a,
+        b = out(reg32) b,
+        ptr = in(reg64) ptr,
+    );
+    (a, b)
+}
+
+/// A dynamic shared memory array of `f32` (declared once for the module).
+#[inline(always)]
+pub fn dynamic_shared_f32() -> *mut f32 {
+    let p: u64;
+    unsafe {
+        asm!("cvta.shared.u64 {p}, SPARSEFLOW_DYNAMIC_SMEM;", p = out(reg64) p);
+    }
+    p as *mut f32
+}
+
+core::arch::global_asm!(".extern .shared .align 16 .b8 SPARSEFLOW_DYNAMIC_SMEM[];");
+
+/// `atomicOr` on a global `u32`.
+///
+/// # Safety
+/// `ptr` must point to device memory valid for the whole launch.
+#[inline(always)]
+pub unsafe fn atomic_or_u32(ptr: *mut u32, value: u32) {
+    asm!(
+        "red.global.or.b32 [{ptr}], {value};",
+        ptr = in(reg64) ptr,
+        value = in(reg32) value,
+    );
+}

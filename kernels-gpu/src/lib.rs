@@ -17,6 +17,7 @@
 #[cfg(target_arch = "nvptx64")]
 mod gpu;
 pub mod prescan;
+pub mod sparse_conv;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]
