@@ -110,3 +110,92 @@ impl CudaBackend {
         Ok(f)
     }
 }
+
+/// A tensor in CUDA device memory: a shape and a contiguous `f32` buffer on one backend.
+pub struct DeviceTensor {
+    shape: Vec<usize>,
+    data: cudarc::driver::CudaSlice<f32>,
+    backend: Arc<CudaBackend>,
+}
+
+impl std::fmt::Debug for DeviceTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTensor")
+            .field("shape", &self.shape)
+            .field("device", &self.backend.ordinal)
+            .finish()
+    }
+}
+
+impl DeviceTensor {
+    /// Copies a host tensor to the device.
+    pub fn upload(backend: &Arc<CudaBackend>, t: &crate::Tensor) -> Result<Self> {
+        let data = backend.stream().clone_htod(t.data())?;
+        Ok(Self {
+            shape: t.shape().to_vec(),
+            data,
+            backend: backend.clone(),
+        })
+    }
+
+    /// A tensor whose contents are unspecified until a kernel writes them.
+    pub fn uninit(backend: &Arc<CudaBackend>, shape: Vec<usize>) -> Result<Self> {
+        let n = shape.iter().product::<usize>().max(1);
+        // SAFETY: callers write every element before reading (each op documents it).
+        let data = unsafe { backend.stream().alloc::<f32>(n)? };
+        Ok(Self {
+            shape,
+            data,
+            backend: backend.clone(),
+        })
+    }
+
+    /// Fills every element with `value` (tests poison outputs with NaN this way).
+    pub fn fill(&mut self, value: f32) -> Result<()> {
+        let host = vec![value; self.data.len()];
+        self.backend.stream().memcpy_htod(&host, &mut self.data)?;
+        Ok(())
+    }
+
+    /// Copies the tensor to the host (waiting for the stream).
+    pub fn download(&self) -> Result<crate::Tensor> {
+        let mut data = self.backend.stream().clone_dtoh(&self.data)?;
+        data.truncate(self.shape.iter().product());
+        crate::Tensor::new(self.shape.clone(), data)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn backend(&self) -> &Arc<CudaBackend> {
+        &self.backend
+    }
+
+    pub fn slice(&self) -> &cudarc::driver::CudaSlice<f32> {
+        &self.data
+    }
+
+    pub fn slice_mut(&mut self) -> &mut cudarc::driver::CudaSlice<f32> {
+        &mut self.data
+    }
+}
+
+/// Launches with more than 48 KB of dynamic shared memory need the function's limit raised.
+pub(crate) fn allow_shared_memory(function: &CudaFunction, bytes: u32) -> Result<()> {
+    if bytes > 48 * 1024 {
+        function.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+    }
+    Ok(())
+}

@@ -23,12 +23,18 @@
 //! assert!(sparse.last_forward_time().is_some());
 //! # Ok::<(), sparseflow::Error>(())
 //! ```
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
+use sparseflow_kernels::sparse_conv::{
+    conv_shared_bytes, mask_words, SparseConvVariant, CONV_THREADS, COUT_PER_PASS, PACK_THREADS,
+    SPARSE_CONV_VARIANTS,
+};
 
-use crate::error::Result;
+use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor};
+use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
 use crate::ops::spike_gather::{accumulate, has_avx2, DisjointWrites, GatherWeights};
@@ -73,18 +79,35 @@ pub struct SparseConv2d {
     last_forward: Mutex<Option<Duration>>,
     /// The weights in gather layout, built on first use.
     gather: Mutex<Option<std::sync::Arc<GatherWeights>>>,
+    /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
+    device: Mutex<Option<Arc<DeviceWeights>>>,
+}
+
+/// Weights `[K·K·Cin, cout_pad]` and bias `[cout_pad]` on one device.
+#[derive(Debug)]
+struct DeviceWeights {
+    ordinal: usize,
+    weights: CudaSlice<f32>,
+    bias: CudaSlice<f32>,
+    cout_pad: usize,
 }
 
 impl SparseConv2d {
-    /// A sparse twin of `conv`, carrying the same weights.
+    /// A sparse twin of `conv`, carrying the same weights (laid out for gathering now, so the
+    /// first forward does not pay for it).
     pub fn from_dense(conv: &Conv2d, block: BlockChoice) -> Self {
-        Self {
+        let op = Self {
             conv: conv.clone(),
             block,
             dense_above_density: DENSE_ABOVE_DENSITY,
             last_forward: Mutex::new(None),
             gather: Mutex::new(None),
+            device: Mutex::new(None),
+        };
+        if op.conv.groups == 1 {
+            op.gather_weights();
         }
+        op
     }
 
     /// From weights `[Cout, Cin/groups, kh, kw]`, an optional bias `[Cout]` and the geometry.
@@ -99,6 +122,159 @@ impl SparseConv2d {
     ) -> Result<Self> {
         let conv = Conv2d::new(weight, bias, stride, padding, dilation, groups)?;
         Ok(Self::from_dense(&conv, block))
+    }
+
+    /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device: stage 1 packs
+    /// the spikes into per-pixel channel masks (the prescan), stage 2 gathers the active inputs'
+    /// weights for each output tile, skipping silent tiles. 3×3 (padding 1) and 1×1 (padding 0)
+    /// kernels with stride 1 or 2 run on the GPU; other geometries are an error.
+    pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        let shape = self.conv.output_shape(x.shape())?;
+        let mut out = DeviceTensor::uninit(x.backend(), shape)?;
+        self.forward_cuda_into(x, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
+    pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
+        let start = Instant::now();
+        let shape = self.conv.output_shape(x.shape())?;
+        if out.shape() != shape.as_slice() {
+            return Err(Error::Shape(format!(
+                "output is {:?}, expected {shape:?}",
+                out.shape()
+            )));
+        }
+        let backend = x.backend().clone();
+        let (n, cin, h, w) = nchw(x.shape());
+        let (oh, ow) = self.conv.output_hw(h, w)?;
+        let cout = self.conv.out_channels();
+        let variant = self.cuda_variant(h)?;
+        let weights = self.device_weights(&backend)?;
+        let stream = backend.stream();
+        let words = mask_words(cin as u32) as usize;
+        let hw = h * w;
+        let to_u32 = |v: usize| {
+            u32::try_from(v).map_err(|_| {
+                Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape()))
+            })
+        };
+        let (n32, cin32, hw32) = (to_u32(n)?, to_u32(cin)?, to_u32(hw)?);
+        to_u32(n * words * hw)?;
+        to_u32(n * cout.max(cin) * hw.max(oh * ow))?;
+        // SAFETY: the packing kernel writes every mask word.
+        let mut masks = unsafe { stream.alloc::<u32>((n * words * hw).max(1))? };
+        let mut non_binary = stream.alloc_zeros::<u32>(1)?;
+        if n * hw == 0 || cout == 0 {
+            return Ok(());
+        }
+        let pack = backend.function("spike_mask_pack")?;
+        let blocks = ((n * words * hw) as u32).div_ceil(PACK_THREADS);
+        let mut launch = stream.launch_builder(&pack);
+        launch
+            .arg(x.slice())
+            .arg(&mut masks)
+            .arg(&mut non_binary)
+            .arg(&n32)
+            .arg(&cin32)
+            .arg(&hw32);
+        // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (PACK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+
+        let b = variant.block;
+        let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
+        let conv = backend.function(variant.entry)?;
+        let shared = conv_shared_bytes(b);
+        allow_shared_memory(&conv, shared)?;
+        let dims = [h, w, cout, weights.cout_pad, oh, ow].map(|v| v as u32);
+        let mut launch = stream.launch_builder(&conv);
+        launch
+            .arg(x.slice())
+            .arg(&masks)
+            .arg(&non_binary)
+            .arg(&weights.weights)
+            .arg(&weights.bias)
+            .arg(out.slice_mut())
+            .arg(&cin32);
+        for d in &dims {
+            launch.arg(d);
+        }
+        launch.arg(&tiles_x);
+        // SAFETY: arguments match `sparse_conv_k*_s*_b*`'s signature and contract.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (tiles_x * tiles_y, n32, 1),
+                block_dim: (CONV_THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            })?
+        };
+        *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
+        Ok(())
+    }
+
+    /// The compiled variant for this geometry and the block the selector picks at height `h`
+    /// (no block prescan means the smallest tile).
+    fn cuda_variant(&self, h: usize) -> Result<SparseConvVariant> {
+        let c = &self.conv;
+        let (kh, kw) = c.kernel_size();
+        let supported = kh == kw
+            && c.padding == (kh / 2, kw / 2)
+            && c.dilation == (1, 1)
+            && c.groups == 1
+            && c.stride.0 == c.stride.1;
+        let block = self.block.resolve(h).unwrap_or(8) as u32;
+        SPARSE_CONV_VARIANTS
+            .iter()
+            .copied()
+            .find(|v| {
+                supported
+                    && v.kernel as usize == kh
+                    && v.stride as usize == c.stride.0
+                    && v.block == block
+            })
+            .ok_or_else(|| {
+                Error::MissingKernelVariant(format!(
+                    "sparse conv {} block {block} on CUDA",
+                    c.describe()
+                ))
+            })
+    }
+
+    /// The weights in gather layout on `backend`'s device, uploaded on first use.
+    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceWeights>> {
+        let mut cached = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(dw) = cached.as_ref().filter(|dw| dw.ordinal == backend.ordinal()) {
+            return Ok(dw.clone());
+        }
+        let host = self.gather_weights();
+        let cout = self.conv.out_channels();
+        let cout_pad = cout.div_ceil(COUT_PER_PASS as usize) * COUT_PER_PASS as usize;
+        let rows = host.data.len() / host.padded_outputs;
+        let mut weights = vec![0.0f32; rows * cout_pad];
+        for r in 0..rows {
+            weights[r * cout_pad..r * cout_pad + cout].copy_from_slice(
+                &host.data[r * host.padded_outputs..r * host.padded_outputs + cout],
+            );
+        }
+        let mut bias = vec![0.0f32; cout_pad];
+        if let Some(b) = &self.conv.bias {
+            bias[..cout].copy_from_slice(b.data());
+        }
+        let stream = backend.stream();
+        let dw = Arc::new(DeviceWeights {
+            ordinal: backend.ordinal(),
+            weights: stream.clone_htod(&weights)?,
+            bias: stream.clone_htod(&bias)?,
+            cout_pad,
+        });
+        *cached = Some(dw.clone());
+        Ok(dw)
     }
 
     /// Wall time of the last forward, every stage included.
@@ -154,7 +330,7 @@ impl SparseConv2d {
 /// (measured with `sparseflow bench-layer`; see the README's results).
 pub const DENSE_ABOVE_DENSITY: f64 = 0.25;
 
-/// Kernels taller than this take the dense path (the row kernel keeps its taps on the stack).
+/// Kernels taller than this take the dense path.
 const MAX_KERNEL_ROWS: usize = 16;
 
 fn nchw(shape: &[usize]) -> (usize, usize, usize, usize) {
@@ -284,9 +460,12 @@ impl ActiveChannels {
     }
 }
 
-/// The sparse convolution of `n` images `[Cin, H, W]` into `out` `[n, Cout, OH, OW]`: every
-/// output row of every image is one parallel task that walks the active inputs under each output
-/// pixel's receptive field.
+/// Output pixels per band task: the band's accumulators (`pixels × 64` floats) stay in L1.
+const BAND_PIXELS: usize = 96;
+
+/// The sparse convolution of `n` images `[Cin, H, W]` into `out` `[n, Cout, OH, OW]`. One
+/// parallel task computes one band of output rows of one image for one chunk of output channels,
+/// tap by tap, so each tap's weight slice (`Cin × chunk`) is reused across the whole band.
 fn sparse_conv_cpu(
     conv: &Conv2d,
     weights: &GatherWeights,
@@ -298,12 +477,8 @@ fn sparse_conv_cpu(
     let (oh, ow) = conv.output_hw(h, w).expect("validated by output_shape");
     let cin = conv.in_channels();
     let cout = conv.out_channels();
-    let bias: Vec<f32> = match &conv.bias {
-        Some(b) => b.data().to_vec(),
-        None => vec![0.0; cout],
-    };
-    let mut padded_bias = bias.clone();
-    padded_bias.resize(weights.padded_outputs, 0.0);
+    let mut bias = conv.bias.as_ref().map_or(vec![0.0; cout], |b| b.data().to_vec());
+    bias.resize(weights.padded_outputs, 0.0);
     let geometry = RowGeometry {
         cin,
         h,
@@ -315,44 +490,50 @@ fn sparse_conv_cpu(
         dilation: conv.dilation,
     };
     let chunks = weights.chunks();
+    let band_rows = (BAND_PIXELS / ow.max(1)).clamp(1, oh.max(1));
+    let bands = oh.div_ceil(band_rows);
     let dst = DisjointWrites(out.as_mut_ptr());
     let avx2 = has_avx2();
-    (0..n * oh).into_par_iter().for_each_init(
-        || vec![0.0f32; ow * weights.padded_outputs],
-        |row, task| {
-            let (img, oy) = (task / oh, task % oh);
-            let image = &input[img * cin * h * w..(img + 1) * cin * h * w];
-            let job = RowJob {
+    let plane = oh * ow;
+    (0..n * bands * chunks.len()).into_par_iter().for_each_init(
+        || vec![0.0f32; band_rows * ow * 64],
+        |buffer, task| {
+            let (start, width) = chunks[task % chunks.len()];
+            let band = (task / chunks.len()) % bands;
+            let img = task / (chunks.len() * bands);
+            let oy0 = band * band_rows;
+            let rows = band_rows.min(oh - oy0);
+            let job = BandJob {
                 g: &geometry,
                 weights,
-                bias: &padded_bias,
-                chunks: &chunks,
+                bias: &bias,
                 scan: &scans[img],
-                image,
-                oy,
+                image: &input[img * cin * h * w..(img + 1) * cin * h * w],
+                oy0,
+                rows,
+                start,
             };
+            let buffer = &mut buffer[..rows * ow * width];
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: AVX2 and FMA were detected.
-                unsafe { job.run_avx2(row) };
+                unsafe { job.run_avx2(buffer, width) };
             } else {
-                job.run(row);
+                job.run(buffer, width);
             }
             #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = avx2;
-                job.run(row);
-            }
-            // SAFETY: task (img, oy) alone writes output row oy of image img, for every channel.
+            job.run(buffer, width);
+            // SAFETY: this task alone writes channels start..start+width of rows oy0..oy0+rows
+            // of image img: a contiguous segment of each of those channel planes.
             unsafe {
                 write_row_nchw(
-                    row,
-                    weights.padded_outputs,
+                    buffer,
+                    width,
                     dst,
-                    (img * cout) * oh * ow + oy * ow,
-                    oh * ow,
-                    cout,
-                    ow,
+                    (img * cout + start) * plane + oy0 * ow,
+                    plane,
+                    width.min(cout.saturating_sub(start)),
+                    rows * ow,
                     avx2,
                 )
             };
@@ -360,8 +541,8 @@ fn sparse_conv_cpu(
     );
 }
 
-/// Transposes a finished row `[OW, padded]` into output row `oy` of every channel plane:
-/// `out[first + co·plane + ox] = row[ox·padded + co]`.
+/// Transposes a finished band `[pixels, padded]` into a contiguous segment of every channel
+/// plane: `out[first + co·plane + p] = row[p·padded + co]` for `co < cout`, `p < ow`.
 ///
 /// # Safety
 /// The caller alone writes those output elements, and they are in bounds.
@@ -472,106 +653,93 @@ impl RowGeometry {
     }
 }
 
-/// One output row of one image.
-struct RowJob<'a> {
+/// One band of output rows of one image, for output channels `start..start + width`.
+struct BandJob<'a> {
     g: &'a RowGeometry,
     weights: &'a GatherWeights,
     bias: &'a [f32],
-    chunks: &'a [(usize, usize)],
     scan: &'a ActiveChannels,
     image: &'a [f32],
-    oy: usize,
+    oy0: usize,
+    rows: usize,
+    start: usize,
 }
 
-impl RowJob<'_> {
+impl BandJob<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self, row: &mut [f32]) {
-        self.run(row)
+    unsafe fn run_avx2(&self, buffer: &mut [f32], width: usize) {
+        self.run(buffer, width)
     }
 
-    /// Fills `row` `[OW, padded Cout]`.
+    /// Fills `buffer` `[rows·OW, width]`.
     #[inline(always)]
-    fn run(&self, row: &mut [f32]) {
-        for &(start, width) in self.chunks {
-            match (width, self.scan.binary) {
-                (64, true) => self.chunk::<64, true>(row, start),
-                (64, false) => self.chunk::<64, false>(row, start),
-                (32, true) => self.chunk::<32, true>(row, start),
-                (32, false) => self.chunk::<32, false>(row, start),
-                (16, true) => self.chunk::<16, true>(row, start),
-                (16, false) => self.chunk::<16, false>(row, start),
-                (_, true) => self.chunk::<8, true>(row, start),
-                (_, false) => self.chunk::<8, false>(row, start),
-            }
+    fn run(&self, buffer: &mut [f32], width: usize) {
+        match (width, self.scan.binary) {
+            (64, true) => self.band::<64, true>(buffer),
+            (64, false) => self.band::<64, false>(buffer),
+            (32, true) => self.band::<32, true>(buffer),
+            (32, false) => self.band::<32, false>(buffer),
+            (16, true) => self.band::<16, true>(buffer),
+            (16, false) => self.band::<16, false>(buffer),
+            (_, true) => self.band::<8, true>(buffer),
+            (_, false) => self.band::<8, false>(buffer),
         }
     }
 
-    /// Output lanes `start..start + CH` of the row: per output pixel, the accumulator stays in
-    /// registers while the active inputs under its receptive field add their weight rows.
+    /// Tap by tap: one tap's weights for this chunk (Cin rows of CH lanes) stay in cache while
+    /// every output pixel of the band takes their contributions.
     #[inline(always)]
-    fn chunk<const CH: usize, const BINARY: bool>(&self, row: &mut [f32], start: usize) {
+    fn band<const CH: usize, const BINARY: bool>(&self, buffer: &mut [f32]) {
         let g = self.g;
         let (kh, kw) = g.kernel;
         let hw = g.h * g.w;
         let padded = self.weights.padded_outputs;
         let (masks, words) = (&self.scan.masks[..], self.scan.words);
-        let mut bias = [0.0f32; CH];
-        bias.copy_from_slice(&self.bias[start..start + CH]);
-        // The active input rows under this output row (kh <= MAX_KERNEL_ROWS).
-        let mut rows = [(0usize, 0usize); MAX_KERNEL_ROWS];
-        let mut n_rows = 0;
+        let bias: [f32; CH] = self.bias[self.start..self.start + CH].try_into().expect("CH lanes");
+        for px in buffer.chunks_exact_mut(CH) {
+            px.copy_from_slice(&bias);
+        }
+        let base = self.weights.data[self.start..].as_ptr();
         for ky in 0..kh {
-            if let Some(iy) =
-                RowGeometry::source(self.oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h)
-            {
-                if self.scan.row_active[iy] {
-                    rows[n_rows] = (ky, iy);
-                    n_rows += 1;
-                }
-            }
-        }
-        for ox in 0..g.ow {
-            row[ox * padded + start..ox * padded + start + CH].copy_from_slice(&bias);
-        }
-        let base = self.weights.data[start..].as_ptr();
-        // Tap by tap: one tap's weights (Cin rows of CH lanes) stay in L1 while the whole output
-        // row takes their contributions.
-        for &(ky, iy) in &rows[..n_rows] {
             for kx in 0..kw {
                 let tap_row = (ky * kw + kx) * g.cin;
-                for ox in 0..g.ow {
-                    let Some(ix) =
-                        RowGeometry::source(ox, kx, g.stride.1, g.padding.1, g.dilation.1, g.w)
-                    else {
+                for r in 0..self.rows {
+                    let oy = self.oy0 + r;
+                    let Some(iy) = RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h) else {
                         continue;
                     };
-                    let p = iy * g.w + ix;
-                    let out = &mut row[ox * padded + start..ox * padded + start + CH];
-                    let mut acc: [f32; CH] = out.try_into().expect("CH lanes");
-                    let mut touched = false;
-                    for word in 0..words {
-                        // SAFETY: p < H·W, so the mask index is in bounds; every set bit is a
-                        // channel c < Cin, so the weight row (tap·Cin + c) < kh·kw·Cin and the
-                        // input index c·H·W + p is in the image; start + CH <= padded.
-                        let mut m = unsafe { *masks.get_unchecked(p * words + word) };
-                        touched |= m != 0;
-                        while m != 0 {
-                            let c = word * 64 + m.trailing_zeros() as usize;
-                            m &= m - 1;
-                            unsafe {
-                                let src = base.add((tap_row + c) * padded);
-                                let value = if BINARY {
-                                    1.0
-                                } else {
-                                    *self.image.get_unchecked(c * hw + p)
-                                };
-                                accumulate::<CH, BINARY>(&mut acc, src, value);
+                    if !self.scan.row_active[iy] {
+                        continue;
+                    }
+                    for ox in 0..g.ow {
+                        let Some(ix) = RowGeometry::source(ox, kx, g.stride.1, g.padding.1, g.dilation.1, g.w)
+                        else {
+                            continue;
+                        };
+                        let p = iy * g.w + ix;
+                        let out = &mut buffer[(r * g.ow + ox) * CH..(r * g.ow + ox + 1) * CH];
+                        let mut acc: [f32; CH] = out.try_into().expect("CH lanes");
+                        let mut touched = false;
+                        for word in 0..words {
+                            // SAFETY: p < H·W, so the mask index is in bounds; every set bit is a
+                            // channel c < Cin, so the weight row (tap·Cin + c) < kh·kw·Cin and
+                            // the input index c·H·W + p is in the image; start + CH <= padded.
+                            let mut m = unsafe { *masks.get_unchecked(p * words + word) };
+                            touched |= m != 0;
+                            while m != 0 {
+                                let c = word * 64 + m.trailing_zeros() as usize;
+                                m &= m - 1;
+                                unsafe {
+                                    let src = base.add((tap_row + c) * padded);
+                                    let value = if BINARY { 1.0 } else { *self.image.get_unchecked(c * hw + p) };
+                                    accumulate::<CH, BINARY>(&mut acc, src, value);
+                                }
                             }
                         }
-                    }
-                    if touched {
-                        out.copy_from_slice(&acc);
+                        if touched {
+                            out.copy_from_slice(&acc);
+                        }
                     }
                 }
             }
@@ -607,4 +775,106 @@ impl Operator for SparseConv2d {
     }
 
     impl_as_any!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{gpu_or_skip, SplitMix64};
+
+    fn random(shape: Vec<usize>, rng: &mut SplitMix64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(shape, (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()).unwrap()
+    }
+
+    fn spikes(shape: Vec<usize>, density: f64, integer: bool, rng: &mut SplitMix64) -> Tensor {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| match ((rng.next_f32() as f64) < density, integer) {
+                (false, _) => 0.0,
+                (true, false) => 1.0,
+                (true, true) => 1.0 + (rng.next_u64() % 3) as f32,
+            })
+            .collect();
+        Tensor::new(shape, data).unwrap()
+    }
+
+    /// Every GPU variant against the CPU dense reference, on fresh random inputs of several
+    /// shapes and densities, binary and integer-valued, with the output poisoned (NaN) before
+    /// each launch and every element checked.
+    #[test]
+    fn gpu_sparse_conv_matches_cpu() {
+        let Some(backend) = gpu_or_skip("gpu_sparse_conv_matches_cpu") else {
+            return;
+        };
+        let mut rng = SplitMix64::new(0x5EED);
+        let mut checked = 0;
+        for v in SPARSE_CONV_VARIANTS {
+            let k = v.kernel as usize;
+            let s = v.stride as usize;
+            // (T·N, Cin, Cout, H, W): tiles that do and do not divide the map, >64 channels.
+            for &(n, cin, cout, h, w) in &[
+                (2, 16, 8, 9, 13),
+                (3, 64, 64, 20, 20),
+                (1, 70, 130, 17, 11),
+                (2, 3, 5, 1, 1),
+            ] {
+                for &density in &[0.0, 0.01, 0.05, 0.5, 1.0] {
+                    for integer in [false, true] {
+                        let conv = Conv2d::new(
+                            random(vec![cout, cin, k, k], &mut rng),
+                            Some(random(vec![cout], &mut rng)),
+                            (s, s),
+                            (k / 2, k / 2),
+                            (1, 1),
+                            1,
+                        )
+                        .unwrap();
+                        let x = spikes(vec![n, cin, h, w], density, integer, &mut rng);
+                        let want = conv.forward(&[&x]).unwrap();
+                        let block = BlockChoice::Fixed(Some(v.block as usize));
+                        let sparse = SparseConv2d::from_dense(&conv, block);
+                        assert_eq!(sparse.cuda_variant(h).unwrap().entry, v.entry);
+                        let dx = DeviceTensor::upload(&backend, &x).unwrap();
+                        let mut out =
+                            DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+                        out.fill(f32::NAN).unwrap();
+                        sparse.forward_cuda_into(&dx, &mut out).unwrap();
+                        let got = out.download().unwrap();
+                        let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                        for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 1e-5 * scale,
+                                "{} {n}x{cin}->{cout} {h}x{w} density {density} integer {integer}: [{i}] {g} vs {e}",
+                                v.entry
+                            );
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        println!(
+            "gpu_sparse_conv_matches_cpu: {checked} cases equal on {}",
+            backend.name()
+        );
+    }
+
+    #[test]
+    fn unsupported_gpu_geometry_is_an_error() {
+        let conv = Conv2d::new(
+            Tensor::zeros(vec![4, 4, 5, 5]),
+            None,
+            (1, 1),
+            (2, 2),
+            (1, 1),
+            1,
+        )
+        .unwrap();
+        let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(None));
+        assert!(matches!(
+            sparse.cuda_variant(10),
+            Err(Error::MissingKernelVariant(_))
+        ));
+    }
 }

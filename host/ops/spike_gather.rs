@@ -30,9 +30,13 @@ impl GatherWeights {
     ) -> Self {
         let padded = outputs.div_ceil(LANES) * LANES;
         let mut data = vec![0.0f32; rows * padded];
-        for o in 0..outputs {
+        // Blocks of 64 outputs keep both the reads and the writes within a few cache lines.
+        for o0 in (0..outputs).step_by(64) {
             for k in 0..rows {
-                data[row_of(k) * padded + o] = w[o * rows + k];
+                let dst = row_of(k) * padded;
+                for o in o0..(o0 + 64).min(outputs) {
+                    data[dst + o] = w[o * rows + k];
+                }
             }
         }
         Self {

@@ -31,22 +31,22 @@ pub enum Pattern {
 #[derive(Args)]
 pub struct BenchLayerArgs {
     #[arg(long, value_enum)]
-    op: LayerOp,
+    pub op: LayerOp,
     #[arg(long)]
-    cin: usize,
+    pub cin: usize,
     #[arg(long)]
-    cout: usize,
+    pub cout: usize,
     /// Input height and width (ignored for linear)
     #[arg(long, default_value_t = 56)]
-    hw: usize,
+    pub hw: usize,
     #[arg(long, default_value_t = 1)]
-    stride: usize,
+    pub stride: usize,
     /// Images (or rows for linear); T·N folded
     #[arg(long, default_value_t = 8)]
-    batch: usize,
+    pub batch: usize,
     /// Fraction of non-zero input elements
     #[arg(long)]
-    density: f64,
+    pub density: f64,
     #[arg(long, value_enum, default_value = "iid")]
     pattern: Pattern,
     /// auto, cpu, cuda or cuda:N
@@ -54,12 +54,12 @@ pub struct BenchLayerArgs {
     device: String,
     /// Timed repetitions (after one warm-up); the median is reported
     #[arg(long, default_value_t = 7)]
-    repeats: usize,
+    pub repeats: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Print one JSON object instead of text
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 fn spikes(shape: &[usize], density: f64, pattern: Pattern, rng: &mut SplitMix64) -> Result<Tensor> {
@@ -119,18 +119,25 @@ fn time_ms(repeats: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64
     Ok((times[times.len() / 2], out))
 }
 
+/// The largest |got − want| over the largest |want|.
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    let scale = want
+        .data()
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    got.data()
+        .iter()
+        .zip(want.data())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
 pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.density) {
         return Err(Error::InvalidArgument("--density must be in [0, 1]".into()));
     }
     let selection = Device::from_name(&a.device)?;
-    if let Device::Cuda(_) = selection.device {
-        if a.device != "auto" {
-            return Err(Error::InvalidArgument(
-                "bench-layer on CUDA arrives with the GPU sparse kernels; use --device cpu".into(),
-            ));
-        }
-    }
     let mut rng = SplitMix64::new(a.seed);
     let (dense, sparse, input, block): (
         Box<dyn Operator>,
@@ -177,6 +184,17 @@ pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
         (LayerOp::Linear, _) | (_, None) => None,
         (_, Some(b)) => Some(prescan_cpu(&input, b)?.zero_tile_ratio()),
     };
+    if let Device::Cuda(ordinal) = selection.device {
+        return cuda::bench(
+            a,
+            ordinal,
+            dense.as_ref(),
+            sparse.as_ref(),
+            &input,
+            zero_blocks,
+            block,
+        );
+    }
     let (dense_ms, want) = time_ms(a.repeats, || dense.forward(&[&input]))?;
     let (sparse_ms, got) = time_ms(a.repeats, || sparse.forward(&[&input]))?;
     let scale = want
@@ -240,4 +258,184 @@ pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The CUDA side: the sparse operator (every stage) against cuDNN fp32 and TF32, timed with CUDA
+/// events in the same process on the same input.
+mod cuda {
+    use cudarc::driver::sys::CUevent_flags;
+    use serde_json::json;
+    use sparseflow::cuda::{CudaBackend, DeviceTensor};
+    use sparseflow::ops::conv2d::Conv2d;
+    use sparseflow::ops::sparse_conv2d::SparseConv2d;
+    use sparseflow::ops::sparse_linear::SparseLinear;
+    use sparseflow::ops::Operator;
+    use sparseflow::{Error, Result, Tensor};
+
+    use super::{relative_error, BenchLayerArgs};
+    use crate::cudnn_baseline::{self, CudnnConv, Precision};
+
+    /// Median milliseconds of `repeats` runs of `f` between two events, after three warm-ups.
+    fn time_events(
+        backend: &CudaBackend,
+        repeats: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        let stream = backend.stream();
+        let ctx = stream.context();
+        let (start, end) = (
+            ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
+            ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?,
+        );
+        for _ in 0..3 {
+            f()?;
+        }
+        let mut times = Vec::new();
+        for _ in 0..repeats.max(1) {
+            start.record(stream)?;
+            f()?;
+            end.record(stream)?;
+            end.synchronize()?;
+            times.push(start.elapsed_ms(&end)? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written per second), the ceiling for an op
+    /// that must write its output.
+    fn copy_bandwidth(backend: &CudaBackend) -> Result<f64> {
+        let n = 256 << 20; // 1 GiB of f32
+        let stream = backend.stream();
+        let src = stream.alloc_zeros::<f32>(n)?;
+        let mut dst = stream.alloc_zeros::<f32>(n)?;
+        let ms = time_events(backend, 5, || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+        Ok(2.0 * 4.0 * n as f64 / (ms * 1e-3))
+    }
+
+    pub fn bench(
+        a: &BenchLayerArgs,
+        ordinal: usize,
+        dense: &dyn Operator,
+        sparse: &dyn Operator,
+        input: &Tensor,
+        zero_blocks: Option<f64>,
+        block: Option<usize>,
+    ) -> Result<()> {
+        let backend = CudaBackend::get(ordinal)?;
+        let dx = DeviceTensor::upload(&backend, input)?;
+        let sparsity = input.zero_fraction();
+        if let Some(linear) = sparse.as_any().downcast_ref::<SparseLinear>() {
+            let want = dense.forward(&[input])?;
+            let ms = time_events(&backend, a.repeats, || linear.forward_cuda(&dx).map(|_| ()))?;
+            let err = relative_error(&linear.forward_cuda(&dx)?.download()?, &want);
+            println!(
+                "linear {}->{} rows {} on {}: {:.2}% zeros, sparse {ms:.4} ms, max error {err:.1e}",
+                a.cin,
+                a.cout,
+                a.batch,
+                backend.name(),
+                100.0 * sparsity
+            );
+            return if err <= 1e-5 {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "GPU output differs by {err:.2e}"
+                )))
+            };
+        }
+        let sparse = sparse
+            .as_any()
+            .downcast_ref::<SparseConv2d>()
+            .expect("conv bench");
+        let conv: &Conv2d = &sparse.conv;
+        let out_shape = conv.output_shape(input.shape())?;
+        let mut out = DeviceTensor::uninit(&backend, out_shape.clone())?;
+        out.fill(f32::NAN)?;
+        let sparse_ms = time_events(&backend, a.repeats, || {
+            sparse.forward_cuda_into(&dx, &mut out)
+        })?;
+        let got = out.download()?;
+        let (n, h, w) = (input.shape()[0], input.shape()[2], input.shape()[3]);
+        let baseline = |p: Precision| -> Result<Option<(f64, Tensor)>> {
+            if !cudnn_baseline::available() {
+                return Ok(None);
+            }
+            let mut c = CudnnConv::new(&backend, conv, n, h, w, p)?;
+            let mut y = DeviceTensor::uninit(&backend, out_shape.clone())?;
+            let ms = time_events(&backend, a.repeats, || c.run(dx.slice(), y.slice_mut()))?;
+            // cuDNN's convolution has no bias: add it on the host for the comparison.
+            let mut t = y.download()?;
+            let plane = out_shape[2] * out_shape[3];
+            if let Some(b) = &conv.bias {
+                for (i, v) in t.data_mut().iter_mut().enumerate() {
+                    *v += b.data()[(i / plane) % out_shape[1]];
+                }
+            }
+            Ok(Some((ms, t)))
+        };
+        let fp32 = baseline(Precision::Fp32)?;
+        let tf32 = baseline(Precision::Tf32)?;
+        let reference = match &fp32 {
+            Some((_, t)) => t.clone(),
+            None => dense.forward(&[input])?,
+        };
+        let err = relative_error(&got, &reference);
+        let agree = err <= 1e-5 && got.data().iter().all(|v| v.is_finite());
+        let copy = copy_bandwidth(&backend)?;
+        let written = 4.0 * out_shape.iter().product::<usize>() as f64;
+        let write_bw = written / (sparse_ms * 1e-3);
+        let ratio = |b: &Option<(f64, Tensor)>| b.as_ref().map(|(ms, _)| ms / sparse_ms);
+        let ms_of = |b: &Option<(f64, Tensor)>| b.as_ref().map(|(ms, _)| *ms);
+        if a.json {
+            println!(
+                "{}",
+                json!({
+                    "op": format!("conv{}x{}", conv.kernel_size().0, conv.kernel_size().1), "cin": a.cin, "cout": a.cout,
+                    "hw": a.hw, "stride": a.stride, "batch": a.batch, "density": a.density, "device": backend.name(),
+                    "element_sparsity": sparsity, "zero_block_ratio": zero_blocks, "block": block,
+                    "sparse_ms": sparse_ms, "cudnn_fp32_ms": ms_of(&fp32), "cudnn_tf32_ms": ms_of(&tf32),
+                    "speedup_vs_fp32": ratio(&fp32), "speedup_vs_tf32": ratio(&tf32),
+                    "output_write_tb_s": write_bw / 1e12, "copy_tb_s": copy / 1e12,
+                    "write_fraction_of_copy_bw": write_bw / copy, "max_rel_error": err, "agree": agree,
+                })
+            );
+        } else {
+            println!(
+                "{} {}->{} {}x{} stride {} batch {} on {}",
+                conv.describe(),
+                a.cin,
+                a.cout,
+                a.hw,
+                a.hw,
+                a.stride,
+                a.batch,
+                backend.name()
+            );
+            let blocks = zero_blocks.map_or("-".to_string(), |z| format!("{:.1}%", 100.0 * z));
+            println!(
+                "input: {:.2}% zeros, zero blocks {blocks} (block {:?})",
+                100.0 * sparsity,
+                block
+            );
+            println!("sparse       {sparse_ms:8.4} ms (pack + compute), output written at {:.2} TB/s = {:.0}% of the {:.2} TB/s copy bandwidth", write_bw / 1e12, 100.0 * write_bw / copy, copy / 1e12);
+            for (name, b) in [("cuDNN fp32", &fp32), ("cuDNN tf32", &tf32)] {
+                match b {
+                    Some((ms, _)) => println!(
+                        "{name}   {ms:8.4} ms -> sparse is {:.2}x faster",
+                        ms / sparse_ms
+                    ),
+                    None => println!("{name}   unavailable (libcudnn not found)"),
+                }
+            }
+            println!("outputs agree: {agree} (max error {err:.1e} of max |out|)");
+        }
+        if !agree {
+            return Err(Error::InvalidArgument(format!(
+                "GPU output differs from the reference by {err:.2e}"
+            )));
+        }
+        Ok(())
+    }
 }

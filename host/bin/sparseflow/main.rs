@@ -6,6 +6,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod bench_layer;
+mod cudnn_baseline;
 use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::neuron::Firing;
@@ -139,8 +140,11 @@ struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// safetensors file with the model's state_dict
+    #[arg(long, required_unless_present = "seed")]
+    weights: Option<PathBuf>,
+    /// Without --weights: seeded weights, BatchNorm calibrated on the input (a live network)
     #[arg(long)]
-    weights: PathBuf,
+    seed: Option<u64>,
     /// safetensors file with a tensor `input` [T, N, C, H, W] (or [N, C, H, W] for one step)
     #[arg(long)]
     input: PathBuf,
@@ -153,9 +157,29 @@ struct RunArgs {
     /// Replace the convolutions fed by spikes with sparse operators before running
     #[arg(long)]
     optimize: bool,
+    /// Print each node's time and its input's element sparsity
+    #[arg(long)]
+    profile: bool,
+    /// Run the forward this many times after a warm-up and report the median time
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+}
+
+/// Keep freed memory for reuse instead of returning it to the OS: on the VMs this was measured
+/// on, first-touch page faults cost ~3 µs per 4 KiB page, so a 12.8 MB activation that is
+/// mapped afresh for every layer costs ~10 ms in faults alone, more than most sparse layers.
+fn retain_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }
 
 fn main() {
+    retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Bench {
         device: "auto".into(),
@@ -188,10 +212,16 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     let config = args.model.config()?;
     let mut graph = model::build(&args.model.model, &config)?;
-    let weights = weights::read(&args.weights)?;
-    graph.load_params(&weights.tensors)?;
     let input_file = weights::read(&args.input)?;
     let input = input_file.get("input", &args.input)?;
+    match (&args.weights, args.seed) {
+        (Some(path), _) => graph.load_params(&weights::read(path)?.tensors)?,
+        (None, Some(seed)) => {
+            model::init::init_seeded(&mut graph, seed)?;
+            model::init::calibrate_batchnorm(&mut graph, input)?;
+        }
+        (None, None) => unreachable!("clap requires one of them"),
+    }
     if args.optimize {
         let shape = input.shape();
         let options = OptimizeOptions {
@@ -206,14 +236,37 @@ fn run(args: &RunArgs) -> Result<()> {
             report.count(Decision::Kept)
         );
     }
-    let start = Instant::now();
-    let output = graph.forward(input)?;
+    let mut rows = Vec::new();
+    let mut times = Vec::new();
+    let mut output = None;
+    // With --repeats, the first run is a warm-up (first-touch page faults, lazy set-up).
+    let runs = if args.repeats > 1 { args.repeats + 1 } else { 1 };
+    for run in 0..runs {
+        rows.clear();
+        let start = Instant::now();
+        output = Some(graph.forward_observed(input, &mut |r| {
+            if args.profile {
+                let zeros = r.inputs.first().map_or(0.0, |t| t.zero_fraction());
+                rows.push((r.node.name.clone(), r.node.op.type_name(), zeros, r.elapsed));
+            }
+            Ok(())
+        })?);
+        if runs == 1 || run > 0 {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let output = output.expect("at least one run");
+    for (name, op, zeros, t) in &rows {
+        eprintln!("{name:24} {op:18} input {:6.2}% zeros {:9.3} ms", 100.0 * zeros, t.as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let note = if runs > 1 { format!(" (median of {} after a warm-up)", args.repeats) } else { String::new() };
     eprintln!(
-        "{}: input {:?} -> output {:?} in {:.1} ms on cpu",
+        "{}: input {:?} -> output {:?} in {:.1} ms on cpu{note}",
         args.model.model,
         input.shape(),
         output.shape(),
-        start.elapsed().as_secs_f64() * 1e3
+        times[times.len() / 2],
     );
     weights::write(
         &args.output,

@@ -1,0 +1,121 @@
+//! cuDNN's forward convolution as the dense GPU baseline of `bench-layer`, through cudarc's
+//! bindings (libcudnn is loaded at run time; point `LD_LIBRARY_PATH` at it).
+use std::sync::Arc;
+
+use cudarc::cudnn::{sys, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor};
+use cudarc::driver::CudaSlice;
+use sparseflow::cuda::CudaBackend;
+use sparseflow::ops::conv2d::Conv2d;
+use sparseflow::{Error, Result};
+
+/// fp32 (FMA math, TF32 off) or TF32 tensor-core math.
+#[derive(Clone, Copy, Debug)]
+pub enum Precision {
+    Fp32,
+    Tf32,
+}
+
+fn cudnn_err(e: impl std::fmt::Debug) -> Error {
+    Error::NoGpu(format!("cuDNN: {e:?}"))
+}
+
+/// Whether libcudnn can be loaded.
+pub fn available() -> bool {
+    unsafe { cudarc::cudnn::sys::is_culib_present() }
+}
+
+/// A ready-to-launch cuDNN convolution for one geometry and precision: descriptors, algorithm
+/// and workspace are set up once, so a timed `run` is one cuDNN call.
+pub struct CudnnConv {
+    x: TensorDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    w: FilterDescriptor<f32>,
+    conv: ConvDescriptor<f32>,
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    weights: CudaSlice<f32>,
+    workspace: Option<CudaSlice<u8>>,
+}
+
+impl CudnnConv {
+    pub fn new(
+        backend: &CudaBackend,
+        conv: &Conv2d,
+        n: usize,
+        h: usize,
+        w: usize,
+        precision: Precision,
+    ) -> Result<Self> {
+        let handle: Arc<Cudnn> = Cudnn::new(backend.stream().clone()).map_err(cudnn_err)?;
+        let (kh, kw) = conv.kernel_size();
+        let (oh, ow) = conv.output_hw(h, w)?;
+        let fmt = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let dims = |v: [usize; 4]| v.map(|d| d as i32);
+        let x = handle
+            .create_4d_tensor::<f32>(fmt, dims([n, conv.in_channels(), h, w]))
+            .map_err(cudnn_err)?;
+        let y = handle
+            .create_4d_tensor::<f32>(fmt, dims([n, conv.out_channels(), oh, ow]))
+            .map_err(cudnn_err)?;
+        let wd = handle
+            .create_4d_filter::<f32>(fmt, dims([conv.out_channels(), conv.in_channels(), kh, kw]))
+            .map_err(cudnn_err)?;
+        let mut cd = handle
+            .create_conv2d::<f32>(
+                [conv.padding.0 as i32, conv.padding.1 as i32],
+                [conv.stride.0 as i32, conv.stride.1 as i32],
+                [1, 1],
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )
+            .map_err(cudnn_err)?;
+        cd.set_math_type(match precision {
+            Precision::Fp32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            Precision::Tf32 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        })
+        .map_err(cudnn_err)?;
+        let op = ConvForward {
+            conv: &cd,
+            x: &x,
+            w: &wd,
+            y: &y,
+        };
+        let algo = op.pick_algorithm().map_err(cudnn_err)?;
+        let bytes = op.get_workspace_size(algo).map_err(cudnn_err)?;
+        let workspace = if bytes > 0 {
+            Some(backend.stream().alloc_zeros::<u8>(bytes)?)
+        } else {
+            None
+        };
+        let weights = backend.stream().clone_htod(conv.weight.data())?;
+        Ok(Self {
+            x,
+            y,
+            w: wd,
+            conv: cd,
+            algo,
+            weights,
+            workspace,
+        })
+    }
+
+    /// `y = conv(x)` (no bias), asynchronously on the backend's stream.
+    pub fn run(&mut self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        let op = ConvForward {
+            conv: &self.conv,
+            x: &self.x,
+            w: &self.w,
+            y: &self.y,
+        };
+        // SAFETY: the buffers match the descriptors built from the same shapes.
+        unsafe {
+            op.launch(
+                self.algo,
+                self.workspace.as_mut(),
+                (1.0, 0.0),
+                x,
+                &self.weights,
+                y,
+            )
+        }
+        .map_err(cudnn_err)
+    }
+}
