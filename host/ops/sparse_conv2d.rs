@@ -74,7 +74,7 @@ pub struct SparseConv2d {
     pub conv: Conv2d,
     pub block: BlockChoice,
     /// Inputs denser than this fraction of non-zeros take the dense path
-    /// ([`DENSE_ABOVE_DENSITY`] by default; `f64::INFINITY` forces the sparse kernel).
+    /// ([`dense_above_density`] by default; `f64::INFINITY` forces the sparse kernel).
     pub dense_above_density: f64,
     last_forward: Mutex<Option<Duration>>,
     /// The weights in gather layout, built on first use.
@@ -99,7 +99,7 @@ impl SparseConv2d {
         let op = Self {
             conv: conv.clone(),
             block,
-            dense_above_density: DENSE_ABOVE_DENSITY,
+            dense_above_density: dense_above_density(conv),
             last_forward: Mutex::new(None),
             gather: Mutex::new(None),
             device: Mutex::new(None),
@@ -289,16 +289,16 @@ impl SparseConv2d {
         }
         let (n, cin, h, w) = nchw(x.shape());
         let image = cin * h * w;
+        // Decide on a sample before paying for the full scan, so a dense input costs the dense
+        // path and little more.
+        if sampled_density(x.data()) > self.dense_above_density {
+            return self.conv.forward(&[x]);
+        }
         let scans: Vec<ActiveChannels> = x
             .data()
             .par_chunks(image.max(1))
             .map(|img| ActiveChannels::scan(img, cin, h, w))
             .collect();
-        let nonzeros: usize = scans.iter().map(|s| s.nonzeros).sum();
-        let density = nonzeros as f64 / x.len().max(1) as f64;
-        if density > self.dense_above_density {
-            return self.conv.forward(&[x]);
-        }
         let weights = self.gather_weights();
         let mut out = vec![0.0f32; out_shape.iter().product()];
         sparse_conv_cpu(&self.conv, &weights, x.data(), &scans, (n, h, w), &mut out);
@@ -326,9 +326,35 @@ impl SparseConv2d {
     }
 }
 
-/// Above this fraction of non-zero inputs the dense GEMM path is faster than gathering
-/// (measured with `sparseflow bench-layer`; see the README's results).
-pub const DENSE_ABOVE_DENSITY: f64 = 0.25;
+/// The input density above which the dense GEMM beats the sparse gather on this kind of layer.
+///
+/// Measured with `sparseflow bench-layer --dense-above 2` (sparse kernel forced) on the 2-core
+/// AMD EPYC CI machine, batch 8 (README, "Dense fallback"): for 3×3 convs the sparse kernel was
+/// 2.3–3.4× faster at 20% non-zeros, 1.0–1.5× at 30–40% and par at 50%; 1×1 convs, whose dense
+/// path needs no im2col, broke even near 20%.
+pub fn dense_above_density(conv: &Conv2d) -> f64 {
+    match conv.kernel_size() {
+        (1, 1) => 0.2,
+        _ => 0.35,
+    }
+}
+
+/// The fraction of non-zeros in a sample of `data`: every 8th run of 64 elements (plus the
+/// whole tensor when it is small).
+fn sampled_density(data: &[f32]) -> f64 {
+    const RUN: usize = 64;
+    const STEP: usize = 8 * RUN;
+    if data.len() < 4 * STEP {
+        return data.iter().filter(|&&v| v != 0.0).count() as f64 / data.len().max(1) as f64;
+    }
+    let (mut seen, mut nonzero) = (0usize, 0usize);
+    for start in (0..data.len() - RUN).step_by(STEP) {
+        let run = &data[start..start + RUN];
+        seen += RUN;
+        nonzero += run.iter().filter(|&&v| v != 0.0).count();
+    }
+    nonzero as f64 / seen as f64
+}
 
 /// Kernels taller than this take the dense path.
 const MAX_KERNEL_ROWS: usize = 16;
@@ -352,7 +378,6 @@ struct ActiveChannels {
     masks: Vec<u64>,
     /// Whether input row `y` has any non-zero element (a silent row is skipped whole).
     row_active: Vec<bool>,
-    nonzeros: usize,
     /// Every non-zero is exactly 1: the gather can skip the multiply.
     binary: bool,
 }
@@ -378,7 +403,6 @@ impl ActiveChannels {
         }
         let words = cin.div_ceil(64).max(1);
         let mut masks = vec![0u64; hw * words];
-        let mut nonzeros = 0;
         let mut non_binary = 0u32;
         let (zero, one) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0));
         for (c, plane) in image.chunks_exact(hw).enumerate() {
@@ -392,7 +416,6 @@ impl ActiveChannels {
                     nz |= (_mm256_movemask_ps(is_nz) as u32) << (8 * k);
                     non_binary |= _mm256_movemask_ps(_mm256_and_ps(is_nz, not_one)) as u32;
                 }
-                nonzeros += nz.count_ones() as usize;
                 while nz != 0 {
                     let p = block * 32 + nz.trailing_zeros() as usize;
                     nz &= nz - 1;
@@ -411,7 +434,6 @@ impl ActiveChannels {
             words,
             masks,
             row_active,
-            nonzeros,
             binary: non_binary == 0,
         }
     }
@@ -422,7 +444,6 @@ impl ActiveChannels {
         let words = cin.div_ceil(64).max(1);
         let mut masks = vec![0u64; hw * words];
         let mut row_active = vec![false; h];
-        let mut nonzeros = 0;
         let mut binary = true;
         for (c, plane) in image.chunks_exact(hw.max(1)).enumerate() {
             let (word, bit) = (c / 64, 1u64 << (c % 64));
@@ -437,7 +458,6 @@ impl ActiveChannels {
                     non_binary |= v != 0.0 && v != 1.0;
                 }
                 binary &= !non_binary;
-                nonzeros += nz.count_ones() as usize;
                 while nz != 0 {
                     let p = block * 16 + nz.trailing_zeros() as usize;
                     nz &= nz - 1;
@@ -454,7 +474,6 @@ impl ActiveChannels {
             words,
             masks,
             row_active,
-            nonzeros,
             binary,
         }
     }
@@ -477,7 +496,10 @@ fn sparse_conv_cpu(
     let (oh, ow) = conv.output_hw(h, w).expect("validated by output_shape");
     let cin = conv.in_channels();
     let cout = conv.out_channels();
-    let mut bias = conv.bias.as_ref().map_or(vec![0.0; cout], |b| b.data().to_vec());
+    let mut bias = conv
+        .bias
+        .as_ref()
+        .map_or(vec![0.0; cout], |b| b.data().to_vec());
     bias.resize(weights.padded_outputs, 0.0);
     let geometry = RowGeometry {
         cin,
@@ -696,7 +718,9 @@ impl BandJob<'_> {
         let hw = g.h * g.w;
         let padded = self.weights.padded_outputs;
         let (masks, words) = (&self.scan.masks[..], self.scan.words);
-        let bias: [f32; CH] = self.bias[self.start..self.start + CH].try_into().expect("CH lanes");
+        let bias: [f32; CH] = self.bias[self.start..self.start + CH]
+            .try_into()
+            .expect("CH lanes");
         for px in buffer.chunks_exact_mut(CH) {
             px.copy_from_slice(&bias);
         }
@@ -706,14 +730,17 @@ impl BandJob<'_> {
                 let tap_row = (ky * kw + kx) * g.cin;
                 for r in 0..self.rows {
                     let oy = self.oy0 + r;
-                    let Some(iy) = RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h) else {
+                    let Some(iy) =
+                        RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h)
+                    else {
                         continue;
                     };
                     if !self.scan.row_active[iy] {
                         continue;
                     }
                     for ox in 0..g.ow {
-                        let Some(ix) = RowGeometry::source(ox, kx, g.stride.1, g.padding.1, g.dilation.1, g.w)
+                        let Some(ix) =
+                            RowGeometry::source(ox, kx, g.stride.1, g.padding.1, g.dilation.1, g.w)
                         else {
                             continue;
                         };
@@ -732,7 +759,11 @@ impl BandJob<'_> {
                                 m &= m - 1;
                                 unsafe {
                                     let src = base.add((tap_row + c) * padded);
-                                    let value = if BINARY { 1.0 } else { *self.image.get_unchecked(c * hw + p) };
+                                    let value = if BINARY {
+                                        1.0
+                                    } else {
+                                        *self.image.get_unchecked(c * hw + p)
+                                    };
                                     accumulate::<CH, BINARY>(&mut acc, src, value);
                                 }
                             }

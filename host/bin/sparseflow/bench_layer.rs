@@ -57,6 +57,9 @@ pub struct BenchLayerArgs {
     pub repeats: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Override the sparse op's dense-fallback density (e.g. 1 to time the sparse kernel alone)
+    #[arg(long)]
+    dense_above: Option<f64>,
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,

@@ -240,7 +240,11 @@ fn run(args: &RunArgs) -> Result<()> {
     let mut times = Vec::new();
     let mut output = None;
     // With --repeats, the first run is a warm-up (first-touch page faults, lazy set-up).
-    let runs = if args.repeats > 1 { args.repeats + 1 } else { 1 };
+    let runs = if args.repeats > 1 {
+        args.repeats + 1
+    } else {
+        1
+    };
     for run in 0..runs {
         rows.clear();
         let start = Instant::now();
@@ -257,10 +261,18 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     let output = output.expect("at least one run");
     for (name, op, zeros, t) in &rows {
-        eprintln!("{name:24} {op:18} input {:6.2}% zeros {:9.3} ms", 100.0 * zeros, t.as_secs_f64() * 1e3);
+        eprintln!(
+            "{name:24} {op:18} input {:6.2}% zeros {:9.3} ms",
+            100.0 * zeros,
+            t.as_secs_f64() * 1e3
+        );
     }
     times.sort_by(f64::total_cmp);
-    let note = if runs > 1 { format!(" (median of {} after a warm-up)", args.repeats) } else { String::new() };
+    let note = if runs > 1 {
+        format!(" (median of {} after a warm-up)", args.repeats)
+    } else {
+        String::new()
+    };
     eprintln!(
         "{}: input {:?} -> output {:?} in {:.1} ms on cpu{note}",
         args.model.model,
