@@ -59,7 +59,10 @@ fn run_with(
     output: &Path,
     extra: &[&str],
 ) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparseflow"));
+    // SPARSEFLOW_BIN: where the binary is when tests run away from the build (the GPU machine).
+    let bin = std::env::var_os("SPARSEFLOW_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_sparseflow").into());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "run",
         "--model",

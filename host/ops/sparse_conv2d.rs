@@ -190,7 +190,7 @@ impl SparseConv2d {
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
         let conv = backend.function(variant.entry)?;
-        let shared = conv_shared_bytes(b);
+        let shared = conv_shared_bytes(b, variant.kernel, variant.stride, cin32);
         allow_shared_memory(&conv, shared)?;
         let dims = [h, w, cout, weights.cout_pad, oh, ow].map(|v| v as u32);
         let mut launch = stream.launch_builder(&conv);
@@ -256,7 +256,8 @@ impl SparseConv2d {
         let cout = self.conv.out_channels();
         let cout_pad = cout.div_ceil(COUT_PER_PASS as usize) * COUT_PER_PASS as usize;
         let rows = host.data.len() / host.padded_outputs;
-        let mut weights = vec![0.0f32; rows * cout_pad];
+        // One extra row of zeros: the kernel reads it in place of missing channels.
+        let mut weights = vec![0.0f32; (rows + 1) * cout_pad];
         for r in 0..rows {
             weights[r * cout_pad..r * cout_pad + cout].copy_from_slice(
                 &host.data[r * host.padded_outputs..r * host.padded_outputs + cout],

@@ -143,3 +143,18 @@ pub unsafe fn atomic_or_u32(ptr: *mut u32, value: u32) {
         value = in(reg32) value,
     );
 }
+
+/// `__shfl_sync(0xffffffff, value, lane)`: `value` as held by `lane`.
+#[inline(always)]
+pub fn shfl_u32(value: u32, lane: u32) -> u32 {
+    let out: u32;
+    unsafe {
+        asm!(
+            "shfl.sync.idx.b32 {out}, {v}, {l}, 0x1f, 0xffffffff;",
+            out = out(reg32) out,
+            v = in(reg32) value,
+            l = in(reg32) lane,
+        );
+    }
+    out
+}

@@ -4,14 +4,14 @@
 //!   masks of active channels, `[N, words, H·W]` with `words = ceil(Cin / 32)`, and raises a flag
 //!   when any non-zero is not exactly 1 (integer-valued SEW inputs).
 //! - `sparse_conv_k{K}_s{S}_b{B}` (stage 2): one CTA per `B × B` output tile of one image. It
-//!   first checks its input window's masks and, when the window is silent, writes the bias and
-//!   stops. Otherwise each warp takes output pixels in turn; for each pixel it walks the set bits
-//!   of the masks under the receptive field (warp-uniform), and every lane accumulates two output
-//!   channels from one contiguous weight row `[tap, c, :]`. Results are staged in shared memory
-//!   and written to NCHW in rows.
+//!   stages its input window's masks in shared memory and, when the window is silent, writes the
+//!   bias and stops. Otherwise each warp owns `B²/8` output pixels with their accumulators in
+//!   registers; tap by tap, it walks the set bits of each pixel's mask (warp-uniform) and every
+//!   lane accumulates two output channels from one contiguous weight row `[tap, c, :]`. Results
+//!   are staged in shared memory and written to NCHW in rows.
 //!
-//! Weights come in gather layout `[K·K·Cin, cout_pad]` (`cout_pad` a multiple of 64), bias padded
-//! to `cout_pad`. Padding is `K / 2`, dilation 1, one group.
+//! Weights come in gather layout `[K·K·Cin + 1, cout_pad]` (`cout_pad` a multiple of 64; the last
+//! row is zeros), bias padded to `cout_pad`. Padding is `K / 2`, dilation 1, one group.
 
 /// Output channels one pass of a CTA computes: 32 lanes × 2.
 pub const COUT_PER_PASS: u32 = 64;
@@ -29,10 +29,11 @@ pub struct SparseConvVariant {
     pub entry: &'static str,
 }
 
-/// Dynamic shared memory of the compute kernel for tile side `block`: the staged outputs
-/// `[64][block² + 1]` (the +1 staggers banks).
-pub const fn conv_shared_bytes(block: u32) -> u32 {
-    COUT_PER_PASS * (block * block + 1) * 4
+/// Dynamic shared memory of the compute kernel: the staged outputs `[64][block² + 1]` (the +1
+/// staggers banks) and the input window's masks `[words][side²]`.
+pub const fn conv_shared_bytes(block: u32, kernel: u32, stride: u32, cin: u32) -> u32 {
+    let side = window_side(block, kernel, stride);
+    COUT_PER_PASS * (block * block + 1) * 4 + mask_words(cin) * side * side * 4
 }
 
 /// Input coordinate of output coordinate `o` at tap `k`, if inside `0..size`.
@@ -93,10 +94,88 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     }
 }
 
+/// Runs `$body` eight times with `$q` bound to the literals 0..8, so that array indices built
+/// from `$q` are constants and the arrays stay in registers.
+#[cfg(target_arch = "nvptx64")]
+macro_rules! for_each_of_8 {
+    ($q:ident => $body:block) => {
+        for_each_of_8!(@ $q $body 0 1 2 3 4 5 6 7)
+    };
+    (@ $q:ident $body:block $($n:literal)+) => {
+        $({
+            #[allow(non_upper_case_globals, clippy::identity_op)]
+            let $q: usize = $n;
+            $body
+        })+
+    };
+}
+
+/// Adds the weight rows that the lanes in `popped` hold in `row` (with their input `value` when
+/// not binary) to this lane's two outputs, two rows per step so two loads are in flight.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn consume(
+    mut popped: u32,
+    row: u32,
+    value: f32,
+    binary: bool,
+    weights: *const f32,
+    cout_pad: u32,
+    co: u32,
+    acc0: &mut f32,
+    acc1: &mut f32,
+) {
+    use crate::gpu;
+    while popped != 0 {
+        let j0 = popped.trailing_zeros();
+        popped &= popped - 1;
+        let r0 = gpu::shfl_u32(row, j0);
+        let j1 = if popped != 0 {
+            popped.trailing_zeros()
+        } else {
+            j0
+        };
+        let second = popped != 0;
+        popped &= popped.wrapping_sub(1);
+        let r1 = gpu::shfl_u32(row, j1);
+        let (a0, a1) = gpu::load_nc_f32x2(weights.add((r0 * cout_pad + co) as usize));
+        let (b0, b1) = if second {
+            gpu::load_nc_f32x2(weights.add((r1 * cout_pad + co) as usize))
+        } else {
+            (0.0, 0.0)
+        };
+        if binary {
+            *acc0 += a0;
+            *acc1 += a1;
+            *acc0 += b0;
+            *acc1 += b1;
+        } else {
+            let v0 = f32::from_bits(gpu::shfl_u32(value.to_bits(), j0));
+            let v1 = f32::from_bits(gpu::shfl_u32(value.to_bits(), j1));
+            *acc0 += v0 * a0;
+            *acc1 += v0 * a1;
+            if second {
+                *acc0 += v1 * b0;
+                *acc1 += v1 * b1;
+            }
+        }
+    }
+}
+
+/// Side of the input window a `B × B` output tile reads.
+pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
+    (block - 1) * stride + kernel
+}
+
 /// # Safety
 /// Buffers as in the module docs; `out` holds `n·cout·oh·ow` floats. Launch with grid
-/// `(tiles_x · tiles_y, n)`, `CONV_THREADS` threads and `conv_shared_bytes(B)` bytes of dynamic
-/// shared memory.
+/// `(tiles_x · tiles_y, n)`, `CONV_THREADS` threads and `conv_shared_bytes(B, K, S, Cin)` bytes
+/// of dynamic shared memory.
+///
+/// Each warp owns `B²/8` output pixels of the tile, their accumulators in registers. The CTA
+/// stages the tile's input window of masks in shared memory, then walks the taps outermost, so
+/// one tap's weights (`Cin` rows) stay hot in L1 while every pixel takes its contributions.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -117,6 +196,7 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
     tiles_x: u32,
 ) {
     use crate::gpu;
+    const WARPS: u32 = CONV_THREADS / 32;
     let pad = K / 2;
     let img = gpu::block_y();
     let tile = gpu::block_x();
@@ -126,74 +206,86 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
     let hw = h * w;
     let words = mask_words(cin);
     let image_masks = masks.add((img * words * hw) as usize);
+    let side = window_side(B, K, S);
+    let bb = B * B;
+    let stage = gpu::dynamic_shared_f32();
+    // Shared memory: the staged outputs [64][bb + 1], then the window's masks [words][side²].
+    let window = stage.add((COUT_PER_PASS * (bb + 1)) as usize) as *mut u32;
 
-    // Is any input under this tile's receptive field active? (Rows/cols clipped to the image.)
-    let y_lo = (ty0 * S).saturating_sub(pad);
-    let y_hi = ((ty0 + B - 1) * S + K - 1).saturating_sub(pad).min(h - 1);
-    let x_lo = (tx0 * S).saturating_sub(pad);
-    let x_hi = ((tx0 + B - 1) * S + K - 1).saturating_sub(pad).min(w - 1);
-    let (win_h, win_w) = (y_hi + 1 - y_lo, x_hi + 1 - x_lo);
+    // Window origin in input coordinates (may be negative: padding).
+    let wy0 = (ty0 * S) as i32 - pad as i32;
+    let wx0 = (tx0 * S) as i32 - pad as i32;
     let mut any = false;
     let mut i = tid;
-    while i < win_h * win_w * words {
-        let word = i / (win_h * win_w);
-        let r = i % (win_h * win_w);
-        let p = (y_lo + r / win_w) * w + x_lo + r % win_w;
-        any |= *image_masks.add((word * hw + p) as usize) != 0;
+    while i < words * side * side {
+        let (word, r) = (i / (side * side), i % (side * side));
+        let (y, x) = (wy0 + (r / side) as i32, wx0 + (r % side) as i32);
+        let m = if y >= 0 && x >= 0 && (y as u32) < h && (x as u32) < w {
+            *image_masks.add((word * hw + y as u32 * w + x as u32) as usize)
+        } else {
+            0
+        };
+        *window.add(i as usize) = m;
+        any |= m != 0;
         i += CONV_THREADS;
     }
     let active = gpu::sync_threads_or(any) && ty0 < oh && tx0 < ow;
     let binary = *non_binary == 0;
 
-    let stage = gpu::dynamic_shared_f32();
-    let bb = B * B;
+    // The weight rows end with one row of zeros, read in place of missing channels.
+    let zero_row = K * K * cin;
     let mut chunk = 0;
     while chunk < cout_pad {
         let co = chunk + 2 * lane;
         let (b0, b1) = (*bias.add(co as usize), *bias.add(co as usize + 1));
         let mut p = warp;
         while p < bb {
-            let (oy, ox) = (ty0 + p / B, tx0 + p % B);
+            let (py, px) = (p / B, p % B);
             let (mut acc0, mut acc1) = (b0, b1);
-            if active && oy < oh && ox < ow {
-                let mut ky = 0;
-                while ky < K {
-                    if let Some(iy) = source(oy, ky, S, pad, h) {
-                        let mut kx = 0;
-                        while kx < K {
-                            if let Some(ix) = source(ox, kx, S, pad, w) {
-                                let pixel = iy * w + ix;
-                                let tap = (ky * K + kx) * cin;
-                                let mut word = 0;
-                                while word < words {
-                                    let mut m = *image_masks.add((word * hw + pixel) as usize);
-                                    while m != 0 {
-                                        let c = word * 32 + m.trailing_zeros();
-                                        m &= m - 1;
-                                        let row = weights.add(((tap + c) * cout_pad + co) as usize);
-                                        let (w0, w1) = gpu::load_nc_f32x2(row);
-                                        if binary {
-                                            acc0 += w0;
-                                            acc1 += w1;
-                                        } else {
-                                            let v =
-                                                *input.add(((img * cin + c) * hw + pixel) as usize);
-                                            acc0 += v * w0;
-                                            acc1 += v * w1;
-                                        }
-                                    }
-                                    word += 1;
-                                }
-                            }
-                            kx += 1;
+            if active && ty0 + py < oh && tx0 + px < ow {
+                // Lane `i` of a pass owns item (tap, word) = base + i; each round, every lane with
+                // bits left pops one weight row, and the warp consumes the popped rows together.
+                let items = K * K * words;
+                let mut base = 0;
+                while base < items {
+                    let item = base + lane;
+                    let (mut m, row_base, channel_base, pixel) = if item < items {
+                        let (tap, word) = (item / words, item % words);
+                        let (ky, kx) = (tap / K, tap % K);
+                        let r = (py * S + ky) * side + px * S + kx;
+                        let iy = (wy0 + (py * S + ky) as i32) as u32;
+                        let ix = (wx0 + (px * S + kx) as i32) as u32;
+                        let m = *window.add((word * side * side + r) as usize);
+                        (m, tap * cin + word * 32, word * 32, iy * w + ix)
+                    } else {
+                        (0, 0, 0, 0)
+                    };
+                    loop {
+                        let popped = gpu::warp_ballot(m != 0);
+                        if popped == 0 {
+                            break;
                         }
+                        let mut row = zero_row;
+                        let mut value = 0.0f32;
+                        if m != 0 {
+                            let bit = m.trailing_zeros();
+                            m &= m - 1;
+                            row = row_base + bit;
+                            if !binary {
+                                let channel = channel_base + bit;
+                                value = *input.add(((img * cin + channel) * hw + pixel) as usize);
+                            }
+                        }
+                        consume(
+                            popped, row, value, binary, weights, cout_pad, co, &mut acc0, &mut acc1,
+                        );
                     }
-                    ky += 1;
+                    base += 32;
                 }
             }
             *stage.add((2 * lane * (bb + 1) + p) as usize) = acc0;
             *stage.add(((2 * lane + 1) * (bb + 1) + p) as usize) = acc1;
-            p += CONV_THREADS / gpu::WARP_SIZE;
+            p += WARPS;
         }
         gpu::sync_threads();
         let mut i = tid;

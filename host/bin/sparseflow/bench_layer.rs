@@ -57,6 +57,9 @@ pub struct BenchLayerArgs {
     pub repeats: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Prescan / tile block size (default: the block selector's choice for --hw)
+    #[arg(long)]
+    block: Option<usize>,
     /// Override the sparse op's dense-fallback density (e.g. 1 to time the sparse kernel alone)
     #[arg(long)]
     dense_above: Option<f64>,
