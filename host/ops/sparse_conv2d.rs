@@ -329,14 +329,16 @@ impl SparseConv2d {
 
 /// The input density above which the dense GEMM beats the sparse gather on this kind of layer.
 ///
-/// Measured with `sparseflow bench-layer --dense-above 2` (sparse kernel forced) on the 2-core
-/// AMD EPYC CI machine, batch 8 (README, "Dense fallback"): for 3×3 convs the sparse kernel was
-/// 2.3–3.4× faster at 20% non-zeros, 1.0–1.5× at 30–40% and par at 50%; 1×1 convs, whose dense
-/// path needs no im2col, broke even near 20%.
+/// Measured with `sparseflow bench-layer --dense-above 2` (sparse kernel forced) against the
+/// im2col + GEMM path in the same run, batch 8, binary spikes, on the 2-core AMD EPYC (Zen 3)
+/// CI machine (README, "Dense fallback"). 3×3 convs: the sparse kernel was 2.2–2.9× faster at
+/// 50–70% non-zeros on 64→64 @56 and 1.3–1.4× on 256→256 @14 and 512→512 @7; at 100% it lost
+/// on 512→512 (0.77×). 1×1 convs, whose dense path needs no im2col: 1.1–1.3× at 50–70%,
+/// 0.83× at 100%.
 pub fn dense_above_density(conv: &Conv2d) -> f64 {
     match conv.kernel_size() {
-        (1, 1) => 0.2,
-        _ => 0.35,
+        (1, 1) => 0.45,
+        _ => 0.6,
     }
 }
 

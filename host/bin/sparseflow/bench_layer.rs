@@ -158,7 +158,13 @@ pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
             let x = spikes(&[a.batch, a.cin], a.density, Pattern::Iid, &mut rng)?;
             (
                 Box::new(linear.clone()),
-                Box::new(SparseLinear::from_dense(&linear)),
+                Box::new({
+                    let mut sparse = SparseLinear::from_dense(&linear);
+                    if let Some(d) = a.dense_above {
+                        sparse.dense_above_density = d;
+                    }
+                    sparse
+                }),
                 x,
                 None,
             )
@@ -175,14 +181,17 @@ pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
                 (1, 1),
                 1,
             )?;
-            let block = BlockSelector::default().select(a.hw);
+            let block = a.block.or(BlockSelector::default().select(a.hw));
             let x = spikes(
                 &[a.batch, a.cin, a.hw, a.hw],
                 a.density,
                 a.pattern,
                 &mut rng,
             )?;
-            let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(block));
+            let mut sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(block));
+            if let Some(d) = a.dense_above {
+                sparse.dense_above_density = d;
+            }
             (Box::new(conv), Box::new(sparse), x, block)
         }
     };
