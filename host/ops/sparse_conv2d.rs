@@ -228,7 +228,7 @@ impl SparseConv2d {
             && c.dilation == (1, 1)
             && c.groups == 1
             && c.stride.0 == c.stride.1;
-        let block = self.block.resolve(h).unwrap_or(8) as u32;
+        let block = self.block.resolve(h).unwrap_or(4) as u32;
         SPARSE_CONV_VARIANTS
             .iter()
             .copied()

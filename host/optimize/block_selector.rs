@@ -1,38 +1,34 @@
-//! The prescan block size of each sparse convolution, from its input feature map.
+//! The block size of each sparse convolution: the side of the output tile one GPU thread block
+//! computes (and whose input window it checks for silence before doing any work).
 //!
-//! The rule is the seed library's: large maps (H ≥ 56) use 16×16 tiles, mid-sized ones
-//! (14 ≤ H < 56) 8×8, and small ones none (below 14 a tile covers most of the map, so the
-//! prescan cannot skip anything worth its cost). This is the one place to change when
-//! measurements show a better rule.
+//! The seed library's rule was H ≥ 56 → 16, 14 ≤ H < 56 → 8, smaller → no block prescan.
+//! Measured on the H200 with `sparseflow bench-layer --device cuda --block B` (batch 128, 5%
+//! spikes; README, "GPU results"), smaller tiles win because they give the SM more thread blocks
+//! to switch between: 3×3 64→64 @56 took 0.74 ms with 16×16 tiles, 0.41 ms with 8×8 and 0.43 ms
+//! with 4×4; 3×3 256→256 @14 took 0.62 ms with 8×8 and 0.43 ms with 4×4. Hence 8×8 from 28
+//! rows up and 4×4 below. This is the one place to change when new measurements say otherwise.
 
-/// `None` means no block prescan: the sparse kernel works from element-level masks alone.
+/// `None` means no block preference: the smallest tile.
 pub type BlockSize = Option<usize>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockSelector {
-    /// Maps at least this tall use 16×16 tiles.
-    pub large_from: usize,
-    /// Maps at least this tall (and below `large_from`) use 8×8 tiles.
-    pub medium_from: usize,
+    /// Maps at least this tall use 8×8 tiles; smaller ones 4×4.
+    pub tile8_from: usize,
 }
 
 impl Default for BlockSelector {
     fn default() -> Self {
-        Self {
-            large_from: 56,
-            medium_from: 14,
-        }
+        Self { tile8_from: 28 }
     }
 }
 
 impl BlockSelector {
     pub fn select(&self, height: usize) -> BlockSize {
-        if height >= self.large_from {
-            Some(16)
-        } else if height >= self.medium_from {
+        if height >= self.tile8_from {
             Some(8)
         } else {
-            None
+            Some(4)
         }
     }
 }
@@ -42,12 +38,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_rule() {
+    fn measured_rule() {
         let s = BlockSelector::default();
-        assert_eq!(s.select(224), Some(16));
-        assert_eq!(s.select(56), Some(16));
+        assert_eq!(s.select(224), Some(8));
+        assert_eq!(s.select(56), Some(8));
         assert_eq!(s.select(28), Some(8));
-        assert_eq!(s.select(14), Some(8));
-        assert_eq!(s.select(7), None);
+        assert_eq!(s.select(14), Some(4));
+        assert_eq!(s.select(7), Some(4));
     }
 }

@@ -172,6 +172,7 @@ macro_rules! prescan_variants {
 }
 
 prescan_variants! {
+    prescan_block4 => block 4,
     prescan_block8 => block 8,
     prescan_block16 => block 16,
 }

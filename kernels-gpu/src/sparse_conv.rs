@@ -327,6 +327,10 @@ macro_rules! sparse_conv_variants {
 }
 
 sparse_conv_variants! {
+    sparse_conv_k3_s1_b4 => kernel 3, stride 1, block 4;
+    sparse_conv_k3_s2_b4 => kernel 3, stride 2, block 4;
+    sparse_conv_k1_s1_b4 => kernel 1, stride 1, block 4;
+    sparse_conv_k1_s2_b4 => kernel 1, stride 2, block 4;
     sparse_conv_k3_s1_b8 => kernel 3, stride 1, block 8;
     sparse_conv_k3_s1_b16 => kernel 3, stride 1, block 16;
     sparse_conv_k3_s2_b8 => kernel 3, stride 2, block 8;
