@@ -5,14 +5,13 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod bench;
 mod bench_layer;
 mod cudnn_baseline;
 use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::neuron::Firing;
-use sparseflow::ops::prescan::{prescan_cpu, DevicePrescan};
 use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
-use sparseflow::testing::random_spikes;
 use sparseflow::{weights, Device, Error, Result};
 
 #[derive(Parser)]
@@ -41,12 +40,8 @@ enum Command {
         #[arg(long, default_value_t = 224)]
         size: usize,
     },
-    /// Benchmark SparseFlow on this machine (the default command).
-    Bench {
-        /// auto, cpu, cuda or cuda:N
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    /// Benchmark a zoo network, dense against optimized (the default command).
+    Bench(bench::BenchArgs),
     /// Time one layer, dense against sparse, on the same synthetic spikes.
     BenchLayer(bench_layer::BenchLayerArgs),
     /// Show the selected device and the kernel module.
@@ -181,16 +176,17 @@ fn retain_freed_memory() {
 fn main() {
     retain_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Bench {
-        device: "auto".into(),
-    }) {
+    let result = match cli
+        .command
+        .unwrap_or(Command::Bench(bench::BenchArgs::default()))
+    {
         Command::Run(args) => run(&args),
         Command::Inspect {
             model,
             optimize,
             size,
         } => inspect(&model, optimize, size),
-        Command::Bench { device } => bench(&device),
+        Command::Bench(args) => bench::bench(&args),
         Command::BenchLayer(args) => bench_layer::bench_layer(&args),
         Command::Info => info(),
     };
@@ -312,36 +308,5 @@ fn info() -> Result<()> {
         sparseflow::cuda::PTX_ORIGIN,
         sparseflow::ops::prescan::PRESCAN_VARIANTS
     );
-    Ok(())
-}
-
-/// Until the network benchmark lands, this exercises the prescan stage on a synthetic spike
-/// tensor of a ResNet-18 layer1 shape.
-fn bench(device: &str) -> Result<()> {
-    let sel = Device::from_name(device)?;
-    println!("device: {} ({})", sel.device, sel.reason);
-    println!(
-        "note: whole-network benchmarks arrive with the engine; this times the prescan stage only"
-    );
-    let shape = [4, 8, 64, 56, 56];
-    let input = random_spikes(&shape, 0.05, 7);
-    let t0 = Instant::now();
-    let cpu = prescan_cpu(&input, 16)?;
-    let cpu_ms = t0.elapsed().as_secs_f64() * 1e3;
-    println!(
-        "prescan {:?}, block 16: {:.1}% zeros, {:.1}% zero tiles, cpu {:.2} ms",
-        shape,
-        100.0 * input.zero_fraction(),
-        100.0 * cpu.zero_tile_ratio(),
-        cpu_ms
-    );
-    if let Device::Cuda(ordinal) = sel.device {
-        let backend = sparseflow::cuda::CudaBackend::get(ordinal)?;
-        let device_input = backend.stream().clone_htod(input.data())?;
-        let mut scan = DevicePrescan::new(&backend, cpu.grid)?;
-        scan.run(&backend, &device_input)?;
-        let got = scan.download(&backend)?;
-        println!("gpu prescan equals cpu: {}", got == cpu);
-    }
     Ok(())
 }
