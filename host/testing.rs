@@ -55,3 +55,25 @@ pub fn random_spikes(shape: &[usize], density: f64, seed: u64) -> Tensor {
         .collect();
     Tensor::new(shape.to_vec(), data).expect("shape and data agree by construction")
 }
+
+/// A tensor of `shape` with elements uniform in `[lo, hi)`.
+pub fn random_uniform(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
+    let mut rng = SplitMix64::new(seed);
+    let n: usize = shape.iter().product();
+    let data = (0..n).map(|_| lo + (hi - lo) * rng.next_f32()).collect();
+    Tensor::new(shape.to_vec(), data).expect("shape and data agree by construction")
+}
+
+/// Like [`random_spikes`], but with `integer` the non-zeros are 1, 2 or 3 (SEW sums of spikes).
+pub fn random_sparse(shape: &[usize], density: f64, integer: bool, seed: u64) -> Tensor {
+    let mut rng = SplitMix64::new(seed);
+    let n: usize = shape.iter().product();
+    let data = (0..n)
+        .map(|_| match ((rng.next_f32() as f64) < density, integer) {
+            (false, _) => 0.0,
+            (true, false) => 1.0,
+            (true, true) => 1.0 + (rng.next_u64() % 3) as f32,
+        })
+        .collect();
+    Tensor::new(shape.to_vec(), data).expect("shape and data agree by construction")
+}

@@ -12,15 +12,11 @@ use sparseflow::ops::conv2d::Conv2d;
 use sparseflow::ops::neuron::Firing;
 use sparseflow::ops::{Operator, ValueKind};
 use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
-use sparseflow::testing::SplitMix64;
+use sparseflow::testing::random_uniform;
 use sparseflow::{impl_as_any, Result, Tensor};
 
 fn random_image(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = SplitMix64::new(seed);
-    let data = (0..shape.iter().product())
-        .map(|_| rng.next_f32())
-        .collect();
-    Tensor::new(shape.to_vec(), data).unwrap()
+    random_uniform(shape, 0.0, 1.0, seed)
 }
 
 fn calibrated(name: &str, config: &ModelConfig) -> Graph {

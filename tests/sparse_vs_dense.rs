@@ -8,29 +8,8 @@ use sparseflow::ops::linear::Linear;
 use sparseflow::ops::sparse_conv2d::{BlockChoice, SparseConv2d};
 use sparseflow::ops::sparse_linear::SparseLinear;
 use sparseflow::ops::Operator;
-use sparseflow::testing::SplitMix64;
+use sparseflow::testing::{random_sparse, random_uniform};
 use sparseflow::Tensor;
-
-fn random(shape: Vec<usize>, rng: &mut SplitMix64) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::new(shape, (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()).unwrap()
-}
-
-/// Spikes at `density`, or small integers 0..=3 (SEW sums) when `integer`.
-fn spikes(shape: Vec<usize>, density: f64, integer: bool, rng: &mut SplitMix64) -> Tensor {
-    let n = shape.iter().product();
-    let data = (0..n)
-        .map(|_| {
-            let on = (rng.next_f32() as f64) < density || density >= 1.0;
-            match (on, integer) {
-                (false, _) => 0.0,
-                (true, false) => 1.0,
-                (true, true) => 1.0 + (rng.next_u64() % 3) as f32,
-            }
-        })
-        .collect();
-    Tensor::new(shape, data).unwrap()
-}
 
 fn assert_close(got: &Tensor, want: &Tensor) -> Result<(), TestCaseError> {
     prop_assert_eq!(got.shape(), want.shape());
@@ -65,13 +44,13 @@ proptest! {
         stride in 1usize..3, pad in 0usize..3, dilation in 1usize..3,
         with_bias: bool, integer: bool, density in density(), seed: u64,
     ) {
-        let mut rng = SplitMix64::new(seed);
+        let seed = seed % (1 << 60);
         let conv = Conv2d::new(
-            random(vec![cout, cin, k, k], &mut rng),
-            with_bias.then(|| random(vec![cout], &mut rng)),
+            random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+            with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
             (stride, stride), (pad, pad), (dilation, dilation), 1,
         ).unwrap();
-        let x = spikes(vec![t, n, cin, h, w], density, integer, &mut rng);
+        let x = random_sparse(&[t, n, cin, h, w], density, integer, seed + 2);
         let Ok(want) = conv.forward(&[&x]) else {
             // A geometry with no output (kernel larger than the padded input) must fail alike.
             let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(None));
@@ -88,12 +67,12 @@ proptest! {
         rows in 1usize..9, features in 1usize..300, outputs in 1usize..80,
         with_bias: bool, integer: bool, density in density(), seed: u64,
     ) {
-        let mut rng = SplitMix64::new(seed);
+        let seed = seed % (1 << 60);
         let linear = Linear::new(
-            random(vec![outputs, features], &mut rng),
-            with_bias.then(|| random(vec![outputs], &mut rng)),
+            random_uniform(&[outputs, features], -1.0, 1.0, seed),
+            with_bias.then(|| random_uniform(&[outputs], -1.0, 1.0, seed + 1)),
         ).unwrap();
-        let x = spikes(vec![2, rows, features], density, integer, &mut rng);
+        let x = random_sparse(&[2, rows, features], density, integer, seed + 2);
         let mut sparse = SparseLinear::from_dense(&linear);
         sparse.dense_above_density = f64::INFINITY;
         assert_close(&sparse.forward(&[&x]).unwrap(), &linear.forward(&[&x]).unwrap())?;

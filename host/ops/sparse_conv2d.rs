@@ -814,24 +814,7 @@ impl Operator for SparseConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{gpu_or_skip, SplitMix64};
-
-    fn random(shape: Vec<usize>, rng: &mut SplitMix64) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::new(shape, (0..n).map(|_| rng.next_f32() * 2.0 - 1.0).collect()).unwrap()
-    }
-
-    fn spikes(shape: Vec<usize>, density: f64, integer: bool, rng: &mut SplitMix64) -> Tensor {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| match ((rng.next_f32() as f64) < density, integer) {
-                (false, _) => 0.0,
-                (true, false) => 1.0,
-                (true, true) => 1.0 + (rng.next_u64() % 3) as f32,
-            })
-            .collect();
-        Tensor::new(shape, data).unwrap()
-    }
+    use crate::testing::{gpu_or_skip, random_sparse, random_uniform};
 
     /// Every GPU variant against the CPU dense reference, on fresh random inputs of several
     /// shapes and densities, binary and integer-valued, with the output poisoned (NaN) before
@@ -841,7 +824,7 @@ mod tests {
         let Some(backend) = gpu_or_skip("gpu_sparse_conv_matches_cpu") else {
             return;
         };
-        let mut rng = SplitMix64::new(0x5EED);
+        let mut seed = 0x5EED;
         let mut checked = 0;
         for v in SPARSE_CONV_VARIANTS {
             let k = v.kernel as usize;
@@ -855,16 +838,17 @@ mod tests {
             ] {
                 for &density in &[0.0, 0.01, 0.05, 0.5, 1.0] {
                     for integer in [false, true] {
+                        seed += 3;
                         let conv = Conv2d::new(
-                            random(vec![cout, cin, k, k], &mut rng),
-                            Some(random(vec![cout], &mut rng)),
+                            random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+                            Some(random_uniform(&[cout], -1.0, 1.0, seed + 1)),
                             (s, s),
                             (k / 2, k / 2),
                             (1, 1),
                             1,
                         )
                         .unwrap();
-                        let x = spikes(vec![n, cin, h, w], density, integer, &mut rng);
+                        let x = random_sparse(&[n, cin, h, w], density, integer, seed + 2);
                         let want = conv.forward(&[&x]).unwrap();
                         let block = BlockChoice::Fixed(Some(v.block as usize));
                         let sparse = SparseConv2d::from_dense(&conv, block);
