@@ -235,3 +235,24 @@ fn value_kinds_propagate_through_sew_connect() {
         assert_eq!(kinds.of(g.find("avgpool").unwrap()), ValueKind::Dense);
     }
 }
+
+#[test]
+fn on_cuda_convs_without_a_gpu_kernel_are_kept() {
+    let mut g = Graph::new(Input {
+        dims: vec![None, None, Some(2), None, None],
+    });
+    let s = g.add("step", StepNeuron, &[0]).unwrap();
+    let w = random_image(&[3, 2, 5, 5], 4);
+    let conv5 = Conv2d::new(w, None, (1, 1), (2, 2), (1, 1), 1).unwrap();
+    let a = g.add("conv5x5", conv5, &[s]).unwrap();
+    g.set_output(a).unwrap();
+    let mut options = OptimizeOptions {
+        device: sparseflow::Device::Cuda(0),
+        ..OptimizeOptions::default()
+    };
+    options.registry.register("StepNeuron");
+    let report = optimize(&mut g, &options).unwrap();
+    let e = report.entry("conv5x5").unwrap();
+    assert_eq!(e.decision, Decision::Kept, "{report}");
+    assert!(e.reason.contains("GPU has no kernel"), "{}", e.reason);
+}

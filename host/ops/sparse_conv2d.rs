@@ -220,7 +220,7 @@ impl SparseConv2d {
 
     /// The compiled variant for this geometry and the block the selector picks at height `h`
     /// (no block prescan means the smallest tile).
-    fn cuda_variant(&self, h: usize) -> Result<SparseConvVariant> {
+    pub(crate) fn cuda_variant(&self, h: usize) -> Result<SparseConvVariant> {
         let c = &self.conv;
         let (kh, kw) = c.kernel_size();
         let supported = kh == kw

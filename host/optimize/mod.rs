@@ -51,7 +51,8 @@ pub struct OptimizeOptions {
     pub replace_conv: bool,
     pub replace_linear: bool,
     pub fold_batchnorm: bool,
-    /// The device the sparse operators are meant for.
+    /// The device the sparse operators are meant for: on CUDA, convolutions whose geometry has no
+    /// GPU kernel variant are kept dense (and the report says so).
     pub device: Device,
     pub block_selector: BlockSelector,
     /// Per-node block sizes (by node name) that override the selector.
@@ -329,6 +330,13 @@ fn replace(
             (None, None) => BlockChoice::Auto(options.block_selector),
         };
         let sparse = SparseConv2d::from_dense(conv, block);
+        if let (Device::Cuda(_), Err(e)) = (
+            options.device,
+            sparse.cuda_variant(heights.map_or(8, |h| h[&id])),
+        ) {
+            let reason = format!("{feeds}, but the GPU has no kernel for it ({e})");
+            return Ok(Some(entry("Conv2d", Decision::Kept, None, reason)));
+        }
         graph.replace_op(id, Box::new(sparse))?;
         return Ok(Some(entry(
             "Conv2d",
