@@ -114,9 +114,41 @@ where
     Ok((spikes, charged))
 }
 
-/// One time step over a chunk of neurons, branch-free so it vectorises: charge, fire, reset.
+/// One time step over a chunk of neurons: the AVX2 build of [`step_portable`] when the CPU has
+/// it (IEEE operations only, no contraction: the same bits either way).
 #[inline(always)]
 fn step<F: Fn(f32, f32) -> f32, const HARD: bool>(
+    charge: &F,
+    spikes: &mut [f32],
+    v: &mut [f32],
+    x: &[f32],
+    charged: Option<&mut [f32]>,
+    threshold: f32,
+    reset: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::spike_gather::has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<F: Fn(f32, f32) -> f32, const HARD: bool>(
+            charge: &F,
+            spikes: &mut [f32],
+            v: &mut [f32],
+            x: &[f32],
+            charged: Option<&mut [f32]>,
+            threshold: f32,
+            reset: f32,
+        ) {
+            step_portable::<F, HARD>(charge, spikes, v, x, charged, threshold, reset)
+        }
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { avx2::<F, HARD>(charge, spikes, v, x, charged, threshold, reset) };
+    }
+    step_portable::<F, HARD>(charge, spikes, v, x, charged, threshold, reset)
+}
+
+/// One time step over a chunk of neurons, branch-free so it vectorises: charge, fire, reset.
+#[inline(always)]
+fn step_portable<F: Fn(f32, f32) -> f32, const HARD: bool>(
     charge: &F,
     spikes: &mut [f32],
     v: &mut [f32],
