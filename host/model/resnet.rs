@@ -24,6 +24,14 @@ pub(super) enum Family {
     Sew(ConnectFunction),
 }
 
+/// spikingjelly's SEW argument order: `sew_function(identity, out)` in basic blocks,
+/// `sew_function(out, identity)` in bottlenecks.
+#[derive(Clone, Copy)]
+enum JoinOrder {
+    IdentityFirst,
+    BranchFirst,
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Block {
     Basic,
@@ -118,20 +126,7 @@ impl Builder<'_> {
         let out = self.conv(out, &format!("{p}.conv2"), planes, planes, 3, 1)?;
         let out = self.bn(out, &format!("{p}.bn2"), planes)?;
         let identity = self.shortcut(x, p, inplanes, planes, stride)?;
-        match self.family {
-            Family::Spiking => {
-                let sum = self.g.add(format!("{p}.add"), Add, &[out, identity])?;
-                self.neuron(sum, &format!("{p}.sn2"))
-            }
-            Family::Sew(function) => {
-                let out = self.neuron(out, &format!("{p}.sn2"))?;
-                self.g.add(
-                    format!("{p}.connect"),
-                    SewConnect { function },
-                    &[identity, out],
-                )
-            }
-        }
+        self.join(p, out, identity, "sn2", JoinOrder::IdentityFirst)
     }
 
     fn bottleneck(
@@ -153,18 +148,33 @@ impl Builder<'_> {
         let out = self.conv(out, &format!("{p}.conv3"), width, outplanes, 1, 1)?;
         let out = self.bn(out, &format!("{p}.bn3"), outplanes)?;
         let identity = self.shortcut(x, p, inplanes, outplanes, stride)?;
+        self.join(p, out, identity, "sn3", JoinOrder::BranchFirst)
+    }
+
+    /// Ends a block: spiking ResNets add the shortcut to the branch and fire `last` on the sum;
+    /// SEW fires `last` on the branch and joins it with the shortcut through the connect
+    /// function, in the block type's argument order.
+    fn join(
+        &mut self,
+        p: &str,
+        branch: NodeId,
+        identity: NodeId,
+        last: &str,
+        order: JoinOrder,
+    ) -> Result<NodeId> {
         match self.family {
             Family::Spiking => {
-                let sum = self.g.add(format!("{p}.add"), Add, &[out, identity])?;
-                self.neuron(sum, &format!("{p}.sn3"))
+                let sum = self.g.add(format!("{p}.add"), Add, &[branch, identity])?;
+                self.neuron(sum, &format!("{p}.{last}"))
             }
             Family::Sew(function) => {
-                let out = self.neuron(out, &format!("{p}.sn3"))?;
-                self.g.add(
-                    format!("{p}.connect"),
-                    SewConnect { function },
-                    &[out, identity],
-                )
+                let out = self.neuron(branch, &format!("{p}.{last}"))?;
+                let inputs = match order {
+                    JoinOrder::IdentityFirst => [identity, out],
+                    JoinOrder::BranchFirst => [out, identity],
+                };
+                self.g
+                    .add(format!("{p}.connect"), SewConnect { function }, &inputs)
             }
         }
     }
