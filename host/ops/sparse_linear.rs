@@ -65,22 +65,40 @@ impl SparseLinear {
     /// The layer on a CUDA tensor `[..., F]`, staying on the device: one warp per row and 64
     /// outputs votes which inputs are non-zero and gathers only their weight rows.
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
-        let start = Instant::now();
+        let mut out = DeviceTensor::uninit(x.backend(), self.output_shape(x)?)?;
+        self.forward_cuda_into(x, &mut out)?;
+        Ok(out)
+    }
+
+    fn output_shape(&self, x: &DeviceTensor) -> Result<Vec<usize>> {
         let features = self.linear.in_features();
-        let (rows, tail) = (x.len() / features.max(1), x.shape().last().copied());
-        if tail != Some(features) {
+        if x.shape().last().copied() != Some(features) {
             return Err(Error::Shape(format!(
                 "SparseLinear takes [..., {features}], got {:?}",
                 x.shape()
             )));
         }
-        let outputs = self.linear.out_features();
         let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("rank >= 1") = outputs;
+        *shape.last_mut().expect("rank >= 1") = self.linear.out_features();
+        Ok(shape)
+    }
+
+    /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
+    pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
+        let start = Instant::now();
+        let shape = self.output_shape(x)?;
+        if out.shape() != shape.as_slice() {
+            return Err(Error::Shape(format!(
+                "output is {:?}, expected {shape:?}",
+                out.shape()
+            )));
+        }
+        let features = self.linear.in_features();
+        let rows = x.len() / features.max(1);
+        let outputs = self.linear.out_features();
         let backend = x.backend().clone();
-        let mut out = DeviceTensor::uninit(&backend, shape)?;
         if rows == 0 || outputs == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let (weights, bias, out_pad) = self.device_weights(&backend)?;
         let chunks = (out_pad / COUT_PER_PASS as usize) as u32;
@@ -107,7 +125,7 @@ impl SparseLinear {
             })?
         };
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
-        Ok(out)
+        Ok(())
     }
 
     /// Weights `[F, out_pad]` and bias `[out_pad]` on `backend`'s device, uploaded on first use.
@@ -316,7 +334,7 @@ mod tests {
     use crate::testing::{gpu_or_skip, SplitMix64};
 
     /// The GPU kernel against the CPU dense layer on fresh random inputs, binary and integer,
-    /// output poisoned before the launch, every element checked.
+    /// output poisoned (NaN) before the launch, every element checked.
     #[test]
     fn gpu_sparse_linear_matches_cpu() {
         let Some(backend) = gpu_or_skip("gpu_sparse_linear_matches_cpu") else {
@@ -350,11 +368,12 @@ mod tests {
                 let x = Tensor::new(vec![rows, features], x).unwrap();
                 let want = linear.forward(&[&x]).unwrap();
                 let sparse = SparseLinear::from_dense(&linear);
-                let got = sparse
-                    .forward_cuda(&DeviceTensor::upload(&backend, &x).unwrap())
-                    .unwrap()
-                    .download()
+                let mut out = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+                out.fill(f32::NAN).unwrap();
+                sparse
+                    .forward_cuda_into(&DeviceTensor::upload(&backend, &x).unwrap(), &mut out)
                     .unwrap();
+                let got = out.download().unwrap();
                 let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 for (g, e) in got.data().iter().zip(want.data()) {
                     assert!(
