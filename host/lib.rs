@@ -6,10 +6,15 @@
 //! to PTX and embedded in this library).
 //!
 //! Where things live:
+//! - [`model`]: the zoo (spikingjelly's spiking ResNets and SEW ResNets), seeded init, calibration;
+//! - [`graph`]: the network as a DAG of named operator nodes, executed in topological order;
+//! - [`optimize`]: the passes that swap spike-fed Conv2d / Linear for their sparse twins;
+//! - [`ops`]: one module per operator, holding its CPU code, its GPU launch and its tests;
+//! - [`weights`]: safetensors in and out; [`encode`]: Poisson and direct encoders;
 //! - [`device`]: which device runs the work ([`Device::best_available`] never panics);
-//! - [`cuda`]: the CUDA backend (context, stream, the PTX module loaded once per context);
-//! - [`tensor`]: host tensors;
-//! - [`ops`]: one module per operator, holding its CPU code, its GPU launch and its tests.
+//! - [`cuda`]: the CUDA backend (context, stream, the PTX module loaded once per context) and
+//!   device tensors;
+//! - [`tensor`]: host tensors; [`testing`]: GPU skip policy and random tensors for tests.
 pub mod cuda;
 pub mod device;
 pub mod encode;
