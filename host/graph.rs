@@ -266,7 +266,7 @@ impl Graph {
         observe: &mut dyn FnMut(&NodeRun) -> Result<()>,
     ) -> Result<Tensor> {
         let plan = self.plan()?;
-        self.with_single_step(input, |input| {
+        with_single_step(self.single_step_input(input), input, |input| {
             plan.execute(input, &mut |id, args| {
                 let node = self.get(id).expect("planned nodes exist");
                 let start = Instant::now();
@@ -292,36 +292,13 @@ impl Graph {
     ) -> Result<Tensor> {
         let plan = self.plan()?;
         let input_id = self.input;
-        let single_step = self.single_step_input(input);
-        let owned;
-        let input = if single_step {
-            owned = add_step_dim(input)?;
-            &owned
-        } else {
-            input
-        };
-        let out = plan.execute(input, &mut |id, args| {
-            let node = self.node_mut(id)?;
-            prepare(node, args)?;
-            run_node(id == input_id, node, args)
-        })?;
-        if single_step {
-            drop_step_dim(out)
-        } else {
-            Ok(out)
-        }
-    }
-
-    fn with_single_step(
-        &self,
-        input: &Tensor,
-        run: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        if self.single_step_input(input) {
-            drop_step_dim(run(&add_step_dim(input)?)?)
-        } else {
-            run(input)
-        }
+        with_single_step(self.single_step_input(input), input, |input| {
+            plan.execute(input, &mut |id, args| {
+                let node = self.node_mut(id)?;
+                prepare(node, args)?;
+                run_node(id == input_id, node, args)
+            })
+        })
     }
 
     fn plan(&self) -> Result<Plan> {
@@ -510,6 +487,20 @@ fn run_node(is_input: bool, node: &Node, args: &[&Tensor]) -> Result<Tensor> {
         )),
         other => other,
     })
+}
+
+/// Runs `run` on `input`, or, for a single-step input, on it with a T = 1 dimension added and
+/// dropped again from the output.
+fn with_single_step(
+    single_step: bool,
+    input: &Tensor,
+    run: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if single_step {
+        drop_step_dim(run(&add_step_dim(input)?)?)
+    } else {
+        run(input)
+    }
 }
 
 fn add_step_dim(x: &Tensor) -> Result<Tensor> {
