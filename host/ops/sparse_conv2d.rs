@@ -26,7 +26,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{
     conv_shared_bytes, mask_words, SparseConvVariant, CONV_THREADS, COUT_PER_PASS, PACK_THREADS,
@@ -37,7 +37,9 @@ use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
-use crate::ops::spike_gather::{accumulate, has_avx2, DisjointWrites, GatherWeights};
+use crate::ops::spike_gather::{
+    accumulate, cached_upload, has_avx2, DeviceGatherWeights, DisjointWrites, GatherWeights,
+};
 use crate::ops::{expect_inputs, Operator};
 use crate::optimize::block_selector::{BlockSelector, BlockSize};
 use crate::tensor::Tensor;
@@ -80,16 +82,7 @@ pub struct SparseConv2d {
     /// The weights in gather layout, built on first use.
     gather: Mutex<Option<std::sync::Arc<GatherWeights>>>,
     /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
-    device: Mutex<Option<Arc<DeviceWeights>>>,
-}
-
-/// Weights `[K·K·Cin, cout_pad]` and bias `[cout_pad]` on one device.
-#[derive(Debug)]
-struct DeviceWeights {
-    ordinal: usize,
-    weights: CudaSlice<f32>,
-    bias: CudaSlice<f32>,
-    cout_pad: usize,
+    device: Mutex<Option<Arc<DeviceGatherWeights>>>,
 }
 
 impl SparseConv2d {
@@ -192,7 +185,7 @@ impl SparseConv2d {
         let conv = backend.function(variant.entry)?;
         let shared = conv_shared_bytes(b, variant.kernel, variant.stride, cin32);
         allow_shared_memory(&conv, shared)?;
-        let dims = [h, w, cout, weights.cout_pad, oh, ow].map(|v| v as u32);
+        let dims = [h, w, cout, weights.padded_outputs, oh, ow].map(|v| v as u32);
         let mut launch = stream.launch_builder(&conv);
         launch
             .arg(x.slice())
@@ -246,36 +239,17 @@ impl SparseConv2d {
             })
     }
 
-    /// The weights in gather layout on `backend`'s device, uploaded on first use.
-    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceWeights>> {
-        let mut cached = self.device.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(dw) = cached.as_ref().filter(|dw| dw.ordinal == backend.ordinal()) {
-            return Ok(dw.clone());
-        }
-        let host = self.gather_weights();
-        let cout = self.conv.out_channels();
-        let cout_pad = cout.div_ceil(COUT_PER_PASS as usize) * COUT_PER_PASS as usize;
-        let rows = host.data.len() / host.padded_outputs;
-        // One extra row of zeros: the kernel reads it in place of missing channels.
-        let mut weights = vec![0.0f32; (rows + 1) * cout_pad];
-        for r in 0..rows {
-            weights[r * cout_pad..r * cout_pad + cout].copy_from_slice(
-                &host.data[r * host.padded_outputs..r * host.padded_outputs + cout],
-            );
-        }
-        let mut bias = vec![0.0f32; cout_pad];
-        if let Some(b) = &self.conv.bias {
-            bias[..cout].copy_from_slice(b.data());
-        }
-        let stream = backend.stream();
-        let dw = Arc::new(DeviceWeights {
-            ordinal: backend.ordinal(),
-            weights: stream.clone_htod(&weights)?,
-            bias: stream.clone_htod(&bias)?,
-            cout_pad,
-        });
-        *cached = Some(dw.clone());
-        Ok(dw)
+    /// The weights in gather layout on `backend`'s device (outputs padded to the kernels' pass
+    /// of 64, one zero row appended for missing channels), uploaded on first use.
+    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceGatherWeights>> {
+        cached_upload(&self.device, backend, || {
+            self.gather_weights().upload(
+                backend,
+                self.conv.bias.as_ref(),
+                COUT_PER_PASS as usize,
+                1,
+            )
+        })
     }
 
     /// Wall time of the last forward, every stage included.

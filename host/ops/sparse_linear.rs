@@ -18,7 +18,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{CONV_THREADS, COUT_PER_PASS};
 
@@ -26,7 +26,9 @@ use crate::cuda::{CudaBackend, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::linear::Linear;
-use crate::ops::spike_gather::{accumulate, has_avx2, GatherWeights};
+use crate::ops::spike_gather::{
+    accumulate, cached_upload, has_avx2, DeviceGatherWeights, GatherWeights,
+};
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
 
@@ -39,8 +41,7 @@ pub struct SparseLinear {
     pub dense_above_density: f64,
     last_forward: Mutex<Option<Duration>>,
     gather: Mutex<Option<Arc<GatherWeights>>>,
-    #[allow(clippy::type_complexity)]
-    device: Mutex<Option<(usize, Arc<CudaSlice<f32>>, Arc<CudaSlice<f32>>, usize)>>,
+    device: Mutex<Option<Arc<DeviceGatherWeights>>>,
 }
 
 impl SparseLinear {
@@ -100,7 +101,8 @@ impl SparseLinear {
         if rows == 0 || outputs == 0 {
             return Ok(());
         }
-        let (weights, bias, out_pad) = self.device_weights(&backend)?;
+        let device = self.device_weights(&backend)?;
+        let (weights, bias, out_pad) = (&device.weights, &device.bias, device.padded_outputs);
         let chunks = (out_pad / COUT_PER_PASS as usize) as u32;
         let warps = rows as u32 * chunks;
         let blocks = (warps * 32).div_ceil(CONV_THREADS);
@@ -110,8 +112,8 @@ impl SparseLinear {
         let mut launch = stream.launch_builder(&function);
         launch
             .arg(x.slice())
-            .arg(&*weights)
-            .arg(&*bias)
+            .arg(weights)
+            .arg(bias)
             .arg(out.slice_mut());
         for d in &dims {
             launch.arg(d);
@@ -129,45 +131,15 @@ impl SparseLinear {
     }
 
     /// Weights `[F, out_pad]` and bias `[out_pad]` on `backend`'s device, uploaded on first use.
-    #[allow(clippy::type_complexity)]
-    fn device_weights(
-        &self,
-        backend: &Arc<CudaBackend>,
-    ) -> Result<(Arc<CudaSlice<f32>>, Arc<CudaSlice<f32>>, usize)> {
-        let mut cached = self.device.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((ordinal, w, b, pad)) = cached.as_ref() {
-            if *ordinal == backend.ordinal() {
-                return Ok((w.clone(), b.clone(), *pad));
-            }
-        }
-        let (features, outputs) = (self.linear.in_features(), self.linear.out_features());
-        let out_pad = outputs.div_ceil(COUT_PER_PASS as usize) * COUT_PER_PASS as usize;
-        let mut weights = vec![0.0f32; features * out_pad];
-        for (o, row) in self
-            .linear
-            .weight
-            .data()
-            .chunks_exact(features.max(1))
-            .enumerate()
-        {
-            for (f, &v) in row.iter().enumerate() {
-                weights[f * out_pad + o] = v;
-            }
-        }
-        let mut bias = vec![0.0f32; out_pad];
-        if let Some(b) = &self.linear.bias {
-            bias[..outputs].copy_from_slice(b.data());
-        }
-        let stream = backend.stream();
-        let entry = (
-            backend.ordinal(),
-            Arc::new(stream.clone_htod(&weights)?),
-            Arc::new(stream.clone_htod(&bias)?),
-            out_pad,
-        );
-        let result = (entry.1.clone(), entry.2.clone(), out_pad);
-        *cached = Some(entry);
-        Ok(result)
+    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceGatherWeights>> {
+        cached_upload(&self.device, backend, || {
+            self.gather_weights().upload(
+                backend,
+                self.linear.bias.as_ref(),
+                COUT_PER_PASS as usize,
+                0,
+            )
+        })
     }
 
     /// Wall time of the last forward.

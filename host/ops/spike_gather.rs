@@ -7,6 +7,14 @@
 //! spikes. Outputs are processed in chunks of 64/32/16/8 lanes so the accumulator fits in
 //! registers.
 
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaSlice;
+
+use crate::cuda::CudaBackend;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
 /// Output lanes are padded to a multiple of this.
 pub const LANES: usize = 8;
 
@@ -77,6 +85,66 @@ pub unsafe fn accumulate<const CH: usize, const BINARY: bool>(
             *a += value * *src.add(i);
         }
     }
+}
+
+/// Gather weights and bias on one CUDA device, for the GPU kernels: outputs padded to a multiple
+/// of `lanes` (the kernels' output chunk), `zero_rows` rows of zeros appended.
+#[derive(Debug)]
+pub struct DeviceGatherWeights {
+    pub ordinal: usize,
+    /// `[rows + zero_rows, padded_outputs]`.
+    pub weights: CudaSlice<f32>,
+    /// `[padded_outputs]`.
+    pub bias: CudaSlice<f32>,
+    pub padded_outputs: usize,
+}
+
+impl GatherWeights {
+    /// Uploads the weights and `bias` (`[outputs]`, zero when absent) in the GPU layout.
+    pub fn upload(
+        &self,
+        backend: &CudaBackend,
+        bias: Option<&Tensor>,
+        lanes: usize,
+        zero_rows: usize,
+    ) -> Result<DeviceGatherWeights> {
+        let padded = self.outputs.div_ceil(lanes) * lanes;
+        let rows = self.data.len() / self.padded_outputs.max(1);
+        let mut weights = vec![0.0f32; (rows + zero_rows) * padded];
+        for (dst, src) in weights
+            .chunks_exact_mut(padded)
+            .zip(self.data.chunks_exact(self.padded_outputs))
+        {
+            dst[..self.outputs].copy_from_slice(&src[..self.outputs]);
+        }
+        let mut padded_bias = vec![0.0f32; padded];
+        if let Some(b) = bias {
+            padded_bias[..self.outputs].copy_from_slice(b.data());
+        }
+        let stream = backend.stream();
+        Ok(DeviceGatherWeights {
+            ordinal: backend.ordinal(),
+            weights: stream.clone_htod(&weights)?,
+            bias: stream.clone_htod(&padded_bias)?,
+            padded_outputs: padded,
+        })
+    }
+}
+
+/// The cached device weights for `backend`, uploading them with `upload` on first use (or after
+/// a switch of device).
+pub fn cached_upload(
+    cache: &Mutex<Option<Arc<DeviceGatherWeights>>>,
+    backend: &CudaBackend,
+    upload: impl FnOnce() -> Result<DeviceGatherWeights>,
+) -> Result<Arc<DeviceGatherWeights>> {
+    let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = cached.as_ref().filter(|w| w.ordinal == backend.ordinal()) {
+        return Ok(w.clone());
+    }
+    let w = Arc::new(upload()?);
+    *cached = Some(w.clone());
+    Ok(w)
 }
 
 /// True when the CPU can run the AVX2+FMA builds of the sparse kernels (their accumulators then
