@@ -63,6 +63,27 @@ impl Tensor {
         }
     }
 
+    /// Largest `|self − reference|` over the largest `|reference|`: the error relative to the
+    /// reference's scale, in f64. The shapes must agree.
+    pub fn relative_error(&self, reference: &Tensor) -> Result<f64> {
+        if self.shape != reference.shape {
+            return Err(Error::Shape(format!(
+                "comparing {:?} with {:?}",
+                self.shape, reference.shape
+            )));
+        }
+        let scale = reference
+            .data
+            .iter()
+            .fold(0f64, |m, &v| m.max(v.abs() as f64));
+        let err = self
+            .data
+            .iter()
+            .zip(&reference.data)
+            .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+        Ok(err / scale.max(f64::MIN_POSITIVE))
+    }
+
     /// Fraction of elements that are exactly zero.
     pub fn zero_fraction(&self) -> f64 {
         if self.data.is_empty() {

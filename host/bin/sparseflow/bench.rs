@@ -30,19 +30,6 @@ pub struct BenchArgs {
     repeats: usize,
 }
 
-impl Default for BenchArgs {
-    fn default() -> Self {
-        Self {
-            model: "spiking_resnet18".into(),
-            timesteps: 4,
-            batch: 1,
-            size: 224,
-            device: "auto".into(),
-            repeats: 3,
-        }
-    }
-}
-
 /// Per-node times (name → (op, input zeros, time)) of the median run, and the output.
 type Timed = (BTreeMap<String, (String, f64, Duration)>, Duration, Tensor);
 
@@ -101,17 +88,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     );
     let (dense_nodes, dense_total, want) = timed_runs(&dense, &x, a.repeats)?;
     let (sparse_nodes, sparse_total, got) = timed_runs(&sparse, &x, a.repeats)?;
-    let scale = want
-        .data()
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    let err = got
-        .data()
-        .iter()
-        .zip(want.data())
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs()))
-        / scale;
+    let err = got.relative_error(&want)?;
 
     println!(
         "\n{:24} {:14} {:>8} {:>10} {:>10} {:>8}",

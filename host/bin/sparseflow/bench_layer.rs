@@ -125,20 +125,6 @@ fn time_ms(repeats: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<(f64
     Ok((times[times.len() / 2], out))
 }
 
-/// The largest |got − want| over the largest |want|.
-fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-    let scale = want
-        .data()
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    got.data()
-        .iter()
-        .zip(want.data())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
-
 pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.density) {
         return Err(Error::InvalidArgument("--density must be in [0, 1]".into()));
@@ -212,18 +198,8 @@ pub fn bench_layer(a: &BenchLayerArgs) -> Result<()> {
     }
     let (dense_ms, want) = time_ms(a.repeats, || dense.forward(&[&input]))?;
     let (sparse_ms, got) = time_ms(a.repeats, || sparse.forward(&[&input]))?;
-    let scale = want
-        .data()
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(f32::MIN_POSITIVE);
-    let max_err = got
-        .data()
-        .iter()
-        .zip(want.data())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale;
-    let agree = got.shape() == want.shape() && max_err <= 1e-5;
+    let max_err = got.relative_error(&want)?;
+    let agree = max_err <= 1e-5;
     let sparsity = input.zero_fraction();
     let speedup = dense_ms / sparse_ms;
     let op = match a.op {
@@ -287,7 +263,7 @@ mod cuda {
     use sparseflow::ops::Operator;
     use sparseflow::{Error, Result, Tensor};
 
-    use super::{relative_error, BenchLayerArgs};
+    use super::BenchLayerArgs;
     use crate::cudnn_baseline::{self, CudnnConv, Precision};
 
     /// Median milliseconds of `repeats` runs of `f` between two events, after three warm-ups.
@@ -343,7 +319,10 @@ mod cuda {
         if let Some(linear) = sparse.as_any().downcast_ref::<SparseLinear>() {
             let want = dense.forward(&[input])?;
             let ms = time_events(&backend, a.repeats, || linear.forward_cuda(&dx).map(|_| ()))?;
-            let err = relative_error(&linear.forward_cuda(&dx)?.download()?, &want);
+            let err = linear
+                .forward_cuda(&dx)?
+                .download()?
+                .relative_error(&want)?;
             println!(
                 "linear {}->{} rows {} on {}: {:.2}% zeros, sparse {ms:.4} ms, max error {err:.1e}",
                 a.cin,
@@ -396,7 +375,7 @@ mod cuda {
             Some((_, t)) => t.clone(),
             None => dense.forward(&[input])?,
         };
-        let err = relative_error(&got, &reference);
+        let err = got.relative_error(&reference)?;
         let agree = err <= 1e-5 && got.data().iter().all(|v| v.is_finite());
         let copy = copy_bandwidth(&backend)?;
         let written = 4.0 * out_shape.iter().product::<usize>() as f64;

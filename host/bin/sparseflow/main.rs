@@ -178,7 +178,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli
         .command
-        .unwrap_or(Command::Bench(bench::BenchArgs::default()))
+        .or_else(|| Cli::parse_from(["sparseflow", "bench"]).command)
+        .expect("`bench` parses")
     {
         Command::Run(args) => run(&args),
         Command::Inspect {
