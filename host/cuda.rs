@@ -4,9 +4,10 @@
 //! `libcuda` is loaded at run time (cudarc's `dynamic-loading`), so the library builds and runs on
 //! machines without a GPU; [`CudaBackend::get`] reports why CUDA is unusable instead of panicking.
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
 
 use crate::error::{Error, Result};
 
@@ -111,6 +112,43 @@ impl CudaBackend {
     }
 }
 
+static POISON_NEW_TENSORS: AtomicBool = AtomicBool::new(false);
+
+/// While on, every [`DeviceTensor::uninit`] (so every op's output) starts as NaN: a kernel that
+/// leaves an element unwritten shows up as a NaN in the result. For tests; off by default.
+pub fn set_poison_new_tensors(on: bool) {
+    POISON_NEW_TENSORS.store(on, Ordering::Relaxed);
+}
+
+/// A pair of CUDA events that times work queued on a backend's stream.
+pub struct GpuTimer {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    stream: Arc<CudaStream>,
+}
+
+impl GpuTimer {
+    pub fn new(backend: &CudaBackend) -> Result<Self> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let ctx = backend.stream().context();
+        Ok(Self {
+            start: ctx.new_event(Some(CU_EVENT_DEFAULT))?,
+            end: ctx.new_event(Some(CU_EVENT_DEFAULT))?,
+            stream: backend.stream().clone(),
+        })
+    }
+
+    /// Runs `f` (which queues work on the stream) and returns its result with the GPU time in
+    /// milliseconds between the events recorded before and after it; waits for the work.
+    pub fn time<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+        self.start.record(&self.stream)?;
+        let value = f()?;
+        self.end.record(&self.stream)?;
+        self.end.synchronize()?;
+        Ok((value, self.start.elapsed_ms(&self.end)? as f64))
+    }
+}
+
 /// A tensor in CUDA device memory: a shape and a contiguous `f32` buffer on one backend.
 pub struct DeviceTensor {
     shape: Vec<usize>,
@@ -138,16 +176,32 @@ impl DeviceTensor {
         })
     }
 
-    /// A tensor whose contents are unspecified until a kernel writes them.
+    /// A tensor whose contents are unspecified until a kernel writes them (NaN while
+    /// [`set_poison_new_tensors`] is on).
     pub fn uninit(backend: &Arc<CudaBackend>, shape: Vec<usize>) -> Result<Self> {
         let n = shape.iter().product::<usize>().max(1);
         // SAFETY: callers write every element before reading (each op documents it).
         let data = unsafe { backend.stream().alloc::<f32>(n)? };
-        Ok(Self {
+        let mut t = Self {
             shape,
             data,
             backend: backend.clone(),
-        })
+        };
+        if POISON_NEW_TENSORS.load(Ordering::Relaxed) {
+            t.poison()?;
+        }
+        Ok(t)
+    }
+
+    /// Sets every byte to 0xFF, which makes every element a NaN.
+    pub fn poison(&mut self) -> Result<()> {
+        use cudarc::driver::DevicePtrMut;
+        let stream = self.backend.stream().clone();
+        let bytes = self.data.len() * std::mem::size_of::<f32>();
+        let (ptr, _record) = self.data.device_ptr_mut(&stream);
+        // SAFETY: `ptr` is this tensor's allocation of `bytes` bytes, ordered on `stream`.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream())? };
+        Ok(())
     }
 
     /// Fills every element with `value` (tests poison outputs with NaN this way).
@@ -186,6 +240,138 @@ impl DeviceTensor {
 
     pub fn slice_mut(&mut self) -> &mut cudarc::driver::CudaSlice<f32> {
         &mut self.data
+    }
+
+    /// The same elements under another shape with as many elements (no copy).
+    pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.len() {
+            return Err(Error::Shape(format!(
+                "cannot reshape {:?} to {shape:?}",
+                self.shape
+            )));
+        }
+        Ok(Self { shape, ..self })
+    }
+
+    /// A copy on the same device (device to device).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            shape: self.shape.clone(),
+            data: self.backend.stream().clone_dtod(&self.data)?,
+            backend: self.backend.clone(),
+        })
+    }
+
+    /// The element count as the `u32` the kernels index with, or a shape error.
+    pub(crate) fn len_u32(&self) -> Result<u32> {
+        u32::try_from(self.len()).map_err(|_| {
+            Error::Shape(format!(
+                "{:?} has more elements than the GPU kernels index ({})",
+                self.shape,
+                u32::MAX
+            ))
+        })
+    }
+}
+
+/// One grid-stride launch over `n` elements with `threads` per block.
+pub(crate) fn elementwise_config(n: usize, threads: u32) -> LaunchConfig {
+    // Enough blocks to fill any current GPU; the kernels loop over the rest.
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A kernel parameter passed by value as a `#[repr(C)]` struct of the kernel crate.
+#[repr(transparent)]
+pub(crate) struct ByValue<T>(pub T);
+// SAFETY: both are `#[repr(C)]` structs of `u32`s, the layout the kernels declare.
+unsafe impl DeviceRepr for ByValue<sparseflow_kernels::pool::PoolWindow> {}
+unsafe impl DeviceRepr for ByValue<sparseflow_kernels::dense_conv::ConvGeometry> {}
+
+/// An operator's device copy of some of its host tensors (weights in a kernel's layout), made on
+/// the first CUDA forward. It is remade when the device changes or when any source tensor is no
+/// longer the one it was made from (small tensors: other content; large ones: another buffer,
+/// length or content sample), so a model whose weights were reloaded does not run with stale
+/// device weights. Cloning an operator gives the clone
+/// an empty cache.
+pub struct DeviceCache<T> {
+    slot: Mutex<Option<(CacheKey, Arc<T>)>>,
+}
+
+#[derive(PartialEq)]
+struct CacheKey {
+    ordinal: usize,
+    sources: Vec<(usize, usize, u64)>,
+}
+
+impl CacheKey {
+    fn new(ordinal: usize, sources: &[&crate::Tensor]) -> Self {
+        // Small tensors are hashed whole (their buffer may be rebuilt on every call); large ones
+        // by buffer address, length and a strided sample.
+        const HASHED_WHOLE: usize = 1 << 14;
+        let fingerprint = |t: &crate::Tensor| {
+            let data = t.data();
+            let whole = data.len() <= HASHED_WHOLE;
+            let step = if whole { 1 } else { data.len() / 61 };
+            let hash = data
+                .iter()
+                .step_by(step)
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+                    (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+                });
+            let address = if whole { 0 } else { data.as_ptr() as usize };
+            (address, data.len(), hash)
+        };
+        Self {
+            ordinal,
+            sources: sources.iter().map(|t| fingerprint(t)).collect(),
+        }
+    }
+}
+
+impl<T> Default for DeviceCache<T> {
+    fn default() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+}
+
+impl<T> Clone for DeviceCache<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceCache<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceCache")
+    }
+}
+
+impl<T> DeviceCache<T> {
+    /// The device copy for `backend` made from `sources`, building it with `upload` when there is
+    /// none yet or it is stale.
+    pub fn get(
+        &self,
+        backend: &CudaBackend,
+        sources: &[&crate::Tensor],
+        upload: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        let key = CacheKey::new(backend.ordinal(), sources);
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((k, value)) = slot.as_ref() {
+            if *k == key {
+                return Ok(value.clone());
+            }
+        }
+        let value = Arc::new(upload()?);
+        *slot = Some((key, value.clone()));
+        Ok(value)
     }
 }
 

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::Operator;
@@ -32,8 +33,7 @@ pub struct Input {
 }
 
 impl Input {
-    fn check(&self, x: &Tensor) -> Result<()> {
-        let shape = x.shape();
+    fn check(&self, shape: &[usize]) -> Result<()> {
         let pattern = || {
             self.dims
                 .iter()
@@ -65,9 +65,14 @@ impl Operator for Input {
         "Input"
     }
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = crate::ops::expect_inputs::<1>("Input", inputs)?;
-        self.check(x)?;
+        let [x] = crate::ops::expect_inputs::<1, _>("Input", inputs)?;
+        self.check(x.shape())?;
         Ok(x.clone())
+    }
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = crate::ops::expect_inputs::<1, _>("Input", inputs)?;
+        self.check(x.shape())?;
+        x.try_clone()
     }
     fn describe(&self) -> String {
         format!("{:?}", self.dims)
@@ -75,14 +80,19 @@ impl Operator for Input {
     impl_as_any!();
 }
 
-/// What an observer of [`Graph::forward_observed`] sees for each executed node.
-pub struct NodeRun<'a> {
+/// What an observer of [`Graph::forward_observed`] (host tensors) or
+/// [`Graph::forward_cuda_observed`] (device tensors) sees for each executed node.
+pub struct NodeRun<'a, V = Tensor> {
     pub id: NodeId,
     pub node: &'a Node,
-    pub inputs: &'a [&'a Tensor],
-    pub output: &'a Tensor,
+    pub inputs: &'a [&'a V],
+    pub output: &'a V,
+    /// Wall time on the CPU; GPU time between CUDA events on the GPU.
     pub elapsed: Duration,
 }
+
+/// A node's run on the GPU.
+pub type DeviceNodeRun<'a> = NodeRun<'a, DeviceTensor>;
 
 #[derive(Debug)]
 pub struct Graph {
@@ -266,7 +276,7 @@ impl Graph {
         observe: &mut dyn FnMut(&NodeRun) -> Result<()>,
     ) -> Result<Tensor> {
         let plan = self.plan()?;
-        with_single_step(self.single_step_input(input), input, |input| {
+        with_single_step(self.single_step_input(input.shape()), input, |input| {
             plan.execute(input, &mut |id, args| {
                 let node = self.get(id).expect("planned nodes exist");
                 let start = Instant::now();
@@ -283,6 +293,67 @@ impl Graph {
         })
     }
 
+    /// Runs the graph on a CUDA tensor; every node runs on the device and only the output is
+    /// returned (still on the device). Single-step inputs work as in [`forward`](Self::forward).
+    pub fn forward_cuda(&self, input: &DeviceTensor) -> Result<DeviceTensor> {
+        self.forward_cuda_inner(input, None)
+    }
+
+    /// [`forward_cuda`](Self::forward_cuda), calling `observe` after every node with its inputs,
+    /// output and GPU time (CUDA events around the node; the host waits for each node, so the
+    /// total is a little above an unobserved forward's).
+    pub fn forward_cuda_observed(
+        &self,
+        input: &DeviceTensor,
+        observe: &mut dyn FnMut(&DeviceNodeRun) -> Result<()>,
+    ) -> Result<DeviceTensor> {
+        self.forward_cuda_inner(input, Some(observe))
+    }
+
+    fn forward_cuda_inner(
+        &self,
+        input: &DeviceTensor,
+        mut observe: Option<&mut dyn FnMut(&DeviceNodeRun) -> Result<()>>,
+    ) -> Result<DeviceTensor> {
+        let plan = self.plan()?;
+        let single_step = self.single_step_input(input.shape());
+        let stepped;
+        let input = if single_step {
+            let mut shape = vec![1];
+            shape.extend_from_slice(input.shape());
+            stepped = input.try_clone()?.reshape(shape)?;
+            &stepped
+        } else {
+            input
+        };
+        let timer = match observe {
+            Some(_) => Some(crate::cuda::GpuTimer::new(input.backend())?),
+            None => None,
+        };
+        let output = plan.execute(input, &mut |id, args| {
+            let node = self.get(id).expect("planned nodes exist");
+            let run = || with_node_context(id == self.input, node, node.op.forward_cuda(args));
+            let (Some(observe), Some(timer)) = (observe.as_mut(), timer.as_ref()) else {
+                return run();
+            };
+            let (output, ms) = timer.time(run)?;
+            observe(&DeviceNodeRun {
+                id,
+                node,
+                inputs: args,
+                output: &output,
+                elapsed: Duration::from_secs_f64(ms / 1e3),
+            })?;
+            Ok(output)
+        })?;
+        if single_step {
+            let shape = output.shape()[1..].to_vec();
+            output.reshape(shape)
+        } else {
+            Ok(output)
+        }
+    }
+
     /// Runs the graph, letting `prepare` modify each node just before it runs, given the inputs
     /// it is about to see (used by calibration, which sets BatchNorm statistics on the fly).
     pub fn forward_prepared(
@@ -292,7 +363,7 @@ impl Graph {
     ) -> Result<Tensor> {
         let plan = self.plan()?;
         let input_id = self.input;
-        with_single_step(self.single_step_input(input), input, |input| {
+        with_single_step(self.single_step_input(input.shape()), input, |input| {
             plan.execute(input, &mut |id, args| {
                 let node = self.node_mut(id)?;
                 prepare(node, args)?;
@@ -320,14 +391,14 @@ impl Graph {
         })
     }
 
-    fn single_step_input(&self, x: &Tensor) -> bool {
+    fn single_step_input(&self, shape: &[usize]) -> bool {
         let Some(input) = self
             .get(self.input)
             .and_then(|n| n.op.as_any().downcast_ref::<Input>())
         else {
             return false;
         };
-        x.shape().len() + 1 == input.dims.len() && input.dims.len() >= 2
+        shape.len() + 1 == input.dims.len() && input.dims.len() >= 2
     }
 
     /// Every parameter by its full name (`<node name>.<local name>`), like a `state_dict`.
@@ -444,16 +515,12 @@ struct Plan {
 
 impl Plan {
     /// Runs `step` on every node in order, keeping each value until its last consumer has run.
-    fn execute(
-        &self,
-        input: &Tensor,
-        step: &mut dyn FnMut(NodeId, &[&Tensor]) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    fn execute<V>(&self, input: &V, step: &mut dyn FnMut(NodeId, &[&V]) -> Result<V>) -> Result<V> {
         let mut uses = self.uses.clone();
-        let mut values: Vec<Option<Tensor>> = vec![None; uses.len()];
+        let mut values: Vec<Option<V>> = (0..uses.len()).map(|_| None).collect();
         for &id in &self.order {
             let output = {
-                let args: Vec<&Tensor> = if id == self.input {
+                let args: Vec<&V> = if id == self.input {
                     vec![input]
                 } else {
                     self.inputs[id]
@@ -479,7 +546,12 @@ impl Plan {
 
 /// Runs one node, naming it in shape errors.
 fn run_node(is_input: bool, node: &Node, args: &[&Tensor]) -> Result<Tensor> {
-    node.op.forward(args).map_err(|e| match e {
+    with_node_context(is_input, node, node.op.forward(args))
+}
+
+/// Names the node in a shape error of its run.
+fn with_node_context<T>(is_input: bool, node: &Node, result: Result<T>) -> Result<T> {
+    result.map_err(|e| match e {
         Error::Shape(m) if !is_input => Error::Shape(format!(
             "node `{}` ({}): {m}",
             node.name,

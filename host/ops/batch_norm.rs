@@ -34,8 +34,11 @@
 //!
 //! `f32::mul_add` is an exact fused multiply-add on every target; on x86-64 the loop is compiled
 //! for FMA hardware and selected at run time, so it is also fast.
+use cudarc::driver::{CudaSlice, PushKernelArg};
 use rayon::prelude::*;
+use sparseflow_kernels::elementwise::ELEMENTWISE_THREADS;
 
+use crate::cuda::{elementwise_config, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
@@ -54,6 +57,8 @@ pub struct BatchNorm2d {
     /// Added to the variance; PyTorch's default is [`BatchNorm2d::DEFAULT_EPS`]. Kept as f64 and
     /// rounded to f32 in use, as PyTorch does.
     pub eps: f64,
+    /// `(alpha, beta)` of [`BatchNorm2d::scale_shift`] on the GPU.
+    device: DeviceCache<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 impl BatchNorm2d {
@@ -74,6 +79,7 @@ impl BatchNorm2d {
             running_mean,
             running_var,
             eps,
+            device: DeviceCache::default(),
         };
         bn.validate()?;
         Ok(bn)
@@ -88,7 +94,27 @@ impl BatchNorm2d {
             running_mean: Tensor::zeros(vec![c]),
             running_var: Tensor::new(vec![c], vec![1.0; c]).expect("lengths agree"),
             eps: Self::DEFAULT_EPS,
+            device: DeviceCache::default(),
         }
+    }
+
+    /// `(n, h·w)` of an input `[..., C, H, W]` with this layer's `C`.
+    fn check_input(&self, shape: &[usize]) -> Result<(usize, usize)> {
+        if shape.len() < 3 {
+            return Err(Error::Shape(format!(
+                "BatchNorm2d expects [..., C, H, W] (e.g. [N, C, H, W] or [T, N, C, H, W]), got \
+                 {shape:?}"
+            )));
+        }
+        let c = shape[shape.len() - 3];
+        if c != self.num_features() {
+            return Err(Error::Shape(format!(
+                "BatchNorm2d has {} channels, input {shape:?} has {c} (dim -3)",
+                self.num_features()
+            )));
+        }
+        let hw = shape[shape.len() - 2] * shape[shape.len() - 1];
+        Ok((shape[..shape.len() - 3].iter().product(), hw))
     }
 
     /// The channel count `C`.
@@ -207,24 +233,45 @@ impl Operator for BatchNorm2d {
         "BatchNorm2d"
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("BatchNorm2d", inputs)?;
+        let (n, hw) = self.check_input(x.shape())?;
+        let (alpha, beta) = self.scale_shift()?;
+        let c = alpha.len();
+        let backend = x.backend();
+        let sources = [&Tensor::new(vec![c], alpha)?, &Tensor::new(vec![c], beta)?];
+        let device = self.device.get(backend, &sources, || {
+            let stream = backend.stream();
+            Ok((
+                stream.clone_htod(sources[0].data())?,
+                stream.clone_htod(sources[1].data())?,
+            ))
+        })?;
+        let mut out = DeviceTensor::uninit(backend, x.shape().to_vec())?;
+        let len = out.len_u32()?;
+        if len == 0 {
+            return Ok(out);
+        }
+        let function = backend.function("channel_affine")?;
+        let [planes, c, hw] = [n * c, c, hw].map(|v| v as u32);
+        let mut launch = backend.stream().launch_builder(&function);
+        launch
+            .arg(x.slice())
+            .arg(out.slice_mut())
+            .arg(&device.0)
+            .arg(&device.1)
+            .arg(&planes)
+            .arg(&c)
+            .arg(&hw);
+        // SAFETY: the arguments match `channel_affine`'s signature; the buffers hold the elements.
+        unsafe { launch.launch(elementwise_config(len as usize, ELEMENTWISE_THREADS))? };
+        Ok(out)
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("BatchNorm2d", inputs)?;
+        let [x] = expect_inputs::<1, _>("BatchNorm2d", inputs)?;
         let shape = x.shape();
-        if shape.len() < 3 {
-            return Err(Error::Shape(format!(
-                "BatchNorm2d expects [..., C, H, W] (e.g. [N, C, H, W] or [T, N, C, H, W]), got \
-                 {shape:?}"
-            )));
-        }
-        let c = shape[shape.len() - 3];
-        if c != self.num_features() {
-            return Err(Error::Shape(format!(
-                "BatchNorm2d has {} channels, input {shape:?} has {c} (dim -3)",
-                self.num_features()
-            )));
-        }
-        let hw = shape[shape.len() - 2] * shape[shape.len() - 1];
-        let n: usize = shape[..shape.len() - 3].iter().product();
+        let (n, hw) = self.check_input(shape)?;
         let mut out = vec![0.0f32; x.len()];
         self.forward_slices(x.data(), n, hw, &mut out)?;
         Tensor::new(shape.to_vec(), out)

@@ -1,5 +1,9 @@
 //! Joining a residual branch with its shortcut: the plain `Add` of spiking ResNets and the SEW
 //! connect functions of SEW ResNets (ADD, AND, IAND).
+use cudarc::driver::PushKernelArg;
+use sparseflow_kernels::elementwise::{BinaryFunction, ELEMENTWISE_THREADS};
+
+use crate::cuda::{elementwise_config, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::{expect_inputs, Operator, ValueKind};
@@ -36,12 +40,17 @@ impl ConnectFunction {
         }
     }
 
-    fn apply(&self, a: f32, b: f32) -> f32 {
+    /// The same function in the kernel crate, which both devices evaluate.
+    fn kernel_function(&self) -> BinaryFunction {
         match self {
-            Self::Add => a + b,
-            Self::And => a * b,
-            Self::Iand => a * (1.0 - b),
+            Self::Add => BinaryFunction::Add,
+            Self::And => BinaryFunction::Mul,
+            Self::Iand => BinaryFunction::AndNot,
         }
+    }
+
+    fn apply(&self, a: f32, b: f32) -> f32 {
+        sparseflow_kernels::elementwise::apply_binary(self.kernel_function() as u32, a, b)
     }
 }
 
@@ -62,6 +71,40 @@ fn zip_same_shape(op: &str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32)
     Tensor::new(a.shape().to_vec(), data)
 }
 
+/// `f(a, b)` element-wise on the GPU (`binary_map`).
+fn zip_same_shape_cuda(
+    op: &str,
+    a: &DeviceTensor,
+    b: &DeviceTensor,
+    function: BinaryFunction,
+) -> Result<DeviceTensor> {
+    if a.shape() != b.shape() {
+        return Err(Error::Shape(format!(
+            "{op}: input shapes differ: {:?} vs {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let mut out = DeviceTensor::uninit(a.backend(), a.shape().to_vec())?;
+    let len = out.len() as u64;
+    if len == 0 {
+        return Ok(out);
+    }
+    let backend = a.backend();
+    let kernel = backend.function("binary_map")?;
+    let function = function as u32;
+    let mut launch = backend.stream().launch_builder(&kernel);
+    launch
+        .arg(a.slice())
+        .arg(b.slice())
+        .arg(out.slice_mut())
+        .arg(&len)
+        .arg(&function);
+    // SAFETY: the arguments match `binary_map`'s signature; all three hold `len` elements.
+    unsafe { launch.launch(elementwise_config(len as usize, ELEMENTWISE_THREADS))? };
+    Ok(out)
+}
+
 /// A sum of non-negative integers is one; a sum of spikes is no longer binary.
 fn sum_kind(inputs: &[ValueKind]) -> ValueKind {
     if inputs.iter().all(|k| k.is_sparse()) {
@@ -80,8 +123,12 @@ impl Operator for Add {
         "Add"
     }
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [a, b] = expect_inputs::<2>("Add", inputs)?;
+        let [a, b] = expect_inputs::<2, _>("Add", inputs)?;
         zip_same_shape("Add", a, b, |x, y| x + y)
+    }
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [a, b] = expect_inputs::<2, _>("Add", inputs)?;
+        zip_same_shape_cuda("Add", a, b, BinaryFunction::Add)
     }
     fn output_kind(&self, inputs: &[ValueKind]) -> ValueKind {
         sum_kind(inputs)
@@ -100,9 +147,13 @@ impl Operator for SewConnect {
         "SewConnect"
     }
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [a, b] = expect_inputs::<2>("SewConnect", inputs)?;
+        let [a, b] = expect_inputs::<2, _>("SewConnect", inputs)?;
         let f = self.function;
         zip_same_shape("SewConnect", a, b, |x, y| f.apply(x, y))
+    }
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [a, b] = expect_inputs::<2, _>("SewConnect", inputs)?;
+        zip_same_shape_cuda("SewConnect", a, b, self.function.kernel_function())
     }
     fn output_kind(&self, inputs: &[ValueKind]) -> ValueKind {
         let &[a, b] = inputs else {

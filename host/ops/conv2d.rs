@@ -18,7 +18,17 @@
 //!
 //! The bias is written into the output first and the GEMM accumulates onto it.
 //! [`Conv2d::forward_nchw`] is the slice-level core, for kernels that fall back to the dense path.
+//!
+//! On CUDA, [`Conv2d::forward_cuda`] runs the implicit-GEMM kernel of
+//! `kernels-gpu/src/dense_conv.rs` (any geometry); `Linear` runs through the same kernel as a
+//! `1 × 1` convolution.
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
+use sparseflow_kernels::dense_conv::{ConvGeometry, DENSE_CONV_SHARED_BYTES, DENSE_CONV_THREADS};
+
+use crate::cuda::{ByValue, CudaBackend, DeviceCache, DeviceTensor};
 
 use crate::error::{Error, Result};
 use crate::ops::{expect_inputs, Operator};
@@ -44,6 +54,8 @@ pub struct Conv2d {
     pub dilation: (usize, usize),
     /// ≥ 1; divides both `Cin` and `Cout`.
     pub groups: usize,
+    /// The weights on the GPU, uploaded on the first CUDA forward.
+    device: DeviceCache<DenseDeviceWeights>,
 }
 
 impl Conv2d {
@@ -64,6 +76,7 @@ impl Conv2d {
             padding,
             dilation,
             groups,
+            device: DeviceCache::default(),
         };
         conv.validate()?;
         Ok(conv)
@@ -179,6 +192,59 @@ impl Conv2d {
         Ok(shape)
     }
 
+    /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device.
+    pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        let shape = self.output_shape(x.shape())?;
+        let dims = x.shape();
+        let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let n: usize = dims[..dims.len() - 3].iter().product();
+        let (oh, ow) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let (kh, kw) = self.kernel_size();
+        let mut out = DeviceTensor::uninit(x.backend(), shape)?;
+        out.len_u32()?;
+        let [n, cin, h, w, cout, oh, ow, kh, kw] = [
+            n,
+            self.in_channels(),
+            h,
+            w,
+            self.out_channels(),
+            oh,
+            ow,
+            kh,
+            kw,
+        ]
+        .map(|v| v as u32);
+        let geometry = ConvGeometry {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            oh,
+            ow,
+            kh,
+            kw,
+            sh: self.stride.0 as u32,
+            sw: self.stride.1 as u32,
+            ph: self.padding.0 as u32,
+            pw: self.padding.1 as u32,
+            dh: self.dilation.0 as u32,
+            dw: self.dilation.1 as u32,
+            groups: self.groups as u32,
+        };
+        let weights = self.device_weights(x.backend())?;
+        launch_dense_conv(x, &weights, geometry, &mut out)?;
+        Ok(out)
+    }
+
+    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DenseDeviceWeights>> {
+        let mut sources = vec![&self.weight];
+        sources.extend(self.bias.as_ref());
+        self.device.get(backend, &sources, || {
+            DenseDeviceWeights::upload(backend, &self.weight, self.bias.as_ref())
+        })
+    }
+
     /// The dense core on raw slices: `input` is `[n, Cin, h, w]` and `out` is
     /// `[n, Cout, Hout, Wout]` (see [`Conv2d::output_hw`]), both contiguous. Every element of `out`
     /// is overwritten.
@@ -240,13 +306,76 @@ impl Conv2d {
     }
 }
 
+/// A dense layer's weight and bias on one device, in PyTorch's layout.
+pub(crate) struct DenseDeviceWeights {
+    weight: CudaSlice<f32>,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl DenseDeviceWeights {
+    pub(crate) fn upload(
+        backend: &CudaBackend,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Self> {
+        let stream = backend.stream();
+        Ok(Self {
+            weight: stream.clone_htod(weight.data())?,
+            bias: bias.map(|b| stream.clone_htod(b.data())).transpose()?,
+        })
+    }
+}
+
+/// Launches `dense_conv2d` for geometry `g` (`x` and `out` hold the elements `g` implies).
+pub(crate) fn launch_dense_conv(
+    x: &DeviceTensor,
+    weights: &DenseDeviceWeights,
+    g: ConvGeometry,
+    out: &mut DeviceTensor,
+) -> Result<()> {
+    x.len_u32()?;
+    out.len_u32()?;
+    if g.pixels() == 0 || g.cout == 0 {
+        return Ok(());
+    }
+    let backend = x.backend();
+    let function = backend.function("dense_conv2d")?;
+    let stream = backend.stream();
+    let has_bias = weights.bias.is_some() as u32;
+    // Without a bias the kernel never reads the pointer; any valid one will do.
+    let bias = weights.bias.as_ref().unwrap_or(&weights.weight);
+    let geometry = ByValue(g);
+    let mut launch = stream.launch_builder(&function);
+    launch
+        .arg(x.slice())
+        .arg(&weights.weight)
+        .arg(bias)
+        .arg(&has_bias)
+        .arg(out.slice_mut())
+        .arg(&geometry);
+    // SAFETY: the arguments match `dense_conv2d`'s signature; the buffers hold what `g` implies.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: g.grid(),
+            block_dim: (DENSE_CONV_THREADS, 1, 1),
+            shared_mem_bytes: DENSE_CONV_SHARED_BYTES,
+        })?
+    };
+    Ok(())
+}
+
 impl Operator for Conv2d {
     fn type_name(&self) -> &'static str {
         "Conv2d"
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("Conv2d", inputs)?;
+        self.forward_cuda(x)
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("Conv2d", inputs)?;
+        let [x] = expect_inputs::<1, _>("Conv2d", inputs)?;
         let out_shape = self.output_shape(x.shape())?;
         let dims = x.shape();
         let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);

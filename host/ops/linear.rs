@@ -2,8 +2,13 @@
 //! `y = x · Wᵀ + b` on the last dimension; every leading dimension is batch (`[T, N, F]`,
 //! `[N, F]` and a plain `[F]` all work). One GEMM through the `gemm` crate, multithreaded on
 //! rayon when the product is large.
+use std::sync::Arc;
+
+use sparseflow_kernels::dense_conv::ConvGeometry;
+
+use crate::cuda::{CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
-use crate::ops::conv2d::sgemm_strided;
+use crate::ops::conv2d::{launch_dense_conv, sgemm_strided, DenseDeviceWeights};
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
 
@@ -17,14 +22,68 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out_features]`, or `None` for `bias=False`.
     pub bias: Option<Tensor>,
+    /// The weights on the GPU, uploaded on the first CUDA forward.
+    device: DeviceCache<DenseDeviceWeights>,
 }
 
 impl Linear {
     /// A layer with weight `[out, in]` and optional bias `[out]`; the shapes are validated.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let linear = Self { weight, bias };
+        let linear = Self {
+            weight,
+            bias,
+            device: DeviceCache::default(),
+        };
         linear.validate()?;
         Ok(linear)
+    }
+
+    /// The layer on a CUDA tensor `[..., F]`, staying on the device: the dense convolution kernel
+    /// with `1 × 1` geometry, one "pixel" per row.
+    pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        self.validate()?;
+        let shape = x.shape();
+        if shape.last() != Some(&self.in_features()) {
+            return Err(Error::Shape(format!(
+                "Linear {} expects input [..., {}], got {shape:?}",
+                self.describe(),
+                self.in_features()
+            )));
+        }
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        let mut out_shape = shape[..shape.len() - 1].to_vec();
+        out_shape.push(self.out_features());
+        let mut out = DeviceTensor::uninit(x.backend(), out_shape)?;
+        out.len_u32()?;
+        let geometry = ConvGeometry {
+            n: rows as u32,
+            cin: self.in_features() as u32,
+            h: 1,
+            w: 1,
+            cout: self.out_features() as u32,
+            oh: 1,
+            ow: 1,
+            kh: 1,
+            kw: 1,
+            sh: 1,
+            sw: 1,
+            ph: 0,
+            pw: 0,
+            dh: 1,
+            dw: 1,
+            groups: 1,
+        };
+        let weights = self.device_weights(x.backend())?;
+        launch_dense_conv(x, &weights, geometry, &mut out)?;
+        Ok(out)
+    }
+
+    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DenseDeviceWeights>> {
+        let mut sources = vec![&self.weight];
+        sources.extend(self.bias.as_ref());
+        self.device.get(backend, &sources, || {
+            DenseDeviceWeights::upload(backend, &self.weight, self.bias.as_ref())
+        })
     }
 
     /// Checks the weight and bias shapes.
@@ -114,8 +173,13 @@ impl Operator for Linear {
         "Linear"
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("Linear", inputs)?;
+        self.forward_cuda(x)
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("Linear", inputs)?;
+        let [x] = expect_inputs::<1, _>("Linear", inputs)?;
         self.validate()?;
         let shape = x.shape();
         if shape.last() != Some(&self.in_features()) {

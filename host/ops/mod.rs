@@ -10,6 +10,7 @@
 use std::any::Any;
 use std::fmt::Debug;
 
+use crate::cuda::DeviceTensor;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -56,6 +57,16 @@ pub trait Operator: Debug + Send + Sync + 'static {
     /// Computes the output from the inputs, in the order of the node's input edges.
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor>;
 
+    /// The same computation on CUDA tensors: inputs and output stay on the device. Operators
+    /// without a GPU kernel say so with [`Error::MissingKernelVariant`](crate::Error).
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let _ = inputs;
+        Err(crate::Error::MissingKernelVariant(format!(
+            "{} on CUDA",
+            self.type_name()
+        )))
+    }
+
     /// Parameters by local name (`"weight"`, `"running_mean"`, …), as in a PyTorch `state_dict`.
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
         Vec::new()
@@ -96,12 +107,12 @@ macro_rules! impl_as_any {
     };
 }
 
-/// Checks an operator's input count.
-pub(crate) fn expect_inputs<'a, const K: usize>(
+/// Checks an operator's input count (host or device tensors).
+pub(crate) fn expect_inputs<'a, const K: usize, T>(
     op: &str,
-    inputs: &[&'a Tensor],
-) -> Result<[&'a Tensor; K]> {
-    <[&Tensor; K]>::try_from(inputs).map_err(|_| {
+    inputs: &[&'a T],
+) -> Result<[&'a T; K]> {
+    <[&T; K]>::try_from(inputs).map_err(|_| {
         crate::Error::InvalidArgument(format!("{op} takes {K} input(s), got {}", inputs.len()))
     })
 }

@@ -13,8 +13,11 @@
 //!
 //! where `v_r` is `v_reset`, or 0 under soft reset. `detach_reset` only changes gradients and is
 //! kept for fidelity of the configuration.
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
+use sparseflow_kernels::neuron::{Charge, NEURON_THREADS};
 
+use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::{expect_inputs, Operator};
@@ -114,6 +117,56 @@ where
     Ok((spikes, charged))
 }
 
+/// The GPU twin of [`multi_step`] (spikes only): `neuron_multi_step` of `kernels-gpu`, whose
+/// charge equations are these, operation for operation.
+fn multi_step_cuda(
+    op: &str,
+    x: &DeviceTensor,
+    firing: &Firing,
+    charge: Charge,
+    k: f32,
+) -> Result<DeviceTensor> {
+    let Some((&steps, rest)) = x.shape().split_first() else {
+        return Err(Error::Shape(format!(
+            "{op} needs a [T, ...] input, got a scalar"
+        )));
+    };
+    let per_step: usize = rest.iter().product();
+    let mut spikes = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
+    spikes.len_u32()?;
+    if per_step == 0 || steps == 0 {
+        return Ok(spikes);
+    }
+    let backend = x.backend();
+    let function = backend.function("neuron_multi_step")?;
+    let (steps, per_step) = (steps as u32, per_step as u32);
+    let (hard, reset) = match firing.v_reset {
+        Some(r) => (1u32, r),
+        None => (0, 0.0),
+    };
+    let mode = charge as u32;
+    let mut launch = backend.stream().launch_builder(&function);
+    launch
+        .arg(x.slice())
+        .arg(spikes.slice_mut())
+        .arg(&steps)
+        .arg(&per_step)
+        .arg(&mode)
+        .arg(&k)
+        .arg(&firing.v_threshold)
+        .arg(&reset)
+        .arg(&hard);
+    // SAFETY: the arguments match `neuron_multi_step`'s signature; one thread per neuron.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (per_step.div_ceil(NEURON_THREADS), 1, 1),
+            block_dim: (NEURON_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })?
+    };
+    Ok(spikes)
+}
+
 /// One time step over a chunk of neurons: the AVX2 build of [`step_portable`] when the CPU has
 /// it (IEEE operations only, no contraction: the same bits either way).
 #[inline(always)]
@@ -200,8 +253,13 @@ macro_rules! neuron_operator {
                 $name
             }
             fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-                let [x] = expect_inputs::<1>($name, inputs)?;
+                let [x] = expect_inputs::<1, _>($name, inputs)?;
                 Ok(self.run(x, false)?.0)
+            }
+            fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+                let [x] = expect_inputs::<1, _>($name, inputs)?;
+                let (charge, k) = self.cuda_charge();
+                multi_step_cuda($name, x, &self.firing, charge, k)
             }
             fn params(&self) -> Vec<(&'static str, &Tensor)> {
                 self.param_list()
@@ -239,6 +297,9 @@ impl IFNode {
     fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
         multi_step("IFNode", x, &self.firing, |v, x| v + x, keep)
     }
+    fn cuda_charge(&self) -> (Charge, f32) {
+        (Charge::If, 0.0)
+    }
     fn param_list(&self) -> Vec<(&'static str, &Tensor)> {
         Vec::new()
     }
@@ -272,6 +333,12 @@ impl LIFNode {
             decay_input,
             firing,
         })
+    }
+    fn cuda_charge(&self) -> (Charge, f32) {
+        match self.decay_input {
+            true => (Charge::LifDecayInput, self.tau),
+            false => (Charge::Lif, self.tau),
+        }
     }
     fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (tau, v_r) = (self.tau, self.firing.reset_value());
@@ -341,6 +408,12 @@ impl ParametricLIFNode {
         1.0 / (1.0 + (-w).exp())
     }
 
+    fn cuda_charge(&self) -> (Charge, f32) {
+        match self.decay_input {
+            true => (Charge::PlifDecayInput, self.inverse_tau()),
+            false => (Charge::Plif, self.inverse_tau()),
+        }
+    }
     fn run(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (q, v_r) = (self.inverse_tau(), self.firing.reset_value());
         if self.decay_input {

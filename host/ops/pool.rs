@@ -14,8 +14,11 @@
 //!   module; but `mean`'s vectorised summation order depends on the CPU's SIMD width, so there
 //!   the result is bit-exact when the sum is exact in any order (spike inputs: sums of 0/1) and
 //!   otherwise agrees to rounding (about 1 ulp).
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
+use sparseflow_kernels::pool::{PoolWindow, POOL_THREADS};
 
+use crate::cuda::{ByValue, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::pair;
 use crate::ops::{expect_inputs, Operator, ValueKind};
@@ -100,8 +103,17 @@ impl Operator for MaxPool2d {
         inputs.first().copied().unwrap_or(ValueKind::Dense)
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("MaxPool2d", inputs)?;
+        let (h, w) = device_plane_hw("MaxPool2d", x)?;
+        let (oh, ow) = self.output_hw(h, w)?;
+        let window = pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding)
+            .with_dilation(self.dilation);
+        launch_pool(x, "max_pool2d", window, &[])
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("MaxPool2d", inputs)?;
+        let [x] = expect_inputs::<1, _>("MaxPool2d", inputs)?;
         let (h, w) = plane_hw("MaxPool2d", x)?;
         let (oh, ow) = self.output_hw(h, w)?;
         let (kh, kw) = self.kernel;
@@ -231,8 +243,20 @@ impl Operator for AvgPool2d {
         "AvgPool2d"
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("AvgPool2d", inputs)?;
+        let (h, w) = device_plane_hw("AvgPool2d", x)?;
+        let (oh, ow) = self.output_hw(h, w)?;
+        let window = pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding);
+        let extra = [
+            self.count_include_pad as u32,
+            self.divisor_override.unwrap_or(0) as u32,
+        ];
+        launch_pool(x, "avg_pool2d", window, &extra)
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("AvgPool2d", inputs)?;
+        let [x] = expect_inputs::<1, _>("AvgPool2d", inputs)?;
         let (h, w) = plane_hw("AvgPool2d", x)?;
         let (oh, ow) = self.output_hw(h, w)?;
         let (kh, kw) = (self.kernel.0 as isize, self.kernel.1 as isize);
@@ -323,12 +347,12 @@ impl AdaptiveAvgPool2d {
 
 /// `floor(i · size / out)`, PyTorch's `start_index`.
 fn adaptive_start(i: usize, out: usize, size: usize) -> usize {
-    (i / out) * size + ((i % out) * size) / out
+    sparseflow_kernels::pool::adaptive_start(i as u32, out as u32, size as u32) as usize
 }
 
 /// `ceil((i + 1) · size / out)`, PyTorch's `end_index`.
 fn adaptive_end(i: usize, out: usize, size: usize) -> usize {
-    1 + ((i + 1) * size - 1) / out
+    sparseflow_kernels::pool::adaptive_end(i as u32, out as u32, size as u32) as usize
 }
 
 impl Operator for AdaptiveAvgPool2d {
@@ -336,8 +360,22 @@ impl Operator for AdaptiveAvgPool2d {
         "AdaptiveAvgPool2d"
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("AdaptiveAvgPool2d", inputs)?;
+        self.validate()?;
+        let (h, w) = device_plane_hw("AdaptiveAvgPool2d", x)?;
+        if h == 0 || w == 0 {
+            return Err(Error::Shape(format!(
+                "AdaptiveAvgPool2d needs a non-empty plane, got {:?}",
+                x.shape()
+            )));
+        }
+        let window = pool_window((h, w), self.output, (1, 1), (1, 1), (0, 0));
+        launch_pool(x, "adaptive_avg_pool2d", window, &[])
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("AdaptiveAvgPool2d", inputs)?;
+        let [x] = expect_inputs::<1, _>("AdaptiveAvgPool2d", inputs)?;
         self.validate()?;
         let (h, w) = plane_hw("AdaptiveAvgPool2d", x)?;
         if h == 0 || w == 0 {
@@ -377,6 +415,97 @@ impl Operator for AdaptiveAvgPool2d {
     }
 
     crate::impl_as_any!();
+}
+
+/// The kernels' window description (dilation 1; see [`PoolWindowExt::with_dilation`]).
+fn pool_window(
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> PoolWindow {
+    let u = |v: usize| v as u32;
+    PoolWindow {
+        h: u(h),
+        w: u(w),
+        oh: u(oh),
+        ow: u(ow),
+        kh: u(kernel.0),
+        kw: u(kernel.1),
+        sh: u(stride.0),
+        sw: u(stride.1),
+        ph: u(padding.0),
+        pw: u(padding.1),
+        dh: 1,
+        dw: 1,
+    }
+}
+
+trait PoolWindowExt {
+    fn with_dilation(self, dilation: (usize, usize)) -> Self;
+}
+
+impl PoolWindowExt for PoolWindow {
+    fn with_dilation(self, (dh, dw): (usize, usize)) -> Self {
+        Self {
+            dh: dh as u32,
+            dw: dw as u32,
+            ..self
+        }
+    }
+}
+
+/// `(H, W)` of a `[..., C, H, W]` device tensor.
+fn device_plane_hw(op: &str, x: &DeviceTensor) -> Result<(usize, usize)> {
+    match x.shape() {
+        [.., _, h, w] if x.shape().len() >= 3 => Ok((*h, *w)),
+        other => Err(Error::Shape(format!(
+            "{op} expects [..., C, H, W] (e.g. [N, C, H, W] or [T, N, C, H, W]), got {other:?}"
+        ))),
+    }
+}
+
+/// Launches pooling kernel `entry` (`x, y, planes, window, extra…`) with one thread per output.
+fn launch_pool(
+    x: &DeviceTensor,
+    entry: &'static str,
+    window: PoolWindow,
+    extra: &[u32],
+) -> Result<DeviceTensor> {
+    let shape = x.shape();
+    let planes: usize = shape[..shape.len() - 2].iter().product();
+    let mut out_shape = shape[..shape.len() - 2].to_vec();
+    out_shape.extend([window.oh as usize, window.ow as usize]);
+    x.len_u32()?;
+    let mut out = DeviceTensor::uninit(x.backend(), out_shape)?;
+    let len = out.len_u32()?;
+    if len == 0 {
+        return Ok(out);
+    }
+    let backend = x.backend();
+    let function = backend.function(entry)?;
+    let planes = planes as u32;
+    let window = ByValue(window);
+    let mut launch = backend.stream().launch_builder(&function);
+    launch
+        .arg(x.slice())
+        .arg(out.slice_mut())
+        .arg(&planes)
+        .arg(&window);
+    for e in extra {
+        launch.arg(e);
+    }
+    // SAFETY: the arguments match the entry's signature (checked by the GPU tests); one thread
+    // per output element.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (len.div_ceil(POOL_THREADS), 1, 1),
+            block_dim: (POOL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })?
+    };
+    Ok(out)
 }
 
 /// `(H, W)` of a `[..., C, H, W]` input.
@@ -453,12 +582,10 @@ fn window_output_hw(
 /// MaxPoolKernel.cpp computes them: the start is moved forward by whole dilations until it is
 /// inside the input.
 fn dilated_window(o: usize, s: usize, p: usize, k: usize, d: usize, size: usize) -> (usize, usize) {
-    let mut start = (o * s) as isize - p as isize;
-    let end = (start + ((k - 1) * d + 1) as isize).min(size as isize);
-    while start < 0 {
-        start += d as isize;
-    }
-    (start as usize, end.max(start) as usize)
+    let u = |v: usize| v as u32;
+    let (start, end) =
+        sparseflow_kernels::pool::dilated_window(u(o), u(s), u(p), u(k), u(d), u(size));
+    (start as usize, end as usize)
 }
 
 /// Runs `f(input_plane, output_plane)` over all planes of `x` (in parallel when the work is large

@@ -760,8 +760,19 @@ impl Operator for SparseConv2d {
         "SparseConv2d"
     }
 
+    /// The sparse kernels where a variant exists for the geometry, else the dense conv kernel.
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("SparseConv2d", inputs)?;
+        let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
+        match self.cuda_variant(h) {
+            Ok(_) => self.forward_cuda(x),
+            Err(Error::MissingKernelVariant(_)) => self.conv.forward_cuda(x),
+            Err(e) => Err(e),
+        }
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("SparseConv2d", inputs)?;
+        let [x] = expect_inputs::<1, _>("SparseConv2d", inputs)?;
         let start = Instant::now();
         let out = self.compute(x)?;
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());

@@ -275,8 +275,13 @@ impl Operator for SparseLinear {
         "SparseLinear"
     }
 
+    fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        let [x] = expect_inputs::<1, _>("SparseLinear", inputs)?;
+        self.forward_cuda(x)
+    }
+
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let [x] = expect_inputs::<1>("SparseLinear", inputs)?;
+        let [x] = expect_inputs::<1, _>("SparseLinear", inputs)?;
         let start = Instant::now();
         let out = self.compute(x)?;
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());

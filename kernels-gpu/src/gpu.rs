@@ -158,3 +158,24 @@ pub fn shfl_u32(value: u32, lane: u32) -> u32 {
     }
     out
 }
+
+#[inline(always)]
+pub fn block_z() -> u32 {
+    unsafe { nvptx::_block_idx_z() as u32 }
+}
+
+/// `a · b + c` with one rounding (`fma.rn.f32`), as the CPU's `f32::mul_add`.
+#[inline(always)]
+pub fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
+    let out: f32;
+    unsafe {
+        asm!(
+            "fma.rn.f32 {out}, {a}, {b}, {c};",
+            out = out(reg32) out,
+            a = in(reg32) a,
+            b = in(reg32) b,
+            c = in(reg32) c,
+        );
+    }
+    out
+}

@@ -14,8 +14,12 @@
     feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)
 )]
 
+pub mod dense_conv;
+pub mod elementwise;
 #[cfg(target_arch = "nvptx64")]
 mod gpu;
+pub mod neuron;
+pub mod pool;
 pub mod prescan;
 pub mod sparse_conv;
 

@@ -1,0 +1,77 @@
+//! Element-wise kernels: BatchNorm's per-channel affine map and the two-input functions of
+//! residual blocks (`Add`, SEW's ADD / AND / IAND). Each thread handles elements in a grid-stride
+//! loop.
+
+/// Threads per block of the element-wise kernels.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+
+/// The two-input functions, numbered as the host passes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum BinaryFunction {
+    /// `a + b`
+    Add = 0,
+    /// `a · b` (SEW AND)
+    Mul = 1,
+    /// `a · (1 − b)` (SEW IAND)
+    AndNot = 2,
+}
+
+#[inline(always)]
+pub fn apply_binary(function: u32, a: f32, b: f32) -> f32 {
+    match function {
+        0 => a + b,
+        1 => a * b,
+        _ => a * (1.0 - b),
+    }
+}
+
+/// `y = fma(x, alpha[c], beta[c])` over `[planes, hw]` where plane `p` has channel `p % channels`
+/// (BatchNorm in inference).
+///
+/// # Safety
+/// `x` and `y` hold `planes · hw` floats; `alpha` and `beta` hold `channels`.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn channel_affine(
+    x: *const f32,
+    y: *mut f32,
+    alpha: *const f32,
+    beta: *const f32,
+    planes: u32,
+    channels: u32,
+    hw: u32,
+) {
+    use crate::gpu;
+    let len = planes as usize * hw as usize;
+    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as usize;
+    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as usize;
+    while i < len {
+        let c = (i / hw as usize) % channels as usize;
+        *y.add(i) = gpu::fma_f32(*x.add(i), *alpha.add(c), *beta.add(c));
+        i += stride;
+    }
+}
+
+/// `y = f(a, b)` element-wise over `len` elements; `function` is a [`BinaryFunction`].
+///
+/// # Safety
+/// `a`, `b` and `y` hold `len` floats.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn binary_map(
+    a: *const f32,
+    b: *const f32,
+    y: *mut f32,
+    len: u64,
+    function: u32,
+) {
+    use crate::gpu;
+    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as u64;
+    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as u64;
+    while i < len {
+        let k = i as usize;
+        *y.add(k) = apply_binary(function, *a.add(k), *b.add(k));
+        i += stride;
+    }
+}

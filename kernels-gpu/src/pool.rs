@@ -1,0 +1,180 @@
+//! 2-D pooling with PyTorch's semantics (see `host/ops/pool.rs`): one thread per output element,
+//! each window scanned in the CPU's row-major order so that both devices give the same bits.
+//! The window arithmetic lives here and the CPU operators use it too.
+
+/// Threads per block of the pooling kernels.
+pub const POOL_THREADS: u32 = 256;
+
+/// The input rows (or columns) `start..end` that output `o` of a dilated window reads, stepping
+/// by `d` from `start`; the first in-bounds tap of the window comes first.
+#[inline(always)]
+pub fn dilated_window(o: u32, s: u32, p: u32, k: u32, d: u32, size: u32) -> (u32, u32) {
+    let mut start = (o * s) as i32 - p as i32;
+    let end = (start + ((k - 1) * d + 1) as i32).min(size as i32);
+    while start < 0 {
+        start += d as i32;
+    }
+    (start as u32, end.max(start) as u32)
+}
+
+/// `floor(i · size / out)`, PyTorch's `start_index`.
+#[inline(always)]
+pub fn adaptive_start(i: u32, out: u32, size: u32) -> u32 {
+    (i / out) * size + ((i % out) * size) / out
+}
+
+/// `ceil((i + 1) · size / out)`, PyTorch's `end_index`.
+#[inline(always)]
+pub fn adaptive_end(i: u32, out: u32, size: u32) -> u32 {
+    1 + ((i + 1) * size - 1) / out
+}
+
+/// The window geometry of a pooling launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PoolWindow {
+    pub h: u32,
+    pub w: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub sh: u32,
+    pub sw: u32,
+    pub ph: u32,
+    pub pw: u32,
+    pub dh: u32,
+    pub dw: u32,
+}
+
+/// Max pooling over `[planes, h, w]` → `[planes, oh, ow]`: padding is -inf and NaN propagates.
+///
+/// # Safety
+/// `x` holds `planes · h · w` floats and `y` holds `planes · oh · ow`.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn max_pool2d(
+    x: *const f32,
+    y: *mut f32,
+    planes: u32,
+    g: PoolWindow,
+) {
+    use crate::gpu;
+    let out_plane = g.oh * g.ow;
+    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
+    if i >= planes as usize * out_plane as usize {
+        return;
+    }
+    let plane = i / out_plane as usize;
+    let o = (i % out_plane as usize) as u32;
+    let (o_h, o_w) = (o / g.ow, o % g.ow);
+    let (h0, h1) = dilated_window(o_h, g.sh, g.ph, g.kh, g.dh, g.h);
+    let (w0, w1) = dilated_window(o_w, g.sw, g.pw, g.kw, g.dw, g.w);
+    let xp = x.add(plane * (g.h * g.w) as usize);
+    let mut max = f32::NEG_INFINITY;
+    let mut ih = h0;
+    while ih < h1 {
+        let mut iw = w0;
+        while iw < w1 {
+            let v = *xp.add((ih * g.w + iw) as usize);
+            if v > max || v.is_nan() {
+                max = v;
+            }
+            iw += g.dw;
+        }
+        ih += g.dh;
+    }
+    *y.add(i) = max;
+}
+
+/// Average pooling (PyTorch `AvgPool2d`, dilation 1): `divisor_override == 0` means none.
+///
+/// # Safety
+/// As [`max_pool2d`].
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn avg_pool2d(
+    x: *const f32,
+    y: *mut f32,
+    planes: u32,
+    g: PoolWindow,
+    count_include_pad: u32,
+    divisor_override: u32,
+) {
+    use crate::gpu;
+    let out_plane = g.oh * g.ow;
+    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
+    if i >= planes as usize * out_plane as usize {
+        return;
+    }
+    let plane = i / out_plane as usize;
+    let o = (i % out_plane as usize) as u32;
+    let (o_h, o_w) = ((o / g.ow) as i32, (o % g.ow) as i32);
+    let (hi, wi) = (g.h as i32, g.w as i32);
+    // As AvgPoolKernel.cpp: the window clipped to the padded input gives pool_size, then clipped
+    // to the input.
+    let h0 = o_h * g.sh as i32 - g.ph as i32;
+    let h1 = (h0 + g.kh as i32).min(hi + g.ph as i32);
+    let w0 = o_w * g.sw as i32 - g.pw as i32;
+    let w1 = (w0 + g.kw as i32).min(wi + g.pw as i32);
+    let pool_size = (h1 - h0) * (w1 - w0);
+    let (a0, a1) = (h0.max(0), h1.min(hi));
+    let (b0, b1) = (w0.max(0), w1.min(wi));
+    if a0 >= a1 || b0 >= b1 {
+        *y.add(i) = 0.0;
+        return;
+    }
+    let divisor = if divisor_override != 0 {
+        divisor_override as i32
+    } else if count_include_pad != 0 {
+        pool_size
+    } else {
+        (a1 - a0) * (b1 - b0)
+    };
+    let xp = x.add(plane * (g.h * g.w) as usize);
+    let mut sum = 0.0f32;
+    for ih in a0..a1 {
+        for iw in b0..b1 {
+            sum += *xp.add((ih * wi + iw) as usize);
+        }
+    }
+    *y.add(i) = sum / divisor as f32;
+}
+
+/// Adaptive average pooling to `oh × ow` (the kernel fields of `g` are unused). A `1 × 1` output
+/// divides once by `h · w`, as PyTorch's `mean` does.
+///
+/// # Safety
+/// As [`max_pool2d`]; `h` and `w` are non-zero.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn adaptive_avg_pool2d(
+    x: *const f32,
+    y: *mut f32,
+    planes: u32,
+    g: PoolWindow,
+) {
+    use crate::gpu;
+    let out_plane = g.oh * g.ow;
+    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
+    if i >= planes as usize * out_plane as usize {
+        return;
+    }
+    let plane = i / out_plane as usize;
+    let o = (i % out_plane as usize) as u32;
+    let (o_h, o_w) = (o / g.ow, o % g.ow);
+    let (h0, h1) = (adaptive_start(o_h, g.oh, g.h), adaptive_end(o_h, g.oh, g.h));
+    let (w0, w1) = (adaptive_start(o_w, g.ow, g.w), adaptive_end(o_w, g.ow, g.w));
+    let xp = x.add(plane * (g.h * g.w) as usize);
+    let mut sum = 0.0f32;
+    for ih in h0..h1 {
+        for iw in w0..w1 {
+            sum += *xp.add((ih * g.w + iw) as usize);
+        }
+    }
+    *y.add(i) = if g.oh == 1 && g.ow == 1 {
+        sum / (g.h * g.w) as f32
+    } else {
+        sum / (h1 - h0) as f32 / (w1 - w0) as f32
+    };
+}

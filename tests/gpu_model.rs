@@ -1,0 +1,324 @@
+//! Every operator of the model zoo on CUDA equals its CPU twin, and whole zoo models (dense and
+//! optimized) give the CPU's spikes and logits on the GPU.
+//!
+//! Outputs start as NaN (`set_poison_new_tensors`), and every element is compared. Element-wise
+//! operators, neurons and pooling must match bit for bit; convolutions and linear layers, whose
+//! sums run in another order, within 1e-5 of the largest reference value. In whole models a
+//! spike may differ only where the CPU's membrane lies within 1e-5 of the threshold (a "tie"),
+//! checked node by node on the GPU's own inputs; logits agree within 1e-4 relative.
+//!
+//! Skipped (with a notice) without a GPU; `SPARSEFLOW_REQUIRE_GPU=1` makes that a failure.
+use std::sync::Arc;
+
+use sparseflow::cuda::{set_poison_new_tensors, CudaBackend, DeviceTensor};
+use sparseflow::graph::Graph;
+use sparseflow::model::{self, init, ModelConfig, NeuronConfig, NeuronKind};
+use sparseflow::ops::batch_norm::BatchNorm2d;
+use sparseflow::ops::connect::{Add, ConnectFunction, SewConnect};
+use sparseflow::ops::conv2d::Conv2d;
+use sparseflow::ops::flatten::Flatten;
+use sparseflow::ops::linear::Linear;
+use sparseflow::ops::neuron::{as_spiking_neuron, Firing, IFNode, LIFNode, ParametricLIFNode};
+use sparseflow::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
+use sparseflow::ops::Operator;
+use sparseflow::optimize::{optimize, OptimizeOptions};
+use sparseflow::testing::{gpu_or_skip, random_spikes, random_uniform};
+use sparseflow::{Device, Tensor};
+
+fn gpu(test: &str) -> Option<Arc<CudaBackend>> {
+    let backend = gpu_or_skip(test)?;
+    set_poison_new_tensors(true);
+    Some(backend)
+}
+
+fn run_cuda(backend: &Arc<CudaBackend>, op: &dyn Operator, inputs: &[&Tensor]) -> Tensor {
+    let device: Vec<DeviceTensor> = inputs
+        .iter()
+        .map(|t| DeviceTensor::upload(backend, t).unwrap())
+        .collect();
+    let refs: Vec<&DeviceTensor> = device.iter().collect();
+    op.forward_cuda(&refs).unwrap().download().unwrap()
+}
+
+/// The GPU output equals the CPU output bit for bit (NaN where the CPU has NaN).
+fn assert_bitwise(backend: &Arc<CudaBackend>, op: &dyn Operator, inputs: &[&Tensor]) {
+    let cpu = op.forward(inputs).unwrap();
+    let gpu = run_cuda(backend, op, inputs);
+    assert_eq!(
+        gpu.shape(),
+        cpu.shape(),
+        "{} {}",
+        op.type_name(),
+        op.describe()
+    );
+    for (i, (g, c)) in gpu.data().iter().zip(cpu.data()).enumerate() {
+        assert!(
+            g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()),
+            "{} {}: element {i}: GPU {g} vs CPU {c}",
+            op.type_name(),
+            op.describe()
+        );
+    }
+}
+
+/// The GPU output is finite and within `1e-5` of the CPU's, relative to the largest value.
+fn assert_close(backend: &Arc<CudaBackend>, op: &dyn Operator, inputs: &[&Tensor]) {
+    let cpu = op.forward(inputs).unwrap();
+    let gpu = run_cuda(backend, op, inputs);
+    assert!(
+        gpu.data().iter().all(|v| v.is_finite()),
+        "{}: unwritten output",
+        op.describe()
+    );
+    let err = gpu.relative_error(&cpu).unwrap();
+    assert!(
+        err <= 1e-5,
+        "{} {}: relative error {err:e}",
+        op.type_name(),
+        op.describe()
+    );
+}
+
+#[test]
+fn gpu_dense_convolution_and_linear_match_cpu() {
+    let Some(backend) = gpu("gpu_dense_convolution_and_linear_match_cpu") else {
+        return;
+    };
+    // (cin, cout, k, stride, padding, dilation, groups, h, w, bias)
+    let geometries = [
+        (3, 64, 7, 2, 3, 1, 1, 40, 37, false),
+        (16, 24, 3, 1, 1, 1, 1, 9, 13, true),
+        (17, 70, 1, 2, 0, 1, 1, 15, 15, true),
+        (8, 8, 3, 1, 2, 2, 1, 11, 10, false),
+        (12, 18, 3, 2, 1, 1, 3, 14, 9, true),
+        (6, 6, 5, 1, 2, 1, 6, 8, 8, true),
+    ];
+    for (i, &(cin, cout, k, s, p, d, g, h, w, bias)) in geometries.iter().enumerate() {
+        let seed = 100 + i as u64;
+        let weight = random_uniform(&[cout, cin / g, k, k], -0.5, 0.5, seed);
+        let bias = bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1));
+        let conv = Conv2d::new(weight, bias, (s, s), (p, p), (d, d), g).unwrap();
+        for shape in [vec![2, cin, h, w], vec![2, 3, cin, h, w]] {
+            let x = random_uniform(&shape, -1.0, 1.0, seed + 2);
+            assert_close(&backend, &conv, &[&x]);
+        }
+    }
+    for (features, outputs, bias) in [(512, 1000, true), (33, 7, false), (1, 65, true)] {
+        let weight = random_uniform(&[outputs, features], -0.1, 0.1, 7);
+        let bias = bias.then(|| random_uniform(&[outputs], -1.0, 1.0, 8));
+        let linear = Linear::new(weight, bias).unwrap();
+        for shape in [vec![features], vec![4, 3, features]] {
+            let x = random_uniform(&shape, -1.0, 1.0, 9);
+            assert_close(&backend, &linear, &[&x]);
+        }
+    }
+    eprintln!(
+        "gpu_dense_convolution_and_linear_match_cpu: passed on {}",
+        backend.name()
+    );
+}
+
+#[test]
+fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
+    let Some(backend) = gpu("gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise")
+    else {
+        return;
+    };
+    let x = random_uniform(&[3, 2, 5, 9, 11], -1.5, 2.5, 1);
+    let mut bn = BatchNorm2d::with_channels(5);
+    for (k, (_, p)) in bn.params_mut().into_iter().enumerate() {
+        *p = random_uniform(&[5], 0.2, 1.5, 20 + k as u64);
+    }
+    assert_bitwise(&backend, &bn, &[&x]);
+
+    let firings = [
+        Firing::default(),
+        Firing {
+            v_threshold: 0.7,
+            v_reset: None,
+            detach_reset: true,
+        },
+        Firing {
+            v_threshold: 1.2,
+            v_reset: Some(-0.3),
+            detach_reset: false,
+        },
+    ];
+    for firing in firings {
+        assert_bitwise(&backend, &IFNode::new(firing), &[&x]);
+        for decay_input in [true, false] {
+            let lif = LIFNode::new(1.7, decay_input, firing).unwrap();
+            assert_bitwise(&backend, &lif, &[&x]);
+            let plif = ParametricLIFNode::new(2.3, decay_input, firing).unwrap();
+            assert_bitwise(&backend, &plif, &[&x]);
+        }
+    }
+
+    let mut with_nan = x.clone();
+    with_nan.data_mut()[17] = f32::NAN;
+    let pools: Vec<Box<dyn Operator>> = vec![
+        Box::new(MaxPool2d::new((3, 3), (2, 2), (1, 1)).unwrap()),
+        Box::new(
+            MaxPool2d::new((2, 3), (1, 2), (1, 0))
+                .unwrap()
+                .with_ceil_mode(true),
+        ),
+        Box::new(
+            MaxPool2d::new((3, 2), (2, 1), (1, 1))
+                .unwrap()
+                .with_dilation((2, 1))
+                .unwrap(),
+        ),
+        Box::new(AvgPool2d::new((3, 3), (2, 2), (1, 1)).unwrap()),
+        Box::new(
+            AvgPool2d::new((3, 2), (2, 2), (1, 1))
+                .unwrap()
+                .with_ceil_mode(true)
+                .with_count_include_pad(false),
+        ),
+        Box::new(
+            AvgPool2d::new((2, 2), (2, 2), (0, 0))
+                .unwrap()
+                .with_divisor_override(Some(3))
+                .unwrap(),
+        ),
+        Box::new(AdaptiveAvgPool2d::new((1, 1)).unwrap()),
+        Box::new(AdaptiveAvgPool2d::new((4, 3)).unwrap()),
+    ];
+    for pool in &pools {
+        assert_bitwise(&backend, pool.as_ref(), &[&x]);
+        assert_bitwise(&backend, pool.as_ref(), &[&with_nan]);
+    }
+
+    let a = random_spikes(&[2, 3, 4, 7, 5], 0.4, 2);
+    let b = random_spikes(&[2, 3, 4, 7, 5], 0.6, 3);
+    assert_bitwise(&backend, &Add, &[&a, &b]);
+    for function in [
+        ConnectFunction::Add,
+        ConnectFunction::And,
+        ConnectFunction::Iand,
+    ] {
+        assert_bitwise(&backend, &SewConnect { function }, &[&a, &b]);
+    }
+    assert_bitwise(&backend, &Flatten { start_dim: 2 }, &[&x]);
+    eprintln!(
+        "gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise: passed on {}",
+        backend.name()
+    );
+}
+
+fn calibrated(name: &str, config: &ModelConfig, image: &Tensor) -> Graph {
+    let mut g = model::build(name, config).unwrap();
+    init::init_seeded(&mut g, 17).unwrap();
+    init::calibrate_batchnorm(&mut g, image).unwrap();
+    g
+}
+
+/// Runs `g` on the GPU and checks every node against the CPU on the GPU's own inputs, then the
+/// logits against a CPU forward. Returns (spikes compared, threshold ties).
+fn check_model(backend: &Arc<CudaBackend>, label: &str, g: &Graph, x: &Tensor) -> (usize, usize) {
+    let (mut spikes, mut ties) = (0, 0);
+    let dx = DeviceTensor::upload(backend, x).unwrap();
+    let gpu_logits = g
+        .forward_cuda_observed(&dx, &mut |run| {
+            let inputs: Vec<Tensor> = run.inputs.iter().map(|t| t.download().unwrap()).collect();
+            let refs: Vec<&Tensor> = inputs.iter().collect();
+            let gpu = run.output.download()?;
+            let what = format!(
+                "{label}: node {} ({})",
+                run.node.name,
+                run.node.op.type_name()
+            );
+            assert!(
+                gpu.data().iter().all(|v| v.is_finite()),
+                "{what}: non-finite output"
+            );
+            if let Some(neuron) = as_spiking_neuron(run.node.op.as_ref()) {
+                let (cpu, charge) = neuron.forward_with_charge(refs[0])?;
+                let th = neuron.firing().v_threshold;
+                for ((g, c), h) in gpu.data().iter().zip(cpu.data()).zip(charge.data()) {
+                    spikes += 1;
+                    if g != c {
+                        assert!((h - th).abs() <= 1e-5, "{what}: spike differs, H = {h}");
+                        ties += 1;
+                    }
+                }
+            } else {
+                let cpu = run.node.op.forward(&refs)?;
+                let err = gpu.relative_error(&cpu)?;
+                assert!(err <= 1e-5, "{what}: relative error {err:e}");
+            }
+            Ok(())
+        })
+        .unwrap()
+        .download()
+        .unwrap();
+    let cpu_logits = g.forward(x).unwrap();
+    let err = gpu_logits.relative_error(&cpu_logits).unwrap();
+    assert!(err <= 1e-4, "{label}: logits differ by {err:e}");
+    (spikes, ties)
+}
+
+#[test]
+fn gpu_zoo_models_match_cpu_dense_and_optimized() {
+    let Some(backend) = gpu("gpu_zoo_models_match_cpu_dense_and_optimized") else {
+        return;
+    };
+    let image = random_uniform(&[2, 2, 3, 32, 32], 0.0, 1.0, 5);
+    let plif = NeuronConfig {
+        kind: NeuronKind::Plif {
+            init_tau: 2.0,
+            decay_input: false,
+        },
+        firing: Firing {
+            v_threshold: 1.0,
+            v_reset: None,
+            detach_reset: false,
+        },
+    };
+    let cases = [
+        (
+            "spiking_resnet18",
+            ConnectFunction::Add,
+            NeuronConfig::default(),
+        ),
+        ("spiking_resnet18", ConnectFunction::Add, plif),
+        (
+            "sew_resnet18",
+            ConnectFunction::Add,
+            NeuronConfig::default(),
+        ),
+        (
+            "sew_resnet18",
+            ConnectFunction::Iand,
+            NeuronConfig::default(),
+        ),
+        (
+            "spiking_resnet50",
+            ConnectFunction::Add,
+            NeuronConfig::default(),
+        ),
+    ];
+    for (name, connect, neuron) in cases {
+        let config = ModelConfig {
+            num_classes: 10,
+            connect,
+            neuron,
+            ..ModelConfig::default()
+        };
+        let mut g = calibrated(name, &config, &image);
+        let label = format!("{name} {connect:?} {:?}", neuron.kind);
+        let (spikes, ties) = check_model(&backend, &format!("{label} dense"), &g, &image);
+        let options = OptimizeOptions {
+            device: Device::Cuda(backend.ordinal()),
+            ..OptimizeOptions::default()
+        };
+        optimize(&mut g, &options).unwrap();
+        let (o_spikes, o_ties) = check_model(&backend, &format!("{label} optimized"), &g, &image);
+        eprintln!(
+            "{label}: dense {spikes} spikes compared, {ties} ties; optimized {o_spikes} spikes, \
+             {o_ties} ties; on {}",
+            backend.name()
+        );
+    }
+}
