@@ -94,6 +94,8 @@ pub struct NodeRun<'a, V = Tensor> {
 /// A node's run on the GPU.
 pub type DeviceNodeRun<'a> = NodeRun<'a, DeviceTensor>;
 
+type DeviceObserver<'a> = dyn FnMut(&DeviceNodeRun) -> Result<()> + 'a;
+
 #[derive(Debug)]
 pub struct Graph {
     nodes: Vec<Option<Node>>,
@@ -313,7 +315,7 @@ impl Graph {
     fn forward_cuda_inner(
         &self,
         input: &DeviceTensor,
-        mut observe: Option<&mut dyn FnMut(&DeviceNodeRun) -> Result<()>>,
+        mut observe: Option<&mut DeviceObserver>,
     ) -> Result<DeviceTensor> {
         let plan = self.plan()?;
         let single_step = self.single_step_input(input.shape());

@@ -9,6 +9,7 @@
 //! - [`model`]: the zoo (spikingjelly's spiking ResNets and SEW ResNets), seeded init, calibration;
 //! - [`graph`]: the network as a DAG of named operator nodes, executed in topological order;
 //! - [`optimize`]: the passes that swap spike-fed Conv2d / Linear for their sparse twins;
+//! - [`profile`]: per-node latency and sparsity of any graph, on the CPU or a GPU;
 //! - [`ops`]: one module per operator, holding its CPU code, its GPU launch and its tests;
 //! - [`weights`]: safetensors in and out; [`encode`]: Poisson and direct encoders;
 //! - [`device`]: which device runs the work ([`Device::best_available`] never panics);
@@ -23,6 +24,7 @@ pub mod graph;
 pub mod model;
 pub mod ops;
 pub mod optimize;
+pub mod profile;
 pub mod tensor;
 pub mod testing;
 pub mod weights;

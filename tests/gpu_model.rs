@@ -246,7 +246,8 @@ fn check_model(backend: &Arc<CudaBackend>, label: &str, g: &Graph, x: &Tensor) -
             } else {
                 let cpu = run.node.op.forward(&refs)?;
                 let err = gpu.relative_error(&cpu)?;
-                assert!(err <= 1e-5, "{what}: relative error {err:e}");
+                // Long sums (1×1 convs over 2048 channels) run in another order: looser than one op.
+                assert!(err <= 1e-4, "{what}: relative error {err:e}");
             }
             Ok(())
         })
@@ -304,7 +305,6 @@ fn gpu_zoo_models_match_cpu_dense_and_optimized() {
             num_classes: 10,
             connect,
             neuron,
-            ..ModelConfig::default()
         };
         let mut g = calibrated(name, &config, &image);
         let label = format!("{name} {connect:?} {:?}", neuron.kind);

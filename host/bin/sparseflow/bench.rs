@@ -1,20 +1,34 @@
-//! `sparseflow bench`, the main job: a zoo network, dense against optimized, on synthetic
-//! Poisson-encoded images, with a per-layer table.
+//! `sparseflow bench`, the main job: a zoo network, dense against optimized, on the best device,
+//! with a per-layer table (see the README's "The main command").
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
 use sparseflow::encode::Encoding;
 use sparseflow::graph::Graph;
 use sparseflow::model::{self, init, ModelConfig};
-use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
+use sparseflow::optimize::{optimize, Decision, OptimizeOptions, OptimizeReport};
+use sparseflow::profile::{profile, NodeProfile, Profile, ProfileOptions};
 use sparseflow::testing::SplitMix64;
-use sparseflow::{Device, Error, Result, Tensor};
+use sparseflow::{weights, Device, Error, Result, Tensor};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum EncodingArg {
+    Poisson,
+    Direct,
+}
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// spiking_resnet18/34/50/101/152 or sew_resnet18/34/50/101/152
     #[arg(long, default_value = "spiking_resnet18")]
     model: String,
+    /// safetensors state_dict; without it, seeded weights with BatchNorm calibrated on the input
+    #[arg(long)]
+    weights: Option<PathBuf>,
     #[arg(long, default_value_t = 4)]
     timesteps: usize,
     #[arg(long, default_value_t = 1)]
@@ -22,109 +36,273 @@ pub struct BenchArgs {
     /// Image height and width
     #[arg(long, default_value_t = 224)]
     size: usize,
-    /// auto, cpu, cuda or cuda:N (whole networks run on the CPU for now)
+    /// How the synthetic images become T steps of input
+    #[arg(long, value_enum, default_value = "poisson")]
+    encoding: EncodingArg,
+    /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Timed forwards of each model after a warm-up; the median is reported
+    /// Timed forwards per measurement after a warm-up; medians are reported
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    json: bool,
+    /// Also write DIR/weights.safetensors (the dense model's state_dict, as calibrated) and
+    /// DIR/input.safetensors (`input`, `dense_output`, `optimized_output`), for comparisons with
+    /// other frameworks (scripts/compare-spikingjelly.py)
+    #[arg(long, value_name = "DIR")]
+    export: Option<PathBuf>,
 }
 
-/// Per-node times (name → (op, input zeros, time)) of the median run, and the output.
-type Timed = (BTreeMap<String, (String, f64, Duration)>, Duration, Tensor);
-
-fn timed_runs(graph: &Graph, x: &Tensor, repeats: usize) -> Result<Timed> {
-    let mut runs = Vec::new();
-    for run in 0..=repeats.max(1) {
-        let mut nodes = BTreeMap::new();
-        let start = std::time::Instant::now();
-        let out = graph.forward_observed(x, &mut |r| {
-            let zeros = r.inputs.first().map_or(0.0, |t| t.zero_fraction());
-            nodes.insert(
-                r.node.name.clone(),
-                (r.node.op.type_name().to_string(), zeros, r.elapsed),
-            );
-            Ok(())
-        })?;
-        if run > 0 {
-            runs.push((nodes, start.elapsed(), out));
-        }
-    }
-    runs.sort_by_key(|r| r.1);
-    Ok(runs.swap_remove(runs.len() / 2))
+/// The two profiles and how they relate.
+struct Comparison {
+    dense: Profile,
+    sparse: Profile,
+    report: OptimizeReport,
+    output_error: f64,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
     let selection = Device::from_name(&a.device)?;
-    println!("device: {} ({})", selection.device, selection.reason);
-    if let Device::Cuda(_) = selection.device {
-        println!("note: whole networks run on the CPU until the GPU engine lands; `bench-layer --device cuda` times single layers on the GPU");
+    let device = selection.device;
+    let x = synthetic_input(a)?;
+    let build = || -> Result<Graph> {
+        let mut g = model::build(&a.model, &ModelConfig::default())?;
+        match &a.weights {
+            Some(path) => g.load_params(&weights::read(path)?.tensors)?,
+            None => {
+                init::init_seeded(&mut g, 1)?;
+                init::calibrate_batchnorm(&mut g, &x)?;
+            }
+        }
+        Ok(g)
+    };
+    let dense = build()?;
+    let mut sparse = build()?;
+    let dense_params: Vec<(String, Tensor)> = dense
+        .params()
+        .into_iter()
+        .map(|(name, t)| (name, t.clone()))
+        .collect();
+    let options = OptimizeOptions {
+        input_hw: Some((a.size, a.size)),
+        device,
+        ..OptimizeOptions::default()
+    };
+    let report = optimize(&mut sparse, &options)?;
+
+    let forwards = 2 * (1 + 2 * a.repeats.max(1)) as u64;
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(forwards)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} forwards, {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let profile_options = ProfileOptions {
+        repeats: a.repeats,
+        ..ProfileOptions::default()
+    };
+    bar.set_message("dense");
+    let dense = profile(&dense, &x, device, &profile_options, &mut || bar.inc(1))?;
+    bar.set_message("optimized");
+    let sparse = profile(&sparse, &x, device, &profile_options, &mut || bar.inc(1))?;
+    bar.finish_and_clear();
+    let output_error = sparse.output.relative_error(&dense.output)?;
+    if let Some(dir) = &a.export {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let meta = BTreeMap::from([("model".to_string(), a.model.clone())]);
+        weights::write(
+            &dir.join("weights.safetensors"),
+            dense_params.iter().map(|(n, t)| (n.clone(), t)),
+            &meta,
+        )?;
+        weights::write(
+            &dir.join("input.safetensors"),
+            [
+                ("input".to_string(), &x),
+                ("dense_output".to_string(), &dense.output),
+                ("optimized_output".to_string(), &sparse.output),
+            ],
+            &meta,
+        )?;
     }
-    let config = ModelConfig::default();
+    let c = Comparison {
+        dense,
+        sparse,
+        report,
+        output_error,
+    };
+    if a.json {
+        println!("{:#}", to_json(a, &c));
+    } else {
+        print_table(a, &c, &selection.reason);
+    }
+    if output_error > 1e-4 {
+        return Err(Error::InvalidArgument(format!(
+            "the optimized model's output differs from the dense model's by {output_error:.2e}"
+        )));
+    }
+    Ok(())
+}
+
+/// Seeded uniform images `[N, 3, size, size]`, encoded over T steps.
+fn synthetic_input(a: &BenchArgs) -> Result<Tensor> {
     let mut rng = SplitMix64::new(7);
     let n = a.batch * 3 * a.size * a.size;
     let image = Tensor::new(
         vec![a.batch, 3, a.size, a.size],
         (0..n).map(|_| rng.next_f32()).collect(),
     )?;
-    let x = Encoding::Poisson { seed: 11 }.encode(&image, a.timesteps)?;
-    let build = || -> Result<Graph> {
-        let mut g = model::build(&a.model, &config)?;
-        init::init_seeded(&mut g, 1)?;
-        init::calibrate_batchnorm(&mut g, &x)?;
-        Ok(g)
+    let encoding = match a.encoding {
+        EncodingArg::Poisson => Encoding::Poisson { seed: 11 },
+        EncodingArg::Direct => Encoding::Direct,
     };
-    let dense = build()?;
-    let mut sparse = build()?;
-    let options = OptimizeOptions {
-        input_hw: Some((a.size, a.size)),
-        ..OptimizeOptions::default()
-    };
-    let report = optimize(&mut sparse, &options)?;
-    println!(
-        "{}: T={} N={} {}x{} Poisson input, seeded weights, BatchNorm calibrated; optimize: {} replaced, {} folded",
-        a.model, a.timesteps, a.batch, a.size, a.size,
-        report.count(Decision::Replaced), report.count(Decision::Folded)
-    );
-    let (dense_nodes, dense_total, want) = timed_runs(&dense, &x, a.repeats)?;
-    let (sparse_nodes, sparse_total, got) = timed_runs(&sparse, &x, a.repeats)?;
-    let err = got.relative_error(&want)?;
+    encoding.encode(&image, a.timesteps)
+}
 
+/// One row per node of the optimized model; a convolution's dense time includes the BatchNorm
+/// that optimize folded into it.
+struct Row<'a> {
+    node: &'a NodeProfile,
+    dense: Option<Duration>,
+}
+
+fn rows(c: &Comparison) -> Vec<Row<'_>> {
+    c.sparse
+        .nodes
+        .iter()
+        .filter(|n| n.op != "Input")
+        .map(|node| {
+            let folded = c.report.entries.iter().filter(|e| {
+                e.decision == Decision::Folded && e.reason.contains(&format!("`{}`", node.name))
+            });
+            let dense = c.dense.node(&node.name).map(|d| {
+                d.time
+                    + folded
+                        .filter_map(|e| c.dense.node(&e.node))
+                        .map(|bn| bn.time)
+                        .sum::<Duration>()
+            });
+            Row { node, dense }
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
     println!(
-        "\n{:24} {:14} {:>8} {:>10} {:>10} {:>8}",
-        "layer", "op (optimized)", "zeros", "dense ms", "sparse ms", "speedup"
+        "{} on {} ({reason})\ninput: T={} N={} 3x{}x{} {} encoding; {}; optimize: {} replaced, {} folded, {} kept",
+        a.model,
+        c.sparse.device_name,
+        a.timesteps,
+        a.batch,
+        a.size,
+        a.size,
+        match a.encoding {
+            EncodingArg::Poisson => "Poisson",
+            EncodingArg::Direct => "direct",
+        },
+        match &a.weights {
+            Some(p) => format!("weights {}", p.display()),
+            None => "seeded weights, BatchNorm calibrated".into(),
+        },
+        c.report.count(Decision::Replaced),
+        c.report.count(Decision::Folded),
+        c.report.count(Decision::Kept),
     );
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    for (name, (op, zeros, t)) in &sparse_nodes {
-        if op != "SparseConv2d" && op != "SparseLinear" {
-            continue;
-        }
-        // The dense twin is the conv plus the BatchNorm folded into it.
-        let bn = report
-            .entries
-            .iter()
-            .find(|e| e.decision == Decision::Folded && e.reason.contains(&format!("`{name}`")));
-        let dense_t = dense_nodes.get(name).map(|d| d.2).unwrap_or_default()
-            + bn.and_then(|e| dense_nodes.get(&e.node))
-                .map(|d| d.2)
-                .unwrap_or_default();
+    println!(
+        "\n{:26} {:18} {:22} {:>7} {:>12} {:>9} {:>9} {:>8}",
+        "layer",
+        "op (optimized)",
+        "input shape",
+        "zeros",
+        "zero blocks",
+        "dense ms",
+        "sparse ms",
+        "speedup"
+    );
+    for row in rows(c) {
+        let n = row.node;
+        let blocks = n
+            .chosen_block
+            .map_or("-".to_string(), |(b, r)| format!("{:.1}% @{b}", 100.0 * r));
+        let dense = row
+            .dense
+            .map_or("-".to_string(), |d| format!("{:.3}", ms(d)));
+        let speedup = row
+            .dense
+            .map_or("-".to_string(), |d| format!("{:.2}x", ms(d) / ms(n.time)));
         println!(
-            "{name:24} {op:14} {:7.2}% {:10.3} {:10.3} {:7.2}x",
-            100.0 * zeros,
-            ms(dense_t),
-            ms(*t),
-            ms(dense_t) / ms(*t)
+            "{:26} {:18} {:22} {:6.2}% {:>12} {:>9} {:9.3} {:>8}",
+            n.name,
+            n.op,
+            format!("{:?}", n.input_shape),
+            100.0 * n.input_zeros,
+            blocks,
+            dense,
+            ms(n.time),
+            speedup
         );
     }
+    let sum = |p: &Profile| p.nodes.iter().map(|n| n.time).sum::<Duration>();
     println!(
-        "\ntotal: dense {:.1} ms, optimized {:.1} ms, speedup {:.2}x (median of {}, CPU, {} threads); outputs agree: {} (max error {err:.1e})",
-        ms(dense_total), ms(sparse_total), ms(dense_total) / ms(sparse_total), a.repeats.max(1),
-        rayon::current_num_threads(), err <= 1e-4
+        "\nsum of layers: dense {:.2} ms, optimized {:.2} ms",
+        ms(sum(&c.dense)),
+        ms(sum(&c.sparse))
     );
-    if err > 1e-4 {
-        return Err(Error::InvalidArgument(format!(
-            "optimized output differs by {err:.2e}"
-        )));
-    }
-    Ok(())
+    println!(
+        "total (one forward, median of {}): dense {:.2} ms, optimized {:.2} ms, speedup {:.2}x",
+        a.repeats.max(1),
+        ms(c.dense.total),
+        ms(c.sparse.total),
+        ms(c.dense.total) / ms(c.sparse.total)
+    );
+    println!(
+        "outputs agree: {} (largest difference {:.1e} of the largest logit)",
+        if c.output_error <= 1e-4 { "yes" } else { "NO" },
+        c.output_error
+    );
+}
+
+fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
+    let layers: Vec<_> = rows(c)
+        .iter()
+        .map(|row| {
+            let n = row.node;
+            json!({
+                "layer": n.name, "op": n.op, "config": n.config,
+                "input_shape": n.input_shape, "output_shape": n.output_shape,
+                "input_sparsity": n.input_zeros,
+                "block": n.chosen_block.map(|b| b.0),
+                "zero_block_ratio": n.chosen_block.map(|b| b.1),
+                "dense_ms": row.dense.map(ms), "sparse_ms": ms(n.time),
+                "speedup": row.dense.map(|d| ms(d) / ms(n.time)),
+            })
+        })
+        .collect();
+    json!({
+        "model": a.model, "device": c.sparse.device_name,
+        "timesteps": a.timesteps, "batch": a.batch, "size": a.size,
+        "encoding": match a.encoding { EncodingArg::Poisson => "poisson", EncodingArg::Direct => "direct" },
+        "weights": a.weights.as_ref().map(|p| p.display().to_string()),
+        "repeats": a.repeats.max(1),
+        "replaced": c.report.count(Decision::Replaced),
+        "folded": c.report.count(Decision::Folded),
+        "dense_ms": ms(c.dense.total), "optimized_ms": ms(c.sparse.total),
+        "speedup": ms(c.dense.total) / ms(c.sparse.total),
+        "output_relative_error": c.output_error,
+        "outputs_agree": c.output_error <= 1e-4,
+        "layers": layers,
+    })
 }

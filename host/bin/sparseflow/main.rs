@@ -8,10 +8,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod bench;
 mod bench_layer;
 mod cudnn_baseline;
+mod profile_models;
+use sparseflow::cuda::{CudaBackend, DeviceTensor};
 use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::neuron::Firing;
 use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
+use sparseflow::profile::{profile, ProfileOptions};
 use sparseflow::{weights, Device, Error, Result};
 
 #[derive(Parser)]
@@ -44,6 +47,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Time one layer, dense against sparse, on the same synthetic spikes.
     BenchLayer(bench_layer::BenchLayerArgs),
+    /// Sparsity of zoo models: average input sparsity and zero-block ratios of the sparse layers.
+    Profile(profile_models::ProfileArgs),
     /// Show the selected device and the kernel module.
     Info,
 }
@@ -189,6 +194,7 @@ fn main() {
         } => inspect(&model, optimize, size),
         Command::Bench(args) => bench::bench(&args),
         Command::BenchLayer(args) => bench_layer::bench_layer(&args),
+        Command::Profile(args) => profile_models::profile_models(&args),
         Command::Info => info(),
     };
     if let Err(err) = result {
@@ -199,14 +205,7 @@ fn main() {
 
 fn run(args: &RunArgs) -> Result<()> {
     let selection = Device::from_name(&args.device)?;
-    if let Device::Cuda(_) = selection.device {
-        if args.device != "auto" {
-            return Err(Error::InvalidArgument(
-                "whole models do not run on CUDA yet; use --device cpu".into(),
-            ));
-        }
-        eprintln!("note: whole models run on the CPU until the GPU engine lands");
-    }
+    let device = selection.device;
     let config = args.model.config()?;
     let mut graph = model::build(&args.model.model, &config)?;
     let input_file = weights::read(&args.input)?;
@@ -223,6 +222,7 @@ fn run(args: &RunArgs) -> Result<()> {
         let shape = input.shape();
         let options = OptimizeOptions {
             input_hw: (shape.len() >= 2).then(|| (shape[shape.len() - 2], shape[shape.len() - 1])),
+            device,
             ..OptimizeOptions::default()
         };
         let report = optimize(&mut graph, &options)?;
@@ -233,49 +233,43 @@ fn run(args: &RunArgs) -> Result<()> {
             report.count(Decision::Kept)
         );
     }
-    let mut rows = Vec::new();
-    let mut times = Vec::new();
-    let mut output = None;
-    // With --repeats, the first run is a warm-up (first-touch page faults, lazy set-up).
-    let runs = if args.repeats > 1 {
-        args.repeats + 1
-    } else {
-        1
-    };
-    for run in 0..runs {
-        rows.clear();
-        let start = Instant::now();
-        output = Some(graph.forward_observed(input, &mut |r| {
-            if args.profile {
-                let zeros = r.inputs.first().map_or(0.0, |t| t.zero_fraction());
-                rows.push((r.node.name.clone(), r.node.op.type_name(), zeros, r.elapsed));
+    let (output, ms, note) = if args.profile || args.repeats > 1 {
+        let options = ProfileOptions {
+            repeats: args.repeats,
+            ..ProfileOptions::default()
+        };
+        let p = profile(&graph, input, device, &options, &mut || {})?;
+        if args.profile {
+            for n in &p.nodes {
+                eprintln!(
+                    "{:24} {:18} input {:6.2}% zeros {:9.3} ms",
+                    n.name,
+                    n.op,
+                    100.0 * n.input_zeros,
+                    n.time.as_secs_f64() * 1e3
+                );
             }
-            Ok(())
-        })?);
-        if runs == 1 || run > 0 {
-            times.push(start.elapsed().as_secs_f64() * 1e3);
         }
-    }
-    let output = output.expect("at least one run");
-    for (name, op, zeros, t) in &rows {
-        eprintln!(
-            "{name:24} {op:18} input {:6.2}% zeros {:9.3} ms",
-            100.0 * zeros,
-            t.as_secs_f64() * 1e3
-        );
-    }
-    times.sort_by(f64::total_cmp);
-    let note = if runs > 1 {
-        format!(" (median of {} after a warm-up)", args.repeats)
+        let note = format!(" (median of {} after a warm-up)", args.repeats.max(1));
+        (p.output, p.total.as_secs_f64() * 1e3, note)
     } else {
-        String::new()
+        let start = Instant::now();
+        let output = match device {
+            Device::Cpu => graph.forward(input)?,
+            Device::Cuda(ordinal) => {
+                let backend = CudaBackend::get(ordinal)?;
+                let x = DeviceTensor::upload(&backend, input)?;
+                graph.forward_cuda(&x)?.download()?
+            }
+        };
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        (output, ms, " (one cold run, uploads included)".to_string())
     };
     eprintln!(
-        "{}: input {:?} -> output {:?} in {:.1} ms on cpu{note}",
+        "{}: input {:?} -> output {:?} in {ms:.1} ms on {device}{note}",
         args.model.model,
         input.shape(),
         output.shape(),
-        times[times.len() / 2],
     );
     weights::write(
         &args.output,
