@@ -120,12 +120,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         })?;
         let meta = BTreeMap::from([("model".to_string(), a.model.clone())]);
         weights::write(
-            &dir.join("weights.safetensors"),
+            dir.join("weights.safetensors"),
             dense_params.iter().map(|(n, t)| (n.clone(), t)),
             &meta,
         )?;
         weights::write(
-            &dir.join("input.safetensors"),
+            dir.join("input.safetensors"),
             [
                 ("input".to_string(), &x),
                 ("dense_output".to_string(), &dense.output),
