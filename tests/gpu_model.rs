@@ -322,3 +322,72 @@ fn gpu_zoo_models_match_cpu_dense_and_optimized() {
         );
     }
 }
+
+/// Larger maps select the 8×8-tile kernels (the 32×32 models above run the 4×4 ones), and a
+/// longer T and a larger batch exercise the indexing.
+#[test]
+fn gpu_resnet18_at_112_pixels_matches_cpu() {
+    let Some(backend) = gpu("gpu_resnet18_at_112_pixels_matches_cpu") else {
+        return;
+    };
+    let image = random_uniform(&[4, 3, 3, 112, 112], 0.0, 1.0, 6);
+    for name in ["spiking_resnet18", "sew_resnet18"] {
+        let config = ModelConfig {
+            num_classes: 10,
+            ..ModelConfig::default()
+        };
+        let mut g = calibrated(name, &config, &image);
+        let options = OptimizeOptions {
+            device: Device::Cuda(backend.ordinal()),
+            input_hw: Some((112, 112)),
+            ..OptimizeOptions::default()
+        };
+        optimize(&mut g, &options).unwrap();
+        let (spikes, ties) = check_model(&backend, &format!("{name} 112 optimized"), &g, &image);
+        eprintln!("{name} at 112x112, optimized: {spikes} spikes compared, {ties} ties");
+    }
+}
+
+/// Diagnostic (run with `--ignored`): where do the GPU's dense and optimized models first
+/// disagree at `SPARSEFLOW_DIAG_BATCH` × 224²? Prints, per neuron layer, the differing spikes.
+#[test]
+#[ignore]
+fn gpu_dense_vs_optimized_divergence() {
+    let Some(backend) = gpu("gpu_dense_vs_optimized_divergence") else {
+        return;
+    };
+    let batch: usize = std::env::var("SPARSEFLOW_DIAG_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let image = random_uniform(&[4, batch, 3, 224, 224], 0.0, 1.0, 6);
+    let dense = calibrated("spiking_resnet18", &ModelConfig::default(), &image);
+    let mut sparse = calibrated("spiking_resnet18", &ModelConfig::default(), &image);
+    let options = OptimizeOptions {
+        device: Device::Cuda(backend.ordinal()),
+        input_hw: Some((224, 224)),
+        ..OptimizeOptions::default()
+    };
+    optimize(&mut sparse, &options).unwrap();
+    let dx = DeviceTensor::upload(&backend, &image).unwrap();
+    let spikes = |g: &Graph| {
+        let mut out = Vec::new();
+        g.forward_cuda_observed(&dx, &mut |run| {
+            if as_spiking_neuron(run.node.op.as_ref()).is_some() {
+                out.push((run.node.name.clone(), run.output.download()?));
+            }
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    for ((name, a), (_, b)) in spikes(&dense).iter().zip(&spikes(&sparse)) {
+        let differ = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .filter(|(x, y)| x != y)
+            .count();
+        eprintln!("{name:20} {differ:>9} of {:>10} spikes differ", a.len());
+    }
+}

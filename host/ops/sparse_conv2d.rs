@@ -202,7 +202,11 @@ impl SparseConv2d {
         // SAFETY: arguments match `sparse_conv_k*_s*_b*`'s signature and contract.
         unsafe {
             launch.launch(LaunchConfig {
-                grid_dim: (tiles_x * tiles_y, n32, 1),
+                grid_dim: (
+                    tiles_x * tiles_y,
+                    n32,
+                    (weights.padded_outputs as u32) / COUT_PER_PASS,
+                ),
                 block_dim: (CONV_THREADS, 1, 1),
                 shared_mem_bytes: shared,
             })?

@@ -170,7 +170,7 @@ pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
 
 /// # Safety
 /// Buffers as in the module docs; `out` holds `n·cout·oh·ow` floats. Launch with grid
-/// `(tiles_x · tiles_y, n)`, `CONV_THREADS` threads and `conv_shared_bytes(B, K, S, Cin)` bytes
+/// `(tiles_x · tiles_y, n, cout_pad / 64)`, `CONV_THREADS` threads and `conv_shared_bytes(B, K, S, Cin)` bytes
 /// of dynamic shared memory.
 ///
 /// Each warp owns `B²/8` output pixels of the tile, their accumulators in registers. The CTA
@@ -234,8 +234,10 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
 
     // The weight rows end with one row of zeros, read in place of missing channels.
     let zero_row = K * K * cin;
-    let mut chunk = 0;
-    while chunk < cout_pad {
+    // Each CTA computes one pass of 64 output channels: deep layers (7×7 maps, 512 channels)
+    // have few tiles, and splitting their channels over the grid keeps every SM busy.
+    let chunk = gpu::block_z() * COUT_PER_PASS;
+    {
         let co = chunk + 2 * lane;
         let (b0, b1) = (*bias.add(co as usize), *bias.add(co as usize + 1));
         let mut p = warp;
@@ -298,8 +300,6 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
             }
             i += CONV_THREADS;
         }
-        gpu::sync_threads();
-        chunk += COUT_PER_PASS;
     }
 }
 

@@ -60,7 +60,60 @@ struct Comparison {
     dense: Profile,
     sparse: Profile,
     report: OptimizeReport,
-    output_error: f64,
+    agreement: Agreement,
+}
+
+/// How closely the optimized model's logits follow the dense model's. The two sum in different
+/// orders (BatchNorm folded, sparse gathers), so a membrane that lands within rounding of the
+/// threshold can fire in one and not the other, and the flip propagates to later layers: exact
+/// agreement is expected on small inputs, close agreement on large batches.
+struct Agreement {
+    /// Largest |difference| over the largest |logit|.
+    max_error: f64,
+    /// Σ|difference| / Σ|logit|.
+    mean_error: f64,
+    /// Fraction of samples whose T-averaged top-1 class is the same.
+    top1: f64,
+}
+
+impl Agreement {
+    /// Beyond this mean error the difference is not tie flips but a wrong result.
+    const MEAN_ERROR_LIMIT: f64 = 0.05;
+
+    fn measure(got: &Tensor, want: &Tensor) -> Result<Self> {
+        let max_error = got.relative_error(want)?;
+        let (g, w) = (got.data(), want.data());
+        let diff: f64 = g.iter().zip(w).map(|(a, b)| (a - b).abs() as f64).sum();
+        let norm: f64 = w.iter().map(|b| b.abs() as f64).sum();
+        let mean_error = if norm > 0.0 { diff / norm } else { diff };
+        // Logits [T, N, classes]: average over T, then compare each sample's top class.
+        let shape = want.shape();
+        let classes = *shape.last().unwrap_or(&1);
+        let (steps, samples) = match shape {
+            [t, n, _] => (*t, *n),
+            _ => (1, want.len() / classes.max(1)),
+        };
+        let top = |x: &[f32], n: usize| {
+            let mean: Vec<f32> = (0..classes)
+                .map(|c| (0..steps).map(|t| x[(t * samples + n) * classes + c]).sum())
+                .collect();
+            (0..classes).max_by(|&a, &b| mean[a].total_cmp(&mean[b]))
+        };
+        let same = (0..samples).filter(|&n| top(g, n) == top(w, n)).count();
+        Ok(Self {
+            max_error,
+            mean_error,
+            top1: same as f64 / samples.max(1) as f64,
+        })
+    }
+
+    fn exact(&self) -> bool {
+        self.max_error <= 1e-4
+    }
+
+    fn acceptable(&self) -> bool {
+        self.exact() || self.mean_error <= Self::MEAN_ERROR_LIMIT
+    }
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -112,7 +165,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     bar.set_message("optimized");
     let sparse = profile(&sparse, &x, device, &profile_options, &mut || bar.inc(1))?;
     bar.finish_and_clear();
-    let output_error = sparse.output.relative_error(&dense.output)?;
+    let agreement = Agreement::measure(&sparse.output, &dense.output)?;
     if let Some(dir) = &a.export {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.clone(),
@@ -138,16 +191,19 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         dense,
         sparse,
         report,
-        output_error,
+        agreement,
     };
     if a.json {
         println!("{:#}", to_json(a, &c));
     } else {
         print_table(a, &c, &selection.reason);
     }
-    if output_error > 1e-4 {
+    let agreement = &c.agreement;
+    if !agreement.acceptable() {
         return Err(Error::InvalidArgument(format!(
-            "the optimized model's output differs from the dense model's by {output_error:.2e}"
+            "the optimized model's output differs from the dense model's: mean error {:.2e}, \
+             largest {:.2e}",
+            agreement.mean_error, agreement.max_error
         )));
     }
     Ok(())
@@ -268,10 +324,20 @@ fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
         ms(c.sparse.total),
         ms(c.dense.total) / ms(c.sparse.total)
     );
+    let g = &c.agreement;
+    let verdict = if g.exact() {
+        "yes, within 1e-4"
+    } else if g.acceptable() {
+        "closely (spikes at threshold ties flip and propagate)"
+    } else {
+        "NO"
+    };
     println!(
-        "outputs agree: {} (largest difference {:.1e} of the largest logit)",
-        if c.output_error <= 1e-4 { "yes" } else { "NO" },
-        c.output_error
+        "outputs agree: {verdict}: largest difference {:.1e} of the largest logit, mean {:.1e}, \
+         top-1 class the same for {:.1}% of samples",
+        g.max_error,
+        g.mean_error,
+        100.0 * g.top1
     );
 }
 
@@ -301,8 +367,10 @@ fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
         "folded": c.report.count(Decision::Folded),
         "dense_ms": ms(c.dense.total), "optimized_ms": ms(c.sparse.total),
         "speedup": ms(c.dense.total) / ms(c.sparse.total),
-        "output_relative_error": c.output_error,
-        "outputs_agree": c.output_error <= 1e-4,
+        "output_max_relative_error": c.agreement.max_error,
+        "output_mean_relative_error": c.agreement.mean_error,
+        "top1_agreement": c.agreement.top1,
+        "outputs_agree": c.agreement.acceptable(),
         "layers": layers,
     })
 }
