@@ -56,6 +56,18 @@ fn main() {
     };
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    println!("cargo::rustc-check-cfg=cfg(sparseflow_ptx_from_kernels_crate)");
+    if !root.join(KERNEL_DIR).exists() {
+        // A packaged build (e.g. from crates.io): the kernel sources ship in the
+        // `sparseflow-kernels` crate, whose `COMMITTED_PTX` the library embeds instead.
+        if matches!(mode, Mode::Check | Mode::Write) {
+            fail("SPARSEFLOW_PTX=check/write need the kernels-gpu/ sources of the repository");
+        }
+        println!("cargo:rustc-cfg=sparseflow_ptx_from_kernels_crate");
+        fs::write(out_dir.join(PTX_NAME), "").unwrap();
+        println!("cargo:rustc-env=SPARSEFLOW_PTX_ORIGIN=committed");
+        return;
+    }
     let committed = fs::read_to_string(root.join(COMMITTED_PTX)).ok();
     let toolchain = Toolchain::locate();
 

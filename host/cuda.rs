@@ -13,7 +13,12 @@ use crate::error::{Error, Result};
 
 /// The PTX of `kernels-gpu/`, built by build.rs (or the committed copy when the nvptx toolchain is
 /// absent).
+#[cfg(not(sparseflow_ptx_from_kernels_crate))]
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparseflow_kernels.ptx"));
+/// The PTX of `kernels-gpu/` (a packaged build without the kernel sources: the copy committed in
+/// the `sparseflow-kernels` crate).
+#[cfg(sparseflow_ptx_from_kernels_crate)]
+pub const PTX: &str = sparseflow_kernels::COMMITTED_PTX;
 /// `built` when build.rs compiled the kernels, `committed` when it used the committed PTX.
 pub const PTX_ORIGIN: &str = env!("SPARSEFLOW_PTX_ORIGIN");
 
