@@ -232,17 +232,14 @@ impl Conv2d {
             dw: self.dilation.1 as u32,
             groups: self.groups as u32,
         };
-        let weights = self.device_weights(x.backend())?;
+        let weights = DenseDeviceWeights::cached(
+            &self.device,
+            x.backend(),
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
         launch_dense_conv(x, &weights, geometry, &mut out)?;
         Ok(out)
-    }
-
-    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DenseDeviceWeights>> {
-        let mut sources = vec![&self.weight];
-        sources.extend(self.bias.as_ref());
-        self.device.get(backend, &sources, || {
-            DenseDeviceWeights::upload(backend, &self.weight, self.bias.as_ref())
-        })
     }
 
     /// The dense core on raw slices: `input` is `[n, Cin, h, w]` and `out` is
@@ -313,11 +310,19 @@ pub(crate) struct DenseDeviceWeights {
 }
 
 impl DenseDeviceWeights {
-    pub(crate) fn upload(
-        backend: &CudaBackend,
+    /// The copy in `cache` for `backend`, uploaded when missing or stale.
+    pub(crate) fn cached(
+        cache: &DeviceCache<Self>,
+        backend: &Arc<CudaBackend>,
         weight: &Tensor,
         bias: Option<&Tensor>,
-    ) -> Result<Self> {
+    ) -> Result<Arc<Self>> {
+        let mut sources = vec![weight];
+        sources.extend(bias);
+        cache.get(backend, &sources, || Self::upload(backend, weight, bias))
+    }
+
+    fn upload(backend: &CudaBackend, weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let stream = backend.stream();
         Ok(Self {
             weight: stream.clone_htod(weight.data())?,

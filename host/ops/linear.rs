@@ -2,11 +2,9 @@
 //! `y = x · Wᵀ + b` on the last dimension; every leading dimension is batch (`[T, N, F]`,
 //! `[N, F]` and a plain `[F]` all work). One GEMM through the `gemm` crate, multithreaded on
 //! rayon when the product is large.
-use std::sync::Arc;
-
 use sparseflow_kernels::dense_conv::ConvGeometry;
 
-use crate::cuda::{CudaBackend, DeviceCache, DeviceTensor};
+use crate::cuda::{DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{launch_dense_conv, sgemm_strided, DenseDeviceWeights};
 use crate::ops::{expect_inputs, Operator};
@@ -41,18 +39,7 @@ impl Linear {
     /// The layer on a CUDA tensor `[..., F]`, staying on the device: the dense convolution kernel
     /// with `1 × 1` geometry, one "pixel" per row.
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
-        self.validate()?;
-        let shape = x.shape();
-        if shape.last() != Some(&self.in_features()) {
-            return Err(Error::Shape(format!(
-                "Linear {} expects input [..., {}], got {shape:?}",
-                self.describe(),
-                self.in_features()
-            )));
-        }
-        let rows: usize = shape[..shape.len() - 1].iter().product();
-        let mut out_shape = shape[..shape.len() - 1].to_vec();
-        out_shape.push(self.out_features());
+        let (rows, out_shape) = self.rows_and_output_shape(x.shape())?;
         let mut out = DeviceTensor::uninit(x.backend(), out_shape)?;
         out.len_u32()?;
         let geometry = ConvGeometry {
@@ -73,17 +60,30 @@ impl Linear {
             dw: 1,
             groups: 1,
         };
-        let weights = self.device_weights(x.backend())?;
+        let weights = DenseDeviceWeights::cached(
+            &self.device,
+            x.backend(),
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
         launch_dense_conv(x, &weights, geometry, &mut out)?;
         Ok(out)
     }
 
-    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DenseDeviceWeights>> {
-        let mut sources = vec![&self.weight];
-        sources.extend(self.bias.as_ref());
-        self.device.get(backend, &sources, || {
-            DenseDeviceWeights::upload(backend, &self.weight, self.bias.as_ref())
-        })
+    /// `(rows, output shape)` for an input `[..., in_features]`.
+    fn rows_and_output_shape(&self, shape: &[usize]) -> Result<(usize, Vec<usize>)> {
+        self.validate()?;
+        if shape.last() != Some(&self.in_features()) {
+            return Err(Error::Shape(format!(
+                "Linear {} expects input [..., {}], got {shape:?}",
+                self.describe(),
+                self.in_features()
+            )));
+        }
+        let rows: usize = shape[..shape.len() - 1].iter().product();
+        let mut out_shape = shape[..shape.len() - 1].to_vec();
+        out_shape.push(self.out_features());
+        Ok((rows, out_shape))
     }
 
     /// Checks the weight and bias shapes.
@@ -180,18 +180,7 @@ impl Operator for Linear {
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let [x] = expect_inputs::<1, _>("Linear", inputs)?;
-        self.validate()?;
-        let shape = x.shape();
-        if shape.last() != Some(&self.in_features()) {
-            return Err(Error::Shape(format!(
-                "Linear {} expects input [..., {}], got {shape:?}",
-                self.describe(),
-                self.in_features()
-            )));
-        }
-        let rows: usize = shape[..shape.len() - 1].iter().product();
-        let mut out_shape = shape[..shape.len() - 1].to_vec();
-        out_shape.push(self.out_features());
+        let (rows, out_shape) = self.rows_and_output_shape(x.shape())?;
         let mut out = vec![0.0f32; rows * self.out_features()];
         self.forward_rows(x.data(), rows, &mut out)?;
         Tensor::new(out_shape, out)

@@ -47,6 +47,19 @@ pub struct PoolWindow {
     pub dw: u32,
 }
 
+/// This thread's output: `(flat index, plane, index within the plane)`, or `None` past the end.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+fn output_position(planes: u32, g: &PoolWindow) -> Option<(usize, usize, u32)> {
+    use crate::gpu;
+    let out_plane = (g.oh * g.ow) as usize;
+    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
+    if i >= planes as usize * out_plane {
+        return None;
+    }
+    Some((i, i / out_plane, (i % out_plane) as u32))
+}
+
 /// Max pooling over `[planes, h, w]` → `[planes, oh, ow]`: padding is -inf and NaN propagates.
 ///
 /// # Safety
@@ -59,14 +72,9 @@ pub unsafe extern "ptx-kernel" fn max_pool2d(
     planes: u32,
     g: PoolWindow,
 ) {
-    use crate::gpu;
-    let out_plane = g.oh * g.ow;
-    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
-    if i >= planes as usize * out_plane as usize {
+    let Some((i, plane, o)) = output_position(planes, &g) else {
         return;
-    }
-    let plane = i / out_plane as usize;
-    let o = (i % out_plane as usize) as u32;
+    };
     let (o_h, o_w) = (o / g.ow, o % g.ow);
     let (h0, h1) = dilated_window(o_h, g.sh, g.ph, g.kh, g.dh, g.h);
     let (w0, w1) = dilated_window(o_w, g.sw, g.pw, g.kw, g.dw, g.w);
@@ -101,14 +109,9 @@ pub unsafe extern "ptx-kernel" fn avg_pool2d(
     count_include_pad: u32,
     divisor_override: u32,
 ) {
-    use crate::gpu;
-    let out_plane = g.oh * g.ow;
-    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
-    if i >= planes as usize * out_plane as usize {
+    let Some((i, plane, o)) = output_position(planes, &g) else {
         return;
-    }
-    let plane = i / out_plane as usize;
-    let o = (i % out_plane as usize) as u32;
+    };
     let (o_h, o_w) = ((o / g.ow) as i32, (o % g.ow) as i32);
     let (hi, wi) = (g.h as i32, g.w as i32);
     // As AvgPoolKernel.cpp: the window clipped to the padded input gives pool_size, then clipped
@@ -154,14 +157,9 @@ pub unsafe extern "ptx-kernel" fn adaptive_avg_pool2d(
     planes: u32,
     g: PoolWindow,
 ) {
-    use crate::gpu;
-    let out_plane = g.oh * g.ow;
-    let i = (gpu::block_x() * POOL_THREADS + gpu::thread_x()) as usize;
-    if i >= planes as usize * out_plane as usize {
+    let Some((i, plane, o)) = output_position(planes, &g) else {
         return;
-    }
-    let plane = i / out_plane as usize;
-    let o = (i % out_plane as usize) as u32;
+    };
     let (o_h, o_w) = (o / g.ow, o % g.ow);
     let (h0, h1) = (adaptive_start(o_h, g.oh, g.h), adaptive_end(o_h, g.oh, g.h));
     let (w0, w1) = (adaptive_start(o_w, g.ow, g.w), adaptive_end(o_w, g.ow, g.w));

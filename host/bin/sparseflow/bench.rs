@@ -211,17 +211,28 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
 
 /// Seeded uniform images `[N, 3, size, size]`, encoded over T steps.
 fn synthetic_input(a: &BenchArgs) -> Result<Tensor> {
-    let mut rng = SplitMix64::new(7);
-    let n = a.batch * 3 * a.size * a.size;
-    let image = Tensor::new(
-        vec![a.batch, 3, a.size, a.size],
-        (0..n).map(|_| rng.next_f32()).collect(),
-    )?;
     let encoding = match a.encoding {
         EncodingArg::Poisson => Encoding::Poisson { seed: 11 },
         EncodingArg::Direct => Encoding::Direct,
     };
-    encoding.encode(&image, a.timesteps)
+    synthetic_images(a.batch, a.size, a.timesteps, encoding)
+}
+
+/// Seeded uniform images `[batch, 3, size, size]` encoded over `timesteps` (the same for every
+/// command, so `bench` and `profile` see the same input).
+pub fn synthetic_images(
+    batch: usize,
+    size: usize,
+    timesteps: usize,
+    encoding: Encoding,
+) -> Result<Tensor> {
+    let mut rng = SplitMix64::new(7);
+    let n = batch * 3 * size * size;
+    let image = Tensor::new(
+        vec![batch, 3, size, size],
+        (0..n).map(|_| rng.next_f32()).collect(),
+    )?;
+    encoding.encode(&image, timesteps)
 }
 
 /// One row per node of the optimized model; a convolution's dense time includes the BatchNorm

@@ -5,8 +5,7 @@ use sparseflow::encode::Encoding;
 use sparseflow::model::{self, init, ModelConfig};
 use sparseflow::optimize::{optimize, OptimizeOptions};
 use sparseflow::profile::{profile, ProfileOptions};
-use sparseflow::testing::SplitMix64;
-use sparseflow::{Device, Result, Tensor};
+use sparseflow::{Device, Result};
 
 #[derive(Args)]
 pub struct ProfileArgs {
@@ -30,13 +29,12 @@ pub struct ProfileArgs {
 
 pub fn profile_models(a: &ProfileArgs) -> Result<()> {
     let device = Device::from_name(&a.device)?.device;
-    let mut rng = SplitMix64::new(7);
-    let n = a.batch * 3 * a.size * a.size;
-    let image = Tensor::new(
-        vec![a.batch, 3, a.size, a.size],
-        (0..n).map(|_| rng.next_f32()).collect(),
+    let x = crate::bench::synthetic_images(
+        a.batch,
+        a.size,
+        a.timesteps,
+        Encoding::Poisson { seed: 11 },
     )?;
-    let x = Encoding::Poisson { seed: 11 }.encode(&image, a.timesteps)?;
     println!(
         "Poisson input T={} N={} {}x{}, seeded weights with BatchNorm calibrated; averages over the \
          inputs of the spike-fed convolutions (mean over layers)\n",
