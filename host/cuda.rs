@@ -74,6 +74,9 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::NoGpu(format!("CUDA device {ordinal} did not open ({e})")))?;
         let name = ctx.name()?;
+        if ctx.has_async_alloc() {
+            keep_pool_memory(ctx.cu_device())?;
+        }
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
         let stream = ctx.default_stream();
         Ok(Self {
@@ -378,6 +381,27 @@ impl<T> DeviceCache<T> {
         *slot = Some((key, value.clone()));
         Ok(value)
     }
+}
+
+/// Lets the device's default memory pool (which serves every `DeviceTensor`, allocated on the
+/// stream) keep freed memory instead of returning it to the driver at each synchronisation: a
+/// forward frees and reallocates hundreds of MB of activations, and re-mapping them every time
+/// costs as much as some layers.
+fn keep_pool_memory(device: cudarc::driver::sys::CUdevice) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on a valid device with valid out-pointers.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, device).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()?;
+    }
+    Ok(())
 }
 
 /// Launches with more than 48 KB of dynamic shared memory need the function's limit raised.

@@ -17,6 +17,7 @@
 //!   device tensors;
 //! - [`tensor`]: host tensors; [`testing`]: GPU skip policy and random tensors for tests.
 pub mod cuda;
+pub mod cudnn;
 pub mod device;
 pub mod encode;
 pub mod error;

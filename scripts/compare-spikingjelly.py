@@ -97,6 +97,7 @@ def main():
         x = data["input"].cuda()
         row = {"model": model, "device": device_name, "batch": args.batch,
                "timesteps": args.timesteps, "size": args.size, "repeats": args.repeats,
+               "sparseflow_dense_conv_engine": bench["dense_conv_engine"],
                "sparseflow_dense_ms": bench["dense_ms"],
                "sparseflow_optimized_ms": bench["optimized_ms"]}
         for label, tf32 in (("fp32", False), ("default_tf32", True)):
@@ -119,7 +120,8 @@ def main():
 
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{'model':18} {'sj fp32':>9} {'sj tf32':>9} {'sf dense':>9} {'sf sparse':>9} "
+    print(f"\nSparseFlow's dense convolutions: {results[0]['sparseflow_dense_conv_engine'] if results else '-'}")
+    print(f"{'model':18} {'sj fp32':>9} {'sj tf32':>9} {'sf dense':>9} {'sf sparse':>9} "
           f"{'x sj fp32':>9} {'x sj tf32':>9} {'x dense':>8} {'sj max err':>10} {'mean err':>8} {'top-1':>6}")
     for r in results:
         print(f"{r['model']:18} {r['spikingjelly_fp32_ms']:9.2f} {r['spikingjelly_default_tf32_ms']:9.2f} "

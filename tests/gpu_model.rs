@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use sparseflow::cuda::{set_poison_new_tensors, CudaBackend, DeviceTensor};
+use sparseflow::cudnn::DenseConvEngine;
 use sparseflow::graph::Graph;
 use sparseflow::model::{self, init, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::batch_norm::BatchNorm2d;
@@ -100,7 +101,29 @@ fn gpu_dense_convolution_and_linear_match_cpu() {
         let conv = Conv2d::new(weight, bias, (s, s), (p, p), (d, d), g).unwrap();
         for shape in [vec![2, cin, h, w], vec![2, 3, cin, h, w]] {
             let x = random_uniform(&shape, -1.0, 1.0, seed + 2);
-            assert_close(&backend, &conv, &[&x]);
+            let cpu = conv.forward(&[&x]).unwrap();
+            let dx = DeviceTensor::upload(&backend, &x).unwrap();
+            let mut engines = vec![DenseConvEngine::Rust];
+            if sparseflow::cudnn::available() {
+                engines.push(DenseConvEngine::Cudnn);
+            }
+            for engine in engines {
+                let gpu = conv
+                    .forward_cuda_with(&dx, engine)
+                    .unwrap()
+                    .download()
+                    .unwrap();
+                assert!(
+                    gpu.data().iter().all(|v| v.is_finite()),
+                    "{engine:?}: unwritten"
+                );
+                let err = gpu.relative_error(&cpu).unwrap();
+                assert!(
+                    err <= 1e-5,
+                    "{engine:?} {}: relative error {err:e}",
+                    conv.describe()
+                );
+            }
         }
     }
     for (features, outputs, bias) in [(512, 1000, true), (33, 7, false), (1, 65, true)] {

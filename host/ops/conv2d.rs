@@ -22,13 +22,17 @@
 //! On CUDA, [`Conv2d::forward_cuda`] runs the implicit-GEMM kernel of
 //! `kernels-gpu/src/dense_conv.rs` (any geometry); `Linear` runs through the same kernel as a
 //! `1 × 1` convolution.
-use std::sync::Arc;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::dense_conv::{ConvGeometry, DENSE_CONV_SHARED_BYTES, DENSE_CONV_THREADS};
+use sparseflow_kernels::elementwise::ELEMENTWISE_THREADS;
 
-use crate::cuda::{ByValue, CudaBackend, DeviceCache, DeviceTensor};
+use crate::cuda::{elementwise_config, ByValue, CudaBackend, DeviceCache, DeviceTensor};
+use crate::cudnn::{dense_conv_engine, CudnnConv, DenseConvEngine, Precision};
 
 use crate::error::{Error, Result};
 use crate::ops::{expect_inputs, Operator};
@@ -56,6 +60,8 @@ pub struct Conv2d {
     pub groups: usize,
     /// The weights on the GPU, uploaded on the first CUDA forward.
     device: DeviceCache<DenseDeviceWeights>,
+    /// cuDNN's set-up per input geometry `(n, h, w)`, made on first use.
+    cudnn: DeviceCache<CudnnPlans>,
 }
 
 impl Conv2d {
@@ -77,6 +83,7 @@ impl Conv2d {
             dilation,
             groups,
             device: DeviceCache::default(),
+            cudnn: DeviceCache::default(),
         };
         conv.validate()?;
         Ok(conv)
@@ -192,8 +199,18 @@ impl Conv2d {
         Ok(shape)
     }
 
-    /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device.
+    /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device, with the
+    /// process's dense engine ([`dense_conv_engine`]: cuDNN when present, else the Rust kernel).
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        self.forward_cuda_with(x, dense_conv_engine())
+    }
+
+    /// [`forward_cuda`](Self::forward_cuda) with a chosen engine.
+    pub fn forward_cuda_with(
+        &self,
+        x: &DeviceTensor,
+        engine: DenseConvEngine,
+    ) -> Result<DeviceTensor> {
         let shape = self.output_shape(x.shape())?;
         let dims = x.shape();
         let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
@@ -238,8 +255,53 @@ impl Conv2d {
             &self.weight,
             self.bias.as_ref(),
         )?;
-        launch_dense_conv(x, &weights, geometry, &mut out)?;
+        match engine {
+            DenseConvEngine::Cudnn if !crate::cudnn::available() => {
+                return Err(Error::NoGpu("cuDNN (libcudnn) could not be loaded".into()))
+            }
+            DenseConvEngine::Rust => launch_dense_conv(x, &weights, geometry, &mut out)?,
+            DenseConvEngine::Cudnn => self.forward_cudnn(x, &weights, geometry, &mut out)?,
+        }
         Ok(out)
+    }
+
+    /// cuDNN's convolution (fp32, TF32 off), then the bias.
+    fn forward_cudnn(
+        &self,
+        x: &DeviceTensor,
+        weights: &DenseDeviceWeights,
+        g: ConvGeometry,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        if g.pixels() == 0 || g.cout == 0 {
+            return Ok(());
+        }
+        let backend = x.backend();
+        let plans = self
+            .cudnn
+            .get(backend, &[&self.weight], || Ok(Mutex::new(HashMap::new())))?;
+        let mut plans = plans.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, h, w) = (g.n as usize, g.h as usize, g.w as usize);
+        let plan = match plans.entry((n, h, w)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(CudnnConv::new(backend, self, n, h, w, Precision::Fp32)?),
+        };
+        plan.run(x.slice(), out.slice_mut())?;
+        if let Some(bias) = &weights.bias {
+            let function = backend.function("channel_bias_add")?;
+            let config = elementwise_config(out.len(), ELEMENTWISE_THREADS);
+            let [planes, channels, hw] = [g.n * g.cout, g.cout, g.oh * g.ow];
+            let mut launch = backend.stream().launch_builder(&function);
+            launch
+                .arg(out.slice_mut())
+                .arg(bias)
+                .arg(&planes)
+                .arg(&channels)
+                .arg(&hw);
+            // SAFETY: the arguments match `channel_bias_add`; `out` holds `planes · hw` floats.
+            unsafe { launch.launch(config)? };
+        }
+        Ok(())
     }
 
     /// The dense core on raw slices: `input` is `[n, Cin, h, w]` and `out` is
@@ -302,6 +364,9 @@ impl Conv2d {
         Ok(())
     }
 }
+
+/// cuDNN set-ups by input geometry `(n, h, w)`.
+type CudnnPlans = Mutex<HashMap<(usize, usize, usize), CudnnConv>>;
 
 /// A dense layer's weight and bias on one device, in PyTorch's layout.
 pub(crate) struct DenseDeviceWeights {

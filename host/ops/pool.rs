@@ -5,8 +5,9 @@
 //! its own (in parallel over planes). Output sizes, padding rules and the float order of each
 //! window follow PyTorch's CPU kernels for contiguous tensors (`MaxPoolKernel.cpp`,
 //! `AvgPoolKernel.cpp`, `AdaptiveAvgPoolKernel.cpp` under `aten/src/ATen/native/cpu/`):
-//! - max: padding is -inf, the window is scanned row by row and a value replaces the maximum when
-//!   it is greater or NaN (so NaN propagates and, among equal values, the first one wins);
+//! - max: padding is -inf and a value replaces the maximum when it is greater or NaN, so NaN
+//!   propagates (the CPU reduces each window's rows first, then its columns: the same maximum,
+//!   except that between +0 and -0 either may be returned);
 //! - average: an f32 sum in row-major window order, then one division by the divisor as f32;
 //! - adaptive average: the window `[floor(i·H/oh), ceil((i+1)·H/oh))`, an f32 sum in row-major
 //!   order, then `sum / kh / kw` (two divisions). PyTorch computes a `(1, 1)` output with
@@ -120,21 +121,26 @@ impl Operator for MaxPool2d {
         let (sh, sw) = self.stride;
         let (ph, pw) = self.padding;
         let (dh, dw) = self.dilation;
+        let columns: Vec<(usize, usize)> = (0..ow)
+            .map(|o_w| dilated_window(o_w, sw, pw, kw, dw, w))
+            .collect();
         pool_planes(x, (oh, ow), kh * kw, |xp, yp| {
+            // Separable: the maximum over the window's rows for every column (a vectorisable pass
+            // over whole rows), then over each window's columns. Max is order-free, and a NaN
+            // anywhere in the window still wins.
+            let mut row_max = vec![f32::NEG_INFINITY; w];
             for (o_h, yr) in yp.chunks_mut(ow).enumerate() {
                 let (h0, h1) = dilated_window(o_h, sh, ph, kh, dh, h);
-                for (o_w, y) in yr.iter_mut().enumerate() {
-                    let (w0, w1) = dilated_window(o_w, sw, pw, kw, dw, w);
-                    let mut max = f32::NEG_INFINITY;
-                    for ih in (h0..h1).step_by(dh) {
-                        for iw in (w0..w1).step_by(dw) {
-                            let v = xp[ih * w + iw];
-                            if v > max || v.is_nan() {
-                                max = v;
-                            }
-                        }
+                row_max.fill(f32::NEG_INFINITY);
+                for ih in (h0..h1).step_by(dh) {
+                    for (m, &v) in row_max.iter_mut().zip(&xp[ih * w..(ih + 1) * w]) {
+                        *m = max_nan(*m, v);
                     }
-                    *y = max;
+                }
+                for (y, &(w0, w1)) in yr.iter_mut().zip(&columns) {
+                    *y = (w0..w1)
+                        .step_by(dw)
+                        .fold(f32::NEG_INFINITY, |m, iw| max_nan(m, row_max[iw]));
                 }
             }
         })
@@ -415,6 +421,16 @@ impl Operator for AdaptiveAvgPool2d {
     }
 
     crate::impl_as_any!();
+}
+
+/// PyTorch's max step: `v` replaces `m` when greater or NaN.
+#[inline(always)]
+fn max_nan(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
 }
 
 /// The kernels' window description (dilation 1; see [`PoolWindowExt::with_dilation`]).

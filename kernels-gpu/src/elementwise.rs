@@ -75,3 +75,28 @@ pub unsafe extern "ptx-kernel" fn binary_map(
         i += stride;
     }
 }
+
+/// `y += bias[c]` in place over `[planes, hw]`, plane `p` having channel `p % channels` (the bias
+/// of a convolution whose product came from a library without one).
+///
+/// # Safety
+/// `y` holds `planes · hw` floats and `bias` holds `channels`.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn channel_bias_add(
+    y: *mut f32,
+    bias: *const f32,
+    planes: u32,
+    channels: u32,
+    hw: u32,
+) {
+    use crate::gpu;
+    let len = planes as usize * hw as usize;
+    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as usize;
+    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as usize;
+    while i < len {
+        let c = (i / hw as usize) % channels as usize;
+        *y.add(i) += *bias.add(c);
+        i += stride;
+    }
+}

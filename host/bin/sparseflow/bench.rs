@@ -268,8 +268,13 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
+    let engine = match sparseflow::cudnn::dense_conv_engine() {
+        _ if c.sparse.device == Device::Cpu => "im2col + gemm crate",
+        sparseflow::cudnn::DenseConvEngine::Cudnn => "cuDNN fp32 (TF32 off)",
+        sparseflow::cudnn::DenseConvEngine::Rust => "Rust implicit GEMM",
+    };
     println!(
-        "{} on {} ({reason})\ninput: T={} N={} 3x{}x{} {} encoding; {}; optimize: {} replaced, {} folded, {} kept",
+        "{} on {} ({reason}); dense convolutions: {engine}\ninput: T={} N={} 3x{}x{} {} encoding; {}; optimize: {} replaced, {} folded, {} kept",
         a.model,
         c.sparse.device_name,
         a.timesteps,
@@ -370,6 +375,11 @@ fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
         .collect();
     json!({
         "model": a.model, "device": c.sparse.device_name,
+        "dense_conv_engine": match (c.sparse.device, sparseflow::cudnn::dense_conv_engine()) {
+            (Device::Cpu, _) => "cpu",
+            (_, sparseflow::cudnn::DenseConvEngine::Cudnn) => "cudnn",
+            (_, sparseflow::cudnn::DenseConvEngine::Rust) => "rust",
+        },
         "timesteps": a.timesteps, "batch": a.batch, "size": a.size,
         "encoding": match a.encoding { EncodingArg::Poisson => "poisson", EncodingArg::Direct => "direct" },
         "weights": a.weights.as_ref().map(|p| p.display().to_string()),

@@ -264,7 +264,7 @@ mod cuda {
     use sparseflow::{Error, Result, Tensor};
 
     use super::BenchLayerArgs;
-    use crate::cudnn_baseline::{self, CudnnConv, Precision};
+    use sparseflow::cudnn::{self as cudnn_baseline, CudnnConv, Precision};
 
     /// Median milliseconds of `repeats` runs of `f` between two events, after three warm-ups.
     fn time_events(

@@ -7,7 +7,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod bench_layer;
-mod cudnn_baseline;
 mod profile_models;
 use sparseflow::cuda::{CudaBackend, DeviceTensor};
 use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
