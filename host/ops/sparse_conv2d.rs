@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{
-    conv_shared_bytes, mask_words, SparseConvVariant, CONV_THREADS, COUT_PER_PASS, PACK_THREADS,
+    conv_shared_bytes, couts_per_lane, mask_words, SparseConvVariant, CONV_THREADS, PACK_THREADS,
     SPARSE_CONV_VARIANTS,
 };
 
@@ -143,7 +143,7 @@ impl SparseConv2d {
         let (oh, ow) = self.conv.output_hw(h, w)?;
         let cout = self.conv.out_channels();
         let variant = self.cuda_variant(h)?;
-        let weights = self.device_weights(&backend)?;
+        let weights = self.device_weights(&backend, 32 * variant.couts_per_lane as usize)?;
         let stream = backend.stream();
         let words = mask_words(cin as u32) as usize;
         let hw = h * w;
@@ -183,7 +183,13 @@ impl SparseConv2d {
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
         let conv = backend.function(variant.entry)?;
-        let shared = conv_shared_bytes(b, variant.kernel, variant.stride, cin32);
+        let shared = conv_shared_bytes(
+            b,
+            variant.kernel,
+            variant.stride,
+            cin32,
+            variant.couts_per_lane,
+        );
         allow_shared_memory(&conv, shared)?;
         let dims = [h, w, cout, weights.padded_outputs, oh, ow].map(|v| v as u32);
         let mut launch = stream.launch_builder(&conv);
@@ -205,7 +211,7 @@ impl SparseConv2d {
                 grid_dim: (
                     tiles_x * tiles_y,
                     n32,
-                    (weights.padded_outputs as u32) / COUT_PER_PASS,
+                    (weights.padded_outputs as u32) / (32 * variant.couts_per_lane),
                 ),
                 block_dim: (CONV_THREADS, 1, 1),
                 shared_mem_bytes: shared,
@@ -226,15 +232,18 @@ impl SparseConv2d {
             && c.groups == 1
             && c.stride.0 == c.stride.1;
         let block = self.block.resolve(h).unwrap_or(4) as u32;
+        let lanes = couts_per_lane(c.out_channels() as u32);
         SPARSE_CONV_VARIANTS
             .iter()
             .copied()
-            .find(|v| {
+            .filter(|v| {
                 supported
                     && v.kernel as usize == kh
                     && v.stride as usize == c.stride.0
                     && v.block == block
+                    && v.couts_per_lane <= lanes
             })
+            .max_by_key(|v| v.couts_per_lane)
             .ok_or_else(|| {
                 Error::MissingKernelVariant(format!(
                     "sparse conv {} block {block} on CUDA",
@@ -243,16 +252,16 @@ impl SparseConv2d {
             })
     }
 
-    /// The weights in gather layout on `backend`'s device (outputs padded to the kernels' pass
-    /// of 64, one zero row appended for missing channels), uploaded on first use.
-    fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceGatherWeights>> {
+    /// The weights in gather layout on `backend`'s device (outputs padded to the kernel's pass
+    /// of `pass` channels, one zero row appended for lanes without a row), uploaded on first use.
+    fn device_weights(
+        &self,
+        backend: &Arc<CudaBackend>,
+        pass: usize,
+    ) -> Result<Arc<DeviceGatherWeights>> {
         cached_upload(&self.device, backend, || {
-            self.gather_weights().upload(
-                backend,
-                self.conv.bias.as_ref(),
-                COUT_PER_PASS as usize,
-                1,
-            )
+            self.gather_weights()
+                .upload(backend, self.conv.bias.as_ref(), pass, 1)
         })
     }
 
@@ -818,12 +827,18 @@ mod tests {
         for v in SPARSE_CONV_VARIANTS {
             let k = v.kernel as usize;
             let s = v.stride as usize;
-            // (T·N, Cin, Cout, H, W): tiles that do and do not divide the map, >64 channels.
+            // (T·N, Cin, Cout, H, W): tiles that do and do not divide the map, channel counts
+            // that fill the variant's pass of 32·V outputs or leave it ragged.
+            let couts: [usize; 4] = match v.couts_per_lane {
+                2 => [8, 64, 50, 5],
+                4 => [72, 128, 100, 65],
+                _ => [136, 256, 130, 200],
+            };
             for &(n, cin, cout, h, w) in &[
-                (2, 16, 8, 9, 13),
-                (3, 64, 64, 20, 20),
-                (1, 70, 130, 17, 11),
-                (2, 3, 5, 1, 1),
+                (2, 16, couts[0], 9, 13),
+                (3, 64, couts[1], 20, 20),
+                (1, 70, couts[2], 17, 11),
+                (2, 3, couts[3], 1, 1),
             ] {
                 for &density in &[0.0, 0.01, 0.05, 0.5, 1.0] {
                     for integer in [false, true] {

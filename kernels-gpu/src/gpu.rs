@@ -119,6 +119,24 @@ pub unsafe fn load_nc_f32x2(ptr: *const f32) -> (f32, f32) {
     (a, b)
 }
 
+/// Four consecutive floats through the read-only data cache.
+///
+/// # Safety
+/// `ptr` is 16-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_nc_f32x4(ptr: *const f32) -> (f32, f32, f32, f32) {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    asm!(
+        "ld.global.nc.v4.f32 {{{a}, {b}, {c}, {d}}}, [{ptr}];",
+        a = out(reg32) a,
+        b = out(reg32) b,
+        c = out(reg32) c,
+        d = out(reg32) d,
+        ptr = in(reg64) ptr,
+    );
+    (a, b, c, d)
+}
+
 /// A dynamic shared memory array of `f32` (declared once for the module).
 #[inline(always)]
 pub fn dynamic_shared_f32() -> *mut f32 {

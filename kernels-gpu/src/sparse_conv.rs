@@ -6,14 +6,17 @@
 //! - `sparse_conv_k{K}_s{S}_b{B}` (stage 2): one CTA per `B × B` output tile of one image. It
 //!   stages its input window's masks in shared memory and, when the window is silent, writes the
 //!   bias and stops. Otherwise each warp owns `B²/8` output pixels with their accumulators in
-//!   registers; tap by tap, it walks the set bits of each pixel's mask (warp-uniform) and every
-//!   lane accumulates two output channels from one contiguous weight row `[tap, c, :]`. Results
-//!   are staged in shared memory and written to NCHW in rows.
+//!   registers; its lanes scan the pixel's (tap, mask word) items in parallel, pop one active
+//!   channel each per round (ballot), and the warp consumes the popped weight rows together
+//!   (shuffle): every lane adds `V` output channels (2, 4 or 8 by layer width) of each contiguous
+//!   weight row `[tap, c, :]`. Results are staged in shared memory and written to NCHW in rows.
+//!   Each CTA computes `32·V` output channels (grid z).
 //!
-//! Weights come in gather layout `[K·K·Cin + 1, cout_pad]` (`cout_pad` a multiple of 64; the last
-//! row is zeros), bias padded to `cout_pad`. Padding is `K / 2`, dilation 1, one group.
+//! Weights come in gather layout `[K·K·Cin + 1, cout_pad]` (`cout_pad` a multiple of `32·V`; the
+//! last row is zeros, read for lanes without a row), bias padded to `cout_pad`. Padding is
+//! `K / 2`, dilation 1, one group.
 
-/// Output channels one pass of a CTA computes: 32 lanes × 2.
+/// Output channels one warp pass of `sparse_linear` computes: 32 lanes × 2.
 pub const COUT_PER_PASS: u32 = 64;
 /// Threads per CTA of the compute kernel (8 warps).
 pub const CONV_THREADS: u32 = 256;
@@ -26,14 +29,35 @@ pub struct SparseConvVariant {
     pub kernel: u32,
     pub stride: u32,
     pub block: u32,
+    /// Output channels per lane (V); a CTA computes `32·V` channels.
+    pub couts_per_lane: u32,
     pub entry: &'static str,
 }
 
-/// Dynamic shared memory of the compute kernel: the staged outputs `[64][block² + 1]` (the +1
-/// staggers banks) and the input window's masks `[words][side²]`.
-pub const fn conv_shared_bytes(block: u32, kernel: u32, stride: u32, cin: u32) -> u32 {
+/// Dynamic shared memory of the compute kernel with `couts_per_lane` (V): the staged outputs
+/// `[32·V][block² + 1]` (the +1 staggers banks) and the input window's masks `[words][side²]`.
+pub const fn conv_shared_bytes(
+    block: u32,
+    kernel: u32,
+    stride: u32,
+    cin: u32,
+    couts_per_lane: u32,
+) -> u32 {
     let side = window_side(block, kernel, stride);
-    COUT_PER_PASS * (block * block + 1) * 4 + mask_words(cin) * side * side * 4
+    32 * couts_per_lane * (block * block + 1) * 4 + mask_words(cin) * side * side * 4
+}
+
+/// Output channels per lane a layer of `cout` channels prefers: 2 up to 64 channels, 4 up to
+/// 128, 8 beyond (the host takes the largest compiled `V` up to this). A pass of the compute
+/// kernel covers `32·V` channels.
+pub const fn couts_per_lane(cout: u32) -> u32 {
+    if cout <= 64 {
+        2
+    } else if cout <= 128 {
+        4
+    } else {
+        8
+    }
 }
 
 /// Input coordinate of output coordinate `o` at tap `k`, if inside `0..size`.
@@ -110,12 +134,38 @@ macro_rules! for_each_of_8 {
     };
 }
 
+/// `V` consecutive weights of one row through the read-only cache (`V` is 2, 4 or 8; the row
+/// pointer is aligned to `4·V` bytes).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn load_row<const V: usize>(ptr: *const f32) -> [f32; V] {
+    use crate::gpu;
+    let mut out = [0.0f32; V];
+    let mut k = 0;
+    while k < V {
+        if V % 4 == 0 {
+            let (a, b, c, d) = gpu::load_nc_f32x4(ptr.add(k));
+            out[k] = a;
+            out[k + 1] = b;
+            out[k + 2] = c;
+            out[k + 3] = d;
+            k += 4;
+        } else {
+            let (a, b) = gpu::load_nc_f32x2(ptr.add(k));
+            out[k] = a;
+            out[k + 1] = b;
+            k += 2;
+        }
+    }
+    out
+}
+
 /// Adds the weight rows that the lanes in `popped` hold in `row` (with their input `value` when
-/// not binary) to this lane's two outputs, two rows per step so two loads are in flight.
+/// not binary) to this lane's `V` outputs, two rows per step so two loads are in flight.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn consume(
+unsafe fn consume<const V: usize>(
     mut popped: u32,
     row: u32,
     value: f32,
@@ -123,41 +173,38 @@ unsafe fn consume(
     weights: *const f32,
     cout_pad: u32,
     co: u32,
-    acc0: &mut f32,
-    acc1: &mut f32,
+    acc: &mut [f32; V],
 ) {
     use crate::gpu;
     while popped != 0 {
         let j0 = popped.trailing_zeros();
         popped &= popped - 1;
         let r0 = gpu::shfl_u32(row, j0);
-        let j1 = if popped != 0 {
-            popped.trailing_zeros()
-        } else {
-            j0
-        };
         let second = popped != 0;
+        let j1 = if second { popped.trailing_zeros() } else { j0 };
         popped &= popped.wrapping_sub(1);
         let r1 = gpu::shfl_u32(row, j1);
-        let (a0, a1) = gpu::load_nc_f32x2(weights.add((r0 * cout_pad + co) as usize));
-        let (b0, b1) = if second {
-            gpu::load_nc_f32x2(weights.add((r1 * cout_pad + co) as usize))
+        let a = load_row::<V>(weights.add((r0 * cout_pad + co) as usize));
+        let b = if second {
+            load_row::<V>(weights.add((r1 * cout_pad + co) as usize))
         } else {
-            (0.0, 0.0)
+            [0.0; V]
         };
         if binary {
-            *acc0 += a0;
-            *acc1 += a1;
-            *acc0 += b0;
-            *acc1 += b1;
+            for k in 0..V {
+                acc[k] += a[k];
+                acc[k] += b[k];
+            }
         } else {
             let v0 = f32::from_bits(gpu::shfl_u32(value.to_bits(), j0));
             let v1 = f32::from_bits(gpu::shfl_u32(value.to_bits(), j1));
-            *acc0 += v0 * a0;
-            *acc1 += v0 * a1;
+            for k in 0..V {
+                acc[k] += v0 * a[k];
+            }
             if second {
-                *acc0 += v1 * b0;
-                *acc1 += v1 * b1;
+                for k in 0..V {
+                    acc[k] += v1 * b[k];
+                }
             }
         }
     }
@@ -170,8 +217,9 @@ pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
 
 /// # Safety
 /// Buffers as in the module docs; `out` holds `n·cout·oh·ow` floats. Launch with grid
-/// `(tiles_x · tiles_y, n, cout_pad / 64)`, `CONV_THREADS` threads and `conv_shared_bytes(B, K, S, Cin)` bytes
-/// of dynamic shared memory.
+/// `(tiles_x · tiles_y, n, cout_pad / (32·V))`, `CONV_THREADS` threads and
+/// `conv_shared_bytes(B, K, S, Cin, V)` bytes of dynamic shared memory; `cout_pad` is a multiple
+/// of `32·V`.
 ///
 /// Each warp owns `B²/8` output pixels of the tile, their accumulators in registers. The CTA
 /// stages the tile's input window of masks in shared memory, then walks the taps outermost, so
@@ -179,7 +227,7 @@ pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
+pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32, const V: usize>(
     input: *const f32,
     masks: *const u32,
     non_binary: *const u32,
@@ -209,8 +257,9 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
     let side = window_side(B, K, S);
     let bb = B * B;
     let stage = gpu::dynamic_shared_f32();
-    // Shared memory: the staged outputs [64][bb + 1], then the window's masks [words][side²].
-    let window = stage.add((COUT_PER_PASS * (bb + 1)) as usize) as *mut u32;
+    let pass = 32 * V as u32;
+    // Shared memory: the staged outputs [pass][bb + 1], then the window's masks [words][side²].
+    let window = stage.add((pass * (bb + 1)) as usize) as *mut u32;
 
     // Window origin in input coordinates (may be negative: padding).
     let wy0 = (ty0 * S) as i32 - pad as i32;
@@ -234,16 +283,20 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
 
     // The weight rows end with one row of zeros, read in place of missing channels.
     let zero_row = K * K * cin;
-    // Each CTA computes one pass of 64 output channels: deep layers (7×7 maps, 512 channels)
-    // have few tiles, and splitting their channels over the grid keeps every SM busy.
-    let chunk = gpu::block_z() * COUT_PER_PASS;
+    // Each CTA computes one pass of `32·V` output channels, `V` per lane: wide layers amortise
+    // the popping of active rows over more useful adds, and deep layers (7×7 maps) with few
+    // tiles still spread over the grid's z dimension.
+    let chunk = gpu::block_z() * pass;
     {
-        let co = chunk + 2 * lane;
-        let (b0, b1) = (*bias.add(co as usize), *bias.add(co as usize + 1));
+        let co = chunk + V as u32 * lane;
+        let mut bias_v = [0.0f32; V];
+        for (k, b) in bias_v.iter_mut().enumerate() {
+            *b = *bias.add(co as usize + k);
+        }
         let mut p = warp;
         while p < bb {
             let (py, px) = (p / B, p % B);
-            let (mut acc0, mut acc1) = (b0, b1);
+            let mut acc = bias_v;
             if active && ty0 + py < oh && tx0 + px < ow {
                 // Lane `i` of a pass owns item (tap, word) = base + i; each round, every lane with
                 // bits left pops one weight row, and the warp consumes the popped rows together.
@@ -278,20 +331,19 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
                                 value = *input.add(((img * cin + channel) * hw + pixel) as usize);
                             }
                         }
-                        consume(
-                            popped, row, value, binary, weights, cout_pad, co, &mut acc0, &mut acc1,
-                        );
+                        consume::<V>(popped, row, value, binary, weights, cout_pad, co, &mut acc);
                     }
                     base += 32;
                 }
             }
-            *stage.add((2 * lane * (bb + 1) + p) as usize) = acc0;
-            *stage.add(((2 * lane + 1) * (bb + 1) + p) as usize) = acc1;
+            for (k, a) in acc.iter().enumerate() {
+                *stage.add(((V as u32 * lane + k as u32) * (bb + 1) + p) as usize) = *a;
+            }
             p += WARPS;
         }
         gpu::sync_threads();
         let mut i = tid;
-        while i < COUT_PER_PASS * bb {
+        while i < pass * bb {
             let (local, p) = (i / bb, i % bb);
             let (co, oy, ox) = (chunk + local, ty0 + p / B, tx0 + p % B);
             if co < cout && oy < oh && ox < ow {
@@ -304,8 +356,8 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32>(
 }
 
 macro_rules! sparse_conv_variants {
-    ($($entry:ident => kernel $k:literal, stride $s:literal, block $b:literal);+ $(;)?) => {
-        $(
+    ($([$($entry:ident: $v:literal),+] => kernel $k:literal, stride $s:literal, block $b:literal);+ $(;)?) => {
+        $($(
             #[cfg(target_arch = "nvptx64")]
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $entry(
@@ -313,32 +365,35 @@ macro_rules! sparse_conv_variants {
                 weights: *const f32, bias: *const f32, out: *mut f32,
                 cin: u32, h: u32, w: u32, cout: u32, cout_pad: u32, oh: u32, ow: u32, tiles_x: u32,
             ) {
-                sparse_conv::<$k, $s, $b>(
+                sparse_conv::<$k, $s, $b, $v>(
                     input, masks, non_binary, weights, bias, out,
                     cin, h, w, cout, cout_pad, oh, ow, tiles_x,
                 )
             }
-        )+
+        )+)+
         /// Every compute-kernel entry point in the PTX module.
         pub const SPARSE_CONV_VARIANTS: &[SparseConvVariant] = &[
-            $(SparseConvVariant { kernel: $k, stride: $s, block: $b, entry: stringify!($entry) }),+
+            $($(SparseConvVariant {
+                kernel: $k, stride: $s, block: $b, couts_per_lane: $v, entry: stringify!($entry),
+            },)+)+
         ];
     };
 }
 
+// 16×16 tiles stage 256 pixels' outputs in shared memory, too many for 8 channels per lane.
 sparse_conv_variants! {
-    sparse_conv_k3_s1_b4 => kernel 3, stride 1, block 4;
-    sparse_conv_k3_s2_b4 => kernel 3, stride 2, block 4;
-    sparse_conv_k1_s1_b4 => kernel 1, stride 1, block 4;
-    sparse_conv_k1_s2_b4 => kernel 1, stride 2, block 4;
-    sparse_conv_k3_s1_b8 => kernel 3, stride 1, block 8;
-    sparse_conv_k3_s1_b16 => kernel 3, stride 1, block 16;
-    sparse_conv_k3_s2_b8 => kernel 3, stride 2, block 8;
-    sparse_conv_k3_s2_b16 => kernel 3, stride 2, block 16;
-    sparse_conv_k1_s1_b8 => kernel 1, stride 1, block 8;
-    sparse_conv_k1_s1_b16 => kernel 1, stride 1, block 16;
-    sparse_conv_k1_s2_b8 => kernel 1, stride 2, block 8;
-    sparse_conv_k1_s2_b16 => kernel 1, stride 2, block 16;
+    [sparse_conv_k3_s1_b4_v2: 2, sparse_conv_k3_s1_b4_v4: 4, sparse_conv_k3_s1_b4_v8: 8] => kernel 3, stride 1, block 4;
+    [sparse_conv_k3_s2_b4_v2: 2, sparse_conv_k3_s2_b4_v4: 4, sparse_conv_k3_s2_b4_v8: 8] => kernel 3, stride 2, block 4;
+    [sparse_conv_k1_s1_b4_v2: 2, sparse_conv_k1_s1_b4_v4: 4, sparse_conv_k1_s1_b4_v8: 8] => kernel 1, stride 1, block 4;
+    [sparse_conv_k1_s2_b4_v2: 2, sparse_conv_k1_s2_b4_v4: 4, sparse_conv_k1_s2_b4_v8: 8] => kernel 1, stride 2, block 4;
+    [sparse_conv_k3_s1_b8_v2: 2, sparse_conv_k3_s1_b8_v4: 4, sparse_conv_k3_s1_b8_v8: 8] => kernel 3, stride 1, block 8;
+    [sparse_conv_k3_s2_b8_v2: 2, sparse_conv_k3_s2_b8_v4: 4, sparse_conv_k3_s2_b8_v8: 8] => kernel 3, stride 2, block 8;
+    [sparse_conv_k1_s1_b8_v2: 2, sparse_conv_k1_s1_b8_v4: 4, sparse_conv_k1_s1_b8_v8: 8] => kernel 1, stride 1, block 8;
+    [sparse_conv_k1_s2_b8_v2: 2, sparse_conv_k1_s2_b8_v4: 4, sparse_conv_k1_s2_b8_v8: 8] => kernel 1, stride 2, block 8;
+    [sparse_conv_k3_s1_b16_v2: 2, sparse_conv_k3_s1_b16_v4: 4] => kernel 3, stride 1, block 16;
+    [sparse_conv_k3_s2_b16_v2: 2, sparse_conv_k3_s2_b16_v4: 4] => kernel 3, stride 2, block 16;
+    [sparse_conv_k1_s1_b16_v2: 2, sparse_conv_k1_s1_b16_v4: 4] => kernel 1, stride 1, block 16;
+    [sparse_conv_k1_s2_b16_v2: 2, sparse_conv_k1_s2_b16_v4: 4] => kernel 1, stride 2, block 16;
 }
 
 /// `SparseLinear`: one warp per (row, 64 outputs). The warp reads the row's inputs 32 at a time,
@@ -415,10 +470,32 @@ mod tests {
     }
 
     #[test]
+    fn every_geometry_has_every_width_that_fits_shared_memory() {
+        for (k, s) in [(1, 1), (1, 2), (3, 1), (3, 2)] {
+            for block in [4, 8, 16] {
+                for v in [2, 4, 8] {
+                    let compiled = SPARSE_CONV_VARIANTS.iter().any(|x| {
+                        (x.kernel, x.stride, x.block, x.couts_per_lane) == (k, s, block, v)
+                    });
+                    // The H100's per-block limit, with 512 input channels of masks.
+                    let fits = conv_shared_bytes(block, k, s, 512, v) <= 227 * 1024;
+                    assert_eq!(compiled, fits, "k{k} s{s} b{block} v{v}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn variants_are_distinct() {
         for (i, a) in SPARSE_CONV_VARIANTS.iter().enumerate() {
             for b in &SPARSE_CONV_VARIANTS[i + 1..] {
-                assert!((a.kernel, a.stride, a.block) != (b.kernel, b.stride, b.block));
+                let key = |v: &SparseConvVariant| (v.kernel, v.stride, v.block, v.couts_per_lane);
+                assert!(
+                    key(a) != key(b),
+                    "{} and {} compile the same variant",
+                    a.entry,
+                    b.entry
+                );
             }
         }
     }
