@@ -21,8 +21,9 @@ use sparseflow::ops::flatten::Flatten;
 use sparseflow::ops::linear::Linear;
 use sparseflow::ops::neuron::{as_spiking_neuron, Firing, IFNode, LIFNode, ParametricLIFNode};
 use sparseflow::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
+use sparseflow::ops::sparse_conv2d::CudaDispatch;
 use sparseflow::ops::Operator;
-use sparseflow::optimize::{optimize, OptimizeOptions};
+use sparseflow::optimize::{optimize, tune_cuda, OptimizeOptions};
 use sparseflow::testing::{gpu_or_skip, random_spikes, random_uniform};
 use sparseflow::{Device, Tensor};
 
@@ -368,6 +369,18 @@ fn gpu_resnet18_at_112_pixels_matches_cpu() {
         optimize(&mut g, &options).unwrap();
         let (spikes, ties) = check_model(&backend, &format!("{name} 112 optimized"), &g, &image);
         eprintln!("{name} at 112x112, optimized: {spikes} spikes compared, {ties} ties");
+        // After the measured pass some layers run the dense engine: still the same function.
+        let sample = random_uniform(&[4, 3, 3, 112, 112], 0.0, 1.0, 7);
+        let tuned = tune_cuda(&g, &DeviceTensor::upload(&backend, &sample).unwrap()).unwrap();
+        assert_eq!(tuned.len(), 19);
+        let dense = tuned
+            .iter()
+            .filter(|t| t.tuning.choice == CudaDispatch::Dense)
+            .count();
+        let (spikes, ties) = check_model(&backend, &format!("{name} 112 tuned"), &g, &image);
+        eprintln!(
+            "{name} at 112x112, tuned ({dense} of 19 convs dense): {spikes} spikes, {ties} ties"
+        );
     }
 }
 

@@ -33,7 +33,7 @@ use sparseflow_kernels::sparse_conv::{
     SPARSE_CONV_VARIANTS,
 };
 
-use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor};
+use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor, GpuTimer};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
@@ -83,6 +83,26 @@ pub struct SparseConv2d {
     gather: Mutex<Option<std::sync::Arc<GatherWeights>>>,
     /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
     device: Mutex<Option<Arc<DeviceGatherWeights>>>,
+    /// Which path CUDA forwards take, once [`SparseConv2d::tune_cuda`] has measured both.
+    cuda_dispatch: Mutex<Option<CudaDispatch>>,
+}
+
+/// The path a sparse convolution's CUDA forwards take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaDispatch {
+    /// The sparse kernels (mask packing + gather).
+    Sparse,
+    /// The dense engine (cuDNN or the Rust implicit GEMM): measured faster on this layer's input,
+    /// e.g. after a max-pool or a SEW ADD, where the input is far from 95% zeros.
+    Dense,
+}
+
+/// What [`SparseConv2d::tune_cuda`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaTuning {
+    pub sparse_ms: Option<f64>,
+    pub dense_ms: f64,
+    pub choice: CudaDispatch,
 }
 
 impl SparseConv2d {
@@ -96,6 +116,7 @@ impl SparseConv2d {
             last_forward: Mutex::new(None),
             gather: Mutex::new(None),
             device: Mutex::new(None),
+            cuda_dispatch: Mutex::new(None),
         };
         if op.conv.groups == 1 {
             op.gather_weights();
@@ -115,6 +136,45 @@ impl SparseConv2d {
     ) -> Result<Self> {
         let conv = Conv2d::new(weight, bias, stride, padding, dilation, groups)?;
         Ok(Self::from_dense(&conv, block))
+    }
+
+    /// Times the sparse kernels and the dense engine on `x` (a representative input: spike
+    /// densities differ from layer to layer, and the crossover depends on the GPU) and makes
+    /// later CUDA forwards through [`Operator::forward_cuda`] take the faster. Median of
+    /// `repeats` after a warm-up, CUDA events.
+    pub fn tune_cuda(&self, x: &DeviceTensor, repeats: usize) -> Result<CudaTuning> {
+        let timer = GpuTimer::new(x.backend())?;
+        let time = |f: &dyn Fn() -> Result<DeviceTensor>| -> Result<f64> {
+            f()?;
+            let mut times = Vec::new();
+            for _ in 0..repeats.max(1) {
+                times.push(timer.time(f)?.1);
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times[times.len() / 2])
+        };
+        let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
+        let dense_ms = time(&|| self.conv.forward_cuda(x))?;
+        let sparse_ms = match self.cuda_variant(h) {
+            Ok(_) => Some(time(&|| self.forward_cuda(x))?),
+            Err(Error::MissingKernelVariant(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let choice = match sparse_ms {
+            Some(s) if s <= dense_ms => CudaDispatch::Sparse,
+            _ => CudaDispatch::Dense,
+        };
+        *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(choice);
+        Ok(CudaTuning {
+            sparse_ms,
+            dense_ms,
+            choice,
+        })
+    }
+
+    /// The tuned CUDA path, if [`tune_cuda`](Self::tune_cuda) ran.
+    pub fn cuda_dispatch(&self) -> Option<CudaDispatch> {
+        *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device: stage 1 packs
@@ -773,9 +833,13 @@ impl Operator for SparseConv2d {
         "SparseConv2d"
     }
 
-    /// The sparse kernels where a variant exists for the geometry, else the dense conv kernel.
+    /// The sparse kernels where a variant exists for the geometry, else the dense conv kernel;
+    /// after [`SparseConv2d::tune_cuda`], whichever it measured faster.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("SparseConv2d", inputs)?;
+        if self.cuda_dispatch() == Some(CudaDispatch::Dense) {
+            return self.conv.forward_cuda(x);
+        }
         let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
         match self.cuda_variant(h) {
             Ok(_) => self.forward_cuda(x),
@@ -803,7 +867,16 @@ impl Operator for SparseConv2d {
     }
 
     fn describe(&self) -> String {
-        format!("{} block={}", self.conv.describe(), self.block.describe())
+        let dispatch = match self.cuda_dispatch() {
+            Some(CudaDispatch::Dense) => " cuda=dense (tuned)",
+            Some(CudaDispatch::Sparse) => " cuda=sparse (tuned)",
+            None => "",
+        };
+        format!(
+            "{} block={}{dispatch}",
+            self.conv.describe(),
+            self.block.describe()
+        )
     }
 
     impl_as_any!();

@@ -8,6 +8,9 @@
 //! 3. **Replacement**: every `Conv2d` / `Linear` whose input is binary or integer-valued becomes
 //!    a [`SparseConv2d`] / [`SparseLinear`] with the same weights; the [`block_selector`] picks
 //!    each sparse conv's prescan block size.
+//! 4. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
+//!    its sparse kernels against the dense engine and keeps the faster (the CPU path makes the
+//!    same choice per input from its density, `SparseConv2d::dense_above_density`).
 //!
 //! ```
 //! use sparseflow::model::{self, ModelConfig};
@@ -22,13 +25,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::cuda::DeviceTensor;
 use crate::device::Device;
 use crate::error::Result;
 use crate::graph::{Graph, Input, NodeId};
 use crate::ops::batch_norm::BatchNorm2d;
 use crate::ops::conv2d::Conv2d;
 use crate::ops::linear::Linear;
-use crate::ops::sparse_conv2d::{BlockChoice, SparseConv2d};
+use crate::ops::sparse_conv2d::{BlockChoice, CudaTuning, SparseConv2d};
 use crate::ops::sparse_linear::SparseLinear;
 use crate::ops::ValueKind;
 use crate::tensor::Tensor;
@@ -389,4 +393,30 @@ fn conv_input_heights(graph: &Graph, hw: (usize, usize)) -> Result<BTreeMap<Node
         Ok(())
     })?;
     Ok(heights)
+}
+
+/// One sparse convolution's measured CUDA paths, from [`tune_cuda`].
+#[derive(Clone, Debug)]
+pub struct TuningEntry {
+    pub node: String,
+    pub tuning: CudaTuning,
+}
+
+/// The measured pass for CUDA: runs the optimized `graph` on a representative `sample` and lets
+/// every `SparseConv2d` time its sparse kernels against the dense engine on the input it actually
+/// sees, keeping the faster for later forwards. Spike density varies by layer (a max-pool's or a
+/// SEW ADD's output is far denser than a neuron's), so which path wins is measured, not guessed.
+pub fn tune_cuda(graph: &Graph, sample: &DeviceTensor) -> Result<Vec<TuningEntry>> {
+    let mut entries = Vec::new();
+    graph.forward_cuda_observed(sample, &mut |run| {
+        if let Some(conv) = run.node.op.as_any().downcast_ref::<SparseConv2d>() {
+            let tuning = conv.tune_cuda(run.inputs[0], 5)?;
+            entries.push(TuningEntry {
+                node: run.node.name.clone(),
+                tuning,
+            });
+        }
+        Ok(())
+    })?;
+    Ok(entries)
 }

@@ -10,7 +10,9 @@ use serde_json::json;
 use sparseflow::encode::Encoding;
 use sparseflow::graph::Graph;
 use sparseflow::model::{self, init, ModelConfig};
-use sparseflow::optimize::{optimize, Decision, OptimizeOptions, OptimizeReport};
+use sparseflow::optimize::{
+    optimize, tune_cuda, Decision, OptimizeOptions, OptimizeReport, TuningEntry,
+};
 use sparseflow::profile::{profile, NodeProfile, Profile, ProfileOptions};
 use sparseflow::testing::SplitMix64;
 use sparseflow::{weights, Device, Error, Result, Tensor};
@@ -61,6 +63,8 @@ struct Comparison {
     sparse: Profile,
     report: OptimizeReport,
     agreement: Agreement,
+    /// On CUDA: each sparse conv's measured sparse and dense times, and its choice.
+    tuned: Vec<TuningEntry>,
 }
 
 /// How closely the optimized model's logits follow the dense model's. The two sum in different
@@ -144,6 +148,16 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         ..OptimizeOptions::default()
     };
     let report = optimize(&mut sparse, &options)?;
+    let tuned = match device {
+        // The measured pass, on another sample of the same distribution than the timed input.
+        Device::Cuda(ordinal) => {
+            let backend = sparseflow::cuda::CudaBackend::get(ordinal)?;
+            let sample = synthetic_input_seeded(a, 12)?;
+            let sample = sparseflow::cuda::DeviceTensor::upload(&backend, &sample)?;
+            tune_cuda(&sparse, &sample)?
+        }
+        Device::Cpu => Vec::new(),
+    };
 
     let forwards = 2 * (1 + 2 * a.repeats.max(1)) as u64;
     let bar = if a.json {
@@ -192,6 +206,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         sparse,
         report,
         agreement,
+        tuned,
     };
     if a.json {
         println!("{:#}", to_json(a, &c));
@@ -211,8 +226,13 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
 
 /// Seeded uniform images `[N, 3, size, size]`, encoded over T steps.
 fn synthetic_input(a: &BenchArgs) -> Result<Tensor> {
+    synthetic_input_seeded(a, 11)
+}
+
+/// The synthetic input with another Poisson seed (the image is the same).
+fn synthetic_input_seeded(a: &BenchArgs, seed: u64) -> Result<Tensor> {
     let encoding = match a.encoding {
-        EncodingArg::Poisson => Encoding::Poisson { seed: 11 },
+        EncodingArg::Poisson => Encoding::Poisson { seed },
         EncodingArg::Direct => Encoding::Direct,
     };
     synthetic_images(a.batch, a.size, a.timesteps, encoding)
@@ -315,16 +335,37 @@ fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
         let speedup = row
             .dense
             .map_or("-".to_string(), |d| format!("{:.2}x", ms(d) / ms(n.time)));
+        let dense_dispatch = c.tuned.iter().any(|t| {
+            t.node == n.name
+                && t.tuning.choice == sparseflow::ops::sparse_conv2d::CudaDispatch::Dense
+        });
+        let op = if dense_dispatch {
+            format!("{} (dense)", n.op)
+        } else {
+            n.op.clone()
+        };
         println!(
             "{:26} {:18} {:22} {:6.2}% {:>12} {:>9} {:9.3} {:>8}",
             n.name,
-            n.op,
+            op,
             format!("{:?}", n.input_shape),
             100.0 * n.input_zeros,
             blocks,
             dense,
             ms(n.time),
             speedup
+        );
+    }
+    if !c.tuned.is_empty() {
+        let dense = c
+            .tuned
+            .iter()
+            .filter(|t| t.tuning.choice == sparseflow::ops::sparse_conv2d::CudaDispatch::Dense)
+            .count();
+        println!(
+            "\n(dense): {dense} of {} sparse convs run the dense engine: on a separate sample input \
+             it measured faster than the sparse kernels (optimize::tune_cuda)",
+            c.tuned.len()
         );
     }
     let sum = |p: &Profile| p.nodes.iter().map(|n| n.time).sum::<Duration>();
@@ -393,5 +434,6 @@ fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
         "top1_agreement": c.agreement.top1,
         "outputs_agree": c.agreement.acceptable(),
         "layers": layers,
+        "tuned_dense": c.tuned.iter().filter(|t| t.tuning.choice == sparseflow::ops::sparse_conv2d::CudaDispatch::Dense).map(|t| t.node.clone()).collect::<Vec<_>>(),
     })
 }
