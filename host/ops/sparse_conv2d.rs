@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{
-    conv_shared_bytes, couts_per_lane, mask_words, SparseConvVariant, CONV_THREADS, PACK_THREADS,
+    conv_shared_bytes, mask_words, preferred_shapes, SparseConvVariant, CONV_THREADS, PACK_THREADS,
     SPARSE_CONV_VARIANTS,
 };
 
@@ -190,6 +190,19 @@ impl SparseConv2d {
 
     /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
     pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
+        let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
+        let variant = self.cuda_variant(h)?;
+        self.forward_cuda_variant(x, out, variant)
+    }
+
+    /// [`forward_cuda_into`](Self::forward_cuda_into) with a chosen kernel variant (tests run
+    /// every compiled variant this way).
+    pub(crate) fn forward_cuda_variant(
+        &self,
+        x: &DeviceTensor,
+        out: &mut DeviceTensor,
+        variant: SparseConvVariant,
+    ) -> Result<()> {
         let start = Instant::now();
         let shape = self.conv.output_shape(x.shape())?;
         if out.shape() != shape.as_slice() {
@@ -202,8 +215,7 @@ impl SparseConv2d {
         let (n, cin, h, w) = nchw(x.shape());
         let (oh, ow) = self.conv.output_hw(h, w)?;
         let cout = self.conv.out_channels();
-        let variant = self.cuda_variant(h)?;
-        let weights = self.device_weights(&backend, 32 * variant.couts_per_lane as usize)?;
+        let weights = self.device_weights(&backend, variant.pass() as usize)?;
         let stream = backend.stream();
         let words = mask_words(cin as u32) as usize;
         let hw = h * w;
@@ -243,13 +255,7 @@ impl SparseConv2d {
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
         let conv = backend.function(variant.entry)?;
-        let shared = conv_shared_bytes(
-            b,
-            variant.kernel,
-            variant.stride,
-            cin32,
-            variant.couts_per_lane,
-        );
+        let shared = conv_shared_bytes(b, variant.kernel, variant.stride, cin32, variant.pass());
         allow_shared_memory(&conv, shared)?;
         let dims = [h, w, cout, weights.padded_outputs, oh, ow].map(|v| v as u32);
         let mut launch = stream.launch_builder(&conv);
@@ -271,7 +277,7 @@ impl SparseConv2d {
                 grid_dim: (
                     tiles_x * tiles_y,
                     n32,
-                    (weights.padded_outputs as u32) / (32 * variant.couts_per_lane),
+                    (weights.padded_outputs as u32) / variant.pass(),
                 ),
                 block_dim: (CONV_THREADS, 1, 1),
                 shared_mem_bytes: shared,
@@ -292,18 +298,18 @@ impl SparseConv2d {
             && c.groups == 1
             && c.stride.0 == c.stride.1;
         let block = self.block.resolve(h).unwrap_or(4) as u32;
-        let lanes = couts_per_lane(c.out_channels() as u32);
-        SPARSE_CONV_VARIANTS
+        preferred_shapes(c.out_channels() as u32)
             .iter()
-            .copied()
-            .filter(|v| {
-                supported
-                    && v.kernel as usize == kh
-                    && v.stride as usize == c.stride.0
-                    && v.block == block
-                    && v.couts_per_lane <= lanes
+            .find_map(|&(lanes, pixels)| {
+                SPARSE_CONV_VARIANTS.iter().copied().find(|v| {
+                    supported
+                        && v.kernel as usize == kh
+                        && v.stride as usize == c.stride.0
+                        && v.block == block
+                        && v.couts_per_lane == lanes
+                        && v.pixels_per_warp == pixels
+                })
             })
-            .max_by_key(|v| v.couts_per_lane)
             .ok_or_else(|| {
                 Error::MissingKernelVariant(format!(
                     "sparse conv {} block {block} on CUDA",
@@ -319,10 +325,15 @@ impl SparseConv2d {
         backend: &Arc<CudaBackend>,
         pass: usize,
     ) -> Result<Arc<DeviceGatherWeights>> {
-        cached_upload(&self.device, backend, || {
-            self.gather_weights()
-                .upload(backend, self.conv.bias.as_ref(), pass, 1)
-        })
+        cached_upload(
+            &self.device,
+            backend,
+            |w| w.padded_outputs % pass == 0,
+            || {
+                self.gather_weights()
+                    .upload(backend, self.conv.bias.as_ref(), pass, 1)
+            },
+        )
     }
 
     /// Wall time of the last forward, every stage included.
@@ -902,9 +913,9 @@ mod tests {
             let s = v.stride as usize;
             // (T·N, Cin, Cout, H, W): tiles that do and do not divide the map, channel counts
             // that fill the variant's pass of 32·V outputs or leave it ragged.
-            let couts: [usize; 4] = match v.couts_per_lane {
-                2 => [8, 64, 50, 5],
-                4 => [72, 128, 100, 65],
+            let couts: [usize; 4] = match v.pass() {
+                64 => [8, 64, 50, 5],
+                128 => [72, 128, 100, 65],
                 _ => [136, 256, 130, 200],
             };
             for &(n, cin, cout, h, w) in &[
@@ -929,12 +940,11 @@ mod tests {
                         let want = conv.forward(&[&x]).unwrap();
                         let block = BlockChoice::Fixed(Some(v.block as usize));
                         let sparse = SparseConv2d::from_dense(&conv, block);
-                        assert_eq!(sparse.cuda_variant(h).unwrap().entry, v.entry);
                         let dx = DeviceTensor::upload(&backend, &x).unwrap();
                         let mut out =
                             DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
                         out.fill(f32::NAN).unwrap();
-                        sparse.forward_cuda_into(&dx, &mut out).unwrap();
+                        sparse.forward_cuda_variant(&dx, &mut out, *v).unwrap();
                         let got = out.download().unwrap();
                         let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                         for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {

@@ -132,14 +132,19 @@ impl SparseLinear {
 
     /// Weights `[F, out_pad]` and bias `[out_pad]` on `backend`'s device, uploaded on first use.
     fn device_weights(&self, backend: &Arc<CudaBackend>) -> Result<Arc<DeviceGatherWeights>> {
-        cached_upload(&self.device, backend, || {
-            self.gather_weights().upload(
-                backend,
-                self.linear.bias.as_ref(),
-                COUT_PER_PASS as usize,
-                0,
-            )
-        })
+        cached_upload(
+            &self.device,
+            backend,
+            |_| true,
+            || {
+                self.gather_weights().upload(
+                    backend,
+                    self.linear.bias.as_ref(),
+                    COUT_PER_PASS as usize,
+                    0,
+                )
+            },
+        )
     }
 
     /// Wall time of the last forward.

@@ -131,15 +131,19 @@ impl GatherWeights {
     }
 }
 
-/// The cached device weights for `backend`, uploading them with `upload` on first use (or after
-/// a switch of device).
+/// The cached device weights for `backend`, uploaded with `upload` on first use, after a switch
+/// of device, or when `fits` rejects the cached layout (e.g. another padding).
 pub fn cached_upload(
     cache: &Mutex<Option<Arc<DeviceGatherWeights>>>,
     backend: &CudaBackend,
+    fits: impl Fn(&DeviceGatherWeights) -> bool,
     upload: impl FnOnce() -> Result<DeviceGatherWeights>,
 ) -> Result<Arc<DeviceGatherWeights>> {
     let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(w) = cached.as_ref().filter(|w| w.ordinal == backend.ordinal()) {
+    if let Some(w) = cached
+        .as_ref()
+        .filter(|w| w.ordinal == backend.ordinal() && fits(w))
+    {
         return Ok(w.clone());
     }
     let w = Arc::new(upload()?);

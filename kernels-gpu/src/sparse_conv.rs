@@ -9,8 +9,9 @@
 //!   registers; its lanes scan the pixel's (tap, mask word) items in parallel, pop one active
 //!   channel each per round (ballot), and the warp consumes the popped weight rows together
 //!   (shuffle): every lane adds `V` output channels (2, 4 or 8 by layer width) of each contiguous
-//!   weight row `[tap, c, :]`. Results are staged in shared memory and written to NCHW in rows.
-//!   Each CTA computes `32·V` output channels (grid z).
+//!   weight row `[tap, c, :]`; 64-channel layers run two pixels per warp (`H = 2`, a half-warp
+//!   each, 4 channels per lane). Results are staged in shared memory and written to NCHW in rows.
+//!   Each CTA computes `32 / H · V` output channels (grid z).
 //!
 //! Weights come in gather layout `[K·K·Cin + 1, cout_pad]` (`cout_pad` a multiple of `32·V`; the
 //! last row is zeros, read for lanes without a row), bias padded to `cout_pad`. Padding is
@@ -29,34 +30,38 @@ pub struct SparseConvVariant {
     pub kernel: u32,
     pub stride: u32,
     pub block: u32,
-    /// Output channels per lane (V); a CTA computes `32·V` channels.
+    /// Output channels per lane (V).
     pub couts_per_lane: u32,
+    /// Output pixels a warp computes at once (H): 1, or 2 with a half-warp each.
+    pub pixels_per_warp: u32,
     pub entry: &'static str,
 }
 
-/// Dynamic shared memory of the compute kernel with `couts_per_lane` (V): the staged outputs
-/// `[32·V][block² + 1]` (the +1 staggers banks) and the input window's masks `[words][side²]`.
-pub const fn conv_shared_bytes(
-    block: u32,
-    kernel: u32,
-    stride: u32,
-    cin: u32,
-    couts_per_lane: u32,
-) -> u32 {
-    let side = window_side(block, kernel, stride);
-    32 * couts_per_lane * (block * block + 1) * 4 + mask_words(cin) * side * side * 4
+impl SparseConvVariant {
+    /// Output channels one CTA computes: `32 / H` lanes per pixel × `V`.
+    pub const fn pass(&self) -> u32 {
+        32 / self.pixels_per_warp * self.couts_per_lane
+    }
 }
 
-/// Output channels per lane a layer of `cout` channels prefers: 2 up to 64 channels, 4 up to
-/// 128, 8 beyond (the host takes the largest compiled `V` up to this). A pass of the compute
-/// kernel covers `32·V` channels.
-pub const fn couts_per_lane(cout: u32) -> u32 {
+/// Dynamic shared memory of the compute kernel computing `pass` output channels: the staged
+/// outputs `[pass][block² + 1]` (the +1 staggers banks) and the input window's masks
+/// `[words][side²]`.
+pub const fn conv_shared_bytes(block: u32, kernel: u32, stride: u32, cin: u32, pass: u32) -> u32 {
+    let side = window_side(block, kernel, stride);
+    pass * (block * block + 1) * 4 + mask_words(cin) * side * side * 4
+}
+
+/// The `(V, H)` shapes a layer of `cout` output channels prefers, best first: up to 64 channels
+/// two pixels per warp with 4 channels per lane (each instruction serves two pixels), up to 128
+/// one pixel with 4 per lane, beyond that 8 per lane; `(2, 1)` always works.
+pub const fn preferred_shapes(cout: u32) -> &'static [(u32, u32)] {
     if cout <= 64 {
-        2
+        &[(4, 2), (2, 1)]
     } else if cout <= 128 {
-        4
+        &[(4, 1), (2, 1)]
     } else {
-        8
+        &[(8, 1), (4, 1), (2, 1)]
     }
 }
 
@@ -161,47 +166,80 @@ unsafe fn load_row<const V: usize>(ptr: *const f32) -> [f32; V] {
 }
 
 /// Adds the weight rows that the lanes in `popped` hold in `row` (with their input `value` when
-/// not binary) to this lane's `V` outputs, two rows per step so two loads are in flight.
+/// not binary) to this lane's `V` outputs, two rows per step so two loads are in flight. With
+/// `H = 2` pixels per warp each half-warp consumes the rows its own lanes popped, in lockstep
+/// (the shorter half reads the zero row `zero_row` until the longer one is done).
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn consume<const V: usize>(
-    mut popped: u32,
+unsafe fn consume<const V: usize, const H: u32>(
+    popped: u32,
     row: u32,
     value: f32,
     binary: bool,
     weights: *const f32,
     cout_pad: u32,
     co: u32,
+    zero_row: u32,
     acc: &mut [f32; V],
 ) {
     use crate::gpu;
-    while popped != 0 {
-        let j0 = popped.trailing_zeros();
-        popped &= popped - 1;
-        let r0 = gpu::shfl_u32(row, j0);
-        let second = popped != 0;
-        let j1 = if second { popped.trailing_zeros() } else { j0 };
-        popped &= popped.wrapping_sub(1);
-        let r1 = gpu::shfl_u32(row, j1);
+    let lanes = 32 / H;
+    let shift = if H == 1 {
+        0
+    } else {
+        lanes * (gpu::thread_x() % 32 / lanes)
+    };
+    let mut mine = if H == 1 {
+        popped
+    } else {
+        (popped >> shift) & ((1u32 << lanes) - 1)
+    };
+    loop {
+        // Warp-uniform: with one pixel per warp every lane holds the same `mine`.
+        let more = if H == 1 {
+            mine != 0
+        } else {
+            gpu::warp_any(mine != 0)
+        };
+        if !more {
+            break;
+        }
+        let take0 = mine != 0;
+        let j0 = if take0 { mine.trailing_zeros() } else { 0 };
+        mine &= mine.wrapping_sub(1);
+        let take1 = mine != 0;
+        let j1 = if take1 { mine.trailing_zeros() } else { 0 };
+        mine &= mine.wrapping_sub(1);
+        let s0 = gpu::shfl_u32(row, shift + j0);
+        let s1 = gpu::shfl_u32(row, shift + j1);
+        let r0 = if take0 { s0 } else { zero_row };
         let a = load_row::<V>(weights.add((r0 * cout_pad + co) as usize));
-        let b = if second {
-            load_row::<V>(weights.add((r1 * cout_pad + co) as usize))
+        let b = if take1 {
+            load_row::<V>(weights.add((s1 * cout_pad + co) as usize))
         } else {
             [0.0; V]
         };
         if binary {
-            for k in 0..V {
-                acc[k] += a[k];
-                acc[k] += b[k];
+            if take0 {
+                for k in 0..V {
+                    acc[k] += a[k];
+                }
+            }
+            if take1 {
+                for k in 0..V {
+                    acc[k] += b[k];
+                }
             }
         } else {
-            let v0 = f32::from_bits(gpu::shfl_u32(value.to_bits(), j0));
-            let v1 = f32::from_bits(gpu::shfl_u32(value.to_bits(), j1));
-            for k in 0..V {
-                acc[k] += v0 * a[k];
+            let v0 = f32::from_bits(gpu::shfl_u32(value.to_bits(), shift + j0));
+            let v1 = f32::from_bits(gpu::shfl_u32(value.to_bits(), shift + j1));
+            if take0 {
+                for k in 0..V {
+                    acc[k] += v0 * a[k];
+                }
             }
-            if second {
+            if take1 {
                 for k in 0..V {
                     acc[k] += v1 * b[k];
                 }
@@ -227,7 +265,13 @@ pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32, const V: usize>(
+pub unsafe fn sparse_conv<
+    const K: u32,
+    const S: u32,
+    const B: u32,
+    const V: usize,
+    const H: u32,
+>(
     input: *const f32,
     masks: *const u32,
     non_binary: *const u32,
@@ -257,7 +301,10 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32, const V: usi
     let side = window_side(B, K, S);
     let bb = B * B;
     let stage = gpu::dynamic_shared_f32();
-    let pass = 32 * V as u32;
+    // Lanes per pixel, and the output channels one CTA computes.
+    let lanes = 32 / H;
+    let (half, hl) = (lane / lanes, lane % lanes);
+    let pass = lanes * V as u32;
     // Shared memory: the staged outputs [pass][bb + 1], then the window's masks [words][side²].
     let window = stage.add((pass * (bb + 1)) as usize) as *mut u32;
 
@@ -281,30 +328,32 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32, const V: usi
     let active = gpu::sync_threads_or(any) && ty0 < oh && tx0 < ow;
     let binary = *non_binary == 0;
 
-    // The weight rows end with one row of zeros, read in place of missing channels.
-    let zero_row = K * K * cin;
     // Each CTA computes one pass of `32·V` output channels, `V` per lane: wide layers amortise
     // the popping of active rows over more useful adds, and deep layers (7×7 maps) with few
     // tiles still spread over the grid's z dimension.
     let chunk = gpu::block_z() * pass;
     {
-        let co = chunk + V as u32 * lane;
+        let co = chunk + V as u32 * hl;
         let mut bias_v = [0.0f32; V];
         for (k, b) in bias_v.iter_mut().enumerate() {
             *b = *bias.add(co as usize + k);
         }
-        let mut p = warp;
-        while p < bb {
+        // The weight rows end with one row of zeros, read by lanes without a row.
+        let zero_row = K * K * cin;
+        let mut p0 = warp * H;
+        while p0 < bb {
+            let p = p0 + half;
             let (py, px) = (p / B, p % B);
             let mut acc = bias_v;
-            if active && ty0 + py < oh && tx0 + px < ow {
-                // Lane `i` of a pass owns item (tap, word) = base + i; each round, every lane with
-                // bits left pops one weight row, and the warp consumes the popped rows together.
+            let valid = active && ty0 + py < oh && tx0 + px < ow;
+            if (H == 1 && valid) || (H > 1 && gpu::warp_any(valid)) {
+                // Lane `i` of a pixel's lanes owns item (tap, word) = base + i; each round, every
+                // lane with bits left pops one weight row, and the warp consumes them together.
                 let items = K * K * words;
                 let mut base = 0;
                 while base < items {
-                    let item = base + lane;
-                    let (mut m, row_base, channel_base, pixel) = if item < items {
+                    let item = base + hl;
+                    let (mut m, row_base, channel_base, pixel) = if valid && item < items {
                         let (tap, word) = (item / words, item % words);
                         let (ky, kx) = (tap / K, tap % K);
                         let r = (py * S + ky) * side + px * S + kx;
@@ -331,15 +380,17 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32, const V: usi
                                 value = *input.add(((img * cin + channel) * hw + pixel) as usize);
                             }
                         }
-                        consume::<V>(popped, row, value, binary, weights, cout_pad, co, &mut acc);
+                        consume::<V, H>(
+                            popped, row, value, binary, weights, cout_pad, co, zero_row, &mut acc,
+                        );
                     }
-                    base += 32;
+                    base += lanes;
                 }
             }
             for (k, a) in acc.iter().enumerate() {
-                *stage.add(((V as u32 * lane + k as u32) * (bb + 1) + p) as usize) = *a;
+                *stage.add(((V as u32 * hl + k as u32) * (bb + 1) + p) as usize) = *a;
             }
-            p += WARPS;
+            p0 += WARPS * H;
         }
         gpu::sync_threads();
         let mut i = tid;
@@ -356,7 +407,7 @@ pub unsafe fn sparse_conv<const K: u32, const S: u32, const B: u32, const V: usi
 }
 
 macro_rules! sparse_conv_variants {
-    ($([$($entry:ident: $v:literal),+] => kernel $k:literal, stride $s:literal, block $b:literal);+ $(;)?) => {
+    ($([$($entry:ident: v $v:literal h $h:literal),+] => kernel $k:literal, stride $s:literal, block $b:literal);+ $(;)?) => {
         $($(
             #[cfg(target_arch = "nvptx64")]
             #[no_mangle]
@@ -365,7 +416,7 @@ macro_rules! sparse_conv_variants {
                 weights: *const f32, bias: *const f32, out: *mut f32,
                 cin: u32, h: u32, w: u32, cout: u32, cout_pad: u32, oh: u32, ow: u32, tiles_x: u32,
             ) {
-                sparse_conv::<$k, $s, $b, $v>(
+                sparse_conv::<$k, $s, $b, $v, $h>(
                     input, masks, non_binary, weights, bias, out,
                     cin, h, w, cout, cout_pad, oh, ow, tiles_x,
                 )
@@ -374,7 +425,8 @@ macro_rules! sparse_conv_variants {
         /// Every compute-kernel entry point in the PTX module.
         pub const SPARSE_CONV_VARIANTS: &[SparseConvVariant] = &[
             $($(SparseConvVariant {
-                kernel: $k, stride: $s, block: $b, couts_per_lane: $v, entry: stringify!($entry),
+                kernel: $k, stride: $s, block: $b, couts_per_lane: $v, pixels_per_warp: $h,
+                entry: stringify!($entry),
             },)+)+
         ];
     };
@@ -382,18 +434,18 @@ macro_rules! sparse_conv_variants {
 
 // 16×16 tiles stage 256 pixels' outputs in shared memory, too many for 8 channels per lane.
 sparse_conv_variants! {
-    [sparse_conv_k3_s1_b4_v2: 2, sparse_conv_k3_s1_b4_v4: 4, sparse_conv_k3_s1_b4_v8: 8] => kernel 3, stride 1, block 4;
-    [sparse_conv_k3_s2_b4_v2: 2, sparse_conv_k3_s2_b4_v4: 4, sparse_conv_k3_s2_b4_v8: 8] => kernel 3, stride 2, block 4;
-    [sparse_conv_k1_s1_b4_v2: 2, sparse_conv_k1_s1_b4_v4: 4, sparse_conv_k1_s1_b4_v8: 8] => kernel 1, stride 1, block 4;
-    [sparse_conv_k1_s2_b4_v2: 2, sparse_conv_k1_s2_b4_v4: 4, sparse_conv_k1_s2_b4_v8: 8] => kernel 1, stride 2, block 4;
-    [sparse_conv_k3_s1_b8_v2: 2, sparse_conv_k3_s1_b8_v4: 4, sparse_conv_k3_s1_b8_v8: 8] => kernel 3, stride 1, block 8;
-    [sparse_conv_k3_s2_b8_v2: 2, sparse_conv_k3_s2_b8_v4: 4, sparse_conv_k3_s2_b8_v8: 8] => kernel 3, stride 2, block 8;
-    [sparse_conv_k1_s1_b8_v2: 2, sparse_conv_k1_s1_b8_v4: 4, sparse_conv_k1_s1_b8_v8: 8] => kernel 1, stride 1, block 8;
-    [sparse_conv_k1_s2_b8_v2: 2, sparse_conv_k1_s2_b8_v4: 4, sparse_conv_k1_s2_b8_v8: 8] => kernel 1, stride 2, block 8;
-    [sparse_conv_k3_s1_b16_v2: 2, sparse_conv_k3_s1_b16_v4: 4] => kernel 3, stride 1, block 16;
-    [sparse_conv_k3_s2_b16_v2: 2, sparse_conv_k3_s2_b16_v4: 4] => kernel 3, stride 2, block 16;
-    [sparse_conv_k1_s1_b16_v2: 2, sparse_conv_k1_s1_b16_v4: 4] => kernel 1, stride 1, block 16;
-    [sparse_conv_k1_s2_b16_v2: 2, sparse_conv_k1_s2_b16_v4: 4] => kernel 1, stride 2, block 16;
+    [sparse_conv_k3_s1_b4_v2: v 2 h 1, sparse_conv_k3_s1_b4_v4h2: v 4 h 2, sparse_conv_k3_s1_b4_v4: v 4 h 1, sparse_conv_k3_s1_b4_v8: v 8 h 1] => kernel 3, stride 1, block 4;
+    [sparse_conv_k3_s2_b4_v2: v 2 h 1, sparse_conv_k3_s2_b4_v4h2: v 4 h 2, sparse_conv_k3_s2_b4_v4: v 4 h 1, sparse_conv_k3_s2_b4_v8: v 8 h 1] => kernel 3, stride 2, block 4;
+    [sparse_conv_k1_s1_b4_v2: v 2 h 1, sparse_conv_k1_s1_b4_v4h2: v 4 h 2, sparse_conv_k1_s1_b4_v4: v 4 h 1, sparse_conv_k1_s1_b4_v8: v 8 h 1] => kernel 1, stride 1, block 4;
+    [sparse_conv_k1_s2_b4_v2: v 2 h 1, sparse_conv_k1_s2_b4_v4h2: v 4 h 2, sparse_conv_k1_s2_b4_v4: v 4 h 1, sparse_conv_k1_s2_b4_v8: v 8 h 1] => kernel 1, stride 2, block 4;
+    [sparse_conv_k3_s1_b8_v2: v 2 h 1, sparse_conv_k3_s1_b8_v4h2: v 4 h 2, sparse_conv_k3_s1_b8_v4: v 4 h 1, sparse_conv_k3_s1_b8_v8: v 8 h 1] => kernel 3, stride 1, block 8;
+    [sparse_conv_k3_s2_b8_v2: v 2 h 1, sparse_conv_k3_s2_b8_v4h2: v 4 h 2, sparse_conv_k3_s2_b8_v4: v 4 h 1, sparse_conv_k3_s2_b8_v8: v 8 h 1] => kernel 3, stride 2, block 8;
+    [sparse_conv_k1_s1_b8_v2: v 2 h 1, sparse_conv_k1_s1_b8_v4h2: v 4 h 2, sparse_conv_k1_s1_b8_v4: v 4 h 1, sparse_conv_k1_s1_b8_v8: v 8 h 1] => kernel 1, stride 1, block 8;
+    [sparse_conv_k1_s2_b8_v2: v 2 h 1, sparse_conv_k1_s2_b8_v4h2: v 4 h 2, sparse_conv_k1_s2_b8_v4: v 4 h 1, sparse_conv_k1_s2_b8_v8: v 8 h 1] => kernel 1, stride 2, block 8;
+    [sparse_conv_k3_s1_b16_v2: v 2 h 1, sparse_conv_k3_s1_b16_v4h2: v 4 h 2, sparse_conv_k3_s1_b16_v4: v 4 h 1] => kernel 3, stride 1, block 16;
+    [sparse_conv_k3_s2_b16_v2: v 2 h 1, sparse_conv_k3_s2_b16_v4h2: v 4 h 2, sparse_conv_k3_s2_b16_v4: v 4 h 1] => kernel 3, stride 2, block 16;
+    [sparse_conv_k1_s1_b16_v2: v 2 h 1, sparse_conv_k1_s1_b16_v4h2: v 4 h 2, sparse_conv_k1_s1_b16_v4: v 4 h 1] => kernel 1, stride 1, block 16;
+    [sparse_conv_k1_s2_b16_v2: v 2 h 1, sparse_conv_k1_s2_b16_v4h2: v 4 h 2, sparse_conv_k1_s2_b16_v4: v 4 h 1] => kernel 1, stride 2, block 16;
 }
 
 /// `SparseLinear`: one warp per (row, 64 outputs). The warp reads the row's inputs 32 at a time,
@@ -473,13 +525,20 @@ mod tests {
     fn every_geometry_has_every_width_that_fits_shared_memory() {
         for (k, s) in [(1, 1), (1, 2), (3, 1), (3, 2)] {
             for block in [4, 8, 16] {
-                for v in [2, 4, 8] {
+                for (v, h) in [(2, 1), (4, 2), (4, 1), (8, 1)] {
                     let compiled = SPARSE_CONV_VARIANTS.iter().any(|x| {
-                        (x.kernel, x.stride, x.block, x.couts_per_lane) == (k, s, block, v)
+                        (
+                            x.kernel,
+                            x.stride,
+                            x.block,
+                            x.couts_per_lane,
+                            x.pixels_per_warp,
+                        ) == (k, s, block, v, h)
                     });
                     // The H100's per-block limit, with 512 input channels of masks.
-                    let fits = conv_shared_bytes(block, k, s, 512, v) <= 227 * 1024;
-                    assert_eq!(compiled, fits, "k{k} s{s} b{block} v{v}");
+                    let pass = 32 / h * v;
+                    let fits = conv_shared_bytes(block, k, s, 512, pass) <= 227 * 1024;
+                    assert_eq!(compiled, fits, "k{k} s{s} b{block} v{v} h{h}");
                 }
             }
         }
@@ -489,7 +548,15 @@ mod tests {
     fn variants_are_distinct() {
         for (i, a) in SPARSE_CONV_VARIANTS.iter().enumerate() {
             for b in &SPARSE_CONV_VARIANTS[i + 1..] {
-                let key = |v: &SparseConvVariant| (v.kernel, v.stride, v.block, v.couts_per_lane);
+                let key = |v: &SparseConvVariant| {
+                    (
+                        v.kernel,
+                        v.stride,
+                        v.block,
+                        v.couts_per_lane,
+                        v.pixels_per_warp,
+                    )
+                };
                 assert!(
                     key(a) != key(b),
                     "{} and {} compile the same variant",
