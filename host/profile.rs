@@ -93,43 +93,35 @@ pub fn profile(
     let repeats = options.repeats;
     match device {
         Device::Cpu => {
-            let (mut nodes, output) = statistics_pass(options, |observe| {
+            let (nodes, output) = statistics_pass(options, |observe| {
                 graph.forward_observed(input, &mut |run| {
                     observe(run.node, run.inputs, run.output, run.elapsed)
                 })
             })?;
             progress();
-            let mut totals = Vec::new();
-            for _ in 0..repeats {
-                let start = Instant::now();
-                graph.forward(input)?;
-                totals.push(start.elapsed());
-                progress();
-            }
-            let mut per_node: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
-            for _ in 0..repeats {
-                graph.forward_observed(input, &mut |run| {
-                    per_node
-                        .entry(run.node.name.clone())
-                        .or_default()
-                        .push(run.elapsed);
+            let (totals, per_node) = timed_passes(
+                repeats,
+                progress,
+                || {
+                    let start = Instant::now();
+                    graph.forward(input)?;
+                    Ok(start.elapsed())
+                },
+                |record| {
+                    graph.forward_observed(input, &mut |run| {
+                        record(&run.node.name, run.elapsed);
+                        Ok(())
+                    })?;
                     Ok(())
-                })?;
-                progress();
-            }
-            Ok(finish(
-                Device::Cpu,
-                format!("CPU ({} threads)", rayon::current_num_threads()),
-                &mut nodes,
-                per_node,
-                totals,
-                output,
-            ))
+                },
+            )?;
+            let name = format!("CPU ({} threads)", rayon::current_num_threads());
+            Ok(finish(device, name, nodes, per_node, totals, output))
         }
         Device::Cuda(ordinal) => {
             let backend = CudaBackend::get(ordinal)?;
             let x = DeviceTensor::upload(&backend, input)?;
-            let (mut nodes, output) = statistics_pass(options, |observe| {
+            let (nodes, output) = statistics_pass(options, |observe| {
                 let out = graph.forward_cuda_observed(&x, &mut |run| {
                     let inputs = run
                         .inputs
@@ -147,33 +139,48 @@ pub fn profile(
             })?;
             progress();
             let timer = GpuTimer::new(&backend)?;
-            let mut totals = Vec::new();
-            for _ in 0..repeats {
-                let (_, ms) = timer.time(|| graph.forward_cuda(&x))?;
-                totals.push(Duration::from_secs_f64(ms / 1e3));
-                progress();
-            }
-            let mut per_node: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
-            for _ in 0..repeats {
-                graph.forward_cuda_observed(&x, &mut |run| {
-                    per_node
-                        .entry(run.node.name.clone())
-                        .or_default()
-                        .push(run.elapsed);
+            let (totals, per_node) = timed_passes(
+                repeats,
+                progress,
+                || {
+                    let (_, ms) = timer.time(|| graph.forward_cuda(&x))?;
+                    Ok(Duration::from_secs_f64(ms / 1e3))
+                },
+                |record| {
+                    graph.forward_cuda_observed(&x, &mut |run| {
+                        record(&run.node.name, run.elapsed);
+                        Ok(())
+                    })?;
                     Ok(())
-                })?;
-                progress();
-            }
-            Ok(finish(
-                device,
-                backend.name().to_string(),
-                &mut nodes,
-                per_node,
-                totals,
-                output,
-            ))
+                },
+            )?;
+            let name = backend.name().to_string();
+            Ok(finish(device, name, nodes, per_node, totals, output))
         }
     }
+}
+
+type NodeTimes = BTreeMap<String, Vec<Duration>>;
+
+/// `repeats` whole forwards timed by `total`, then `repeats` observed forwards whose per-node
+/// times `observed` hands to its recorder.
+fn timed_passes(
+    repeats: usize,
+    progress: &mut dyn FnMut(),
+    mut total: impl FnMut() -> Result<Duration>,
+    mut observed: impl FnMut(&mut dyn FnMut(&str, Duration)) -> Result<()>,
+) -> Result<(Vec<Duration>, NodeTimes)> {
+    let mut totals = Vec::new();
+    for _ in 0..repeats {
+        totals.push(total()?);
+        progress();
+    }
+    let mut per_node = NodeTimes::new();
+    for _ in 0..repeats {
+        observed(&mut |name, elapsed| per_node.entry(name.to_string()).or_default().push(elapsed))?;
+        progress();
+    }
+    Ok((totals, per_node))
 }
 
 type Observe<'a> = dyn FnMut(&crate::graph::Node, &[&Tensor], &Tensor, Duration) -> Result<()> + 'a;
@@ -233,12 +240,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn finish(
     device: Device,
     device_name: String,
-    nodes: &mut Vec<NodeProfile>,
-    per_node: BTreeMap<String, Vec<Duration>>,
+    mut nodes: Vec<NodeProfile>,
+    mut per_node: NodeTimes,
     totals: Vec<Duration>,
     output: Tensor,
 ) -> Profile {
-    let mut per_node = per_node;
     let totals = if totals.is_empty() {
         vec![nodes.iter().map(|n| n.time).sum()]
     } else {
@@ -252,7 +258,7 @@ fn finish(
     Profile {
         device,
         device_name,
-        nodes: std::mem::take(nodes),
+        nodes,
         total: median(totals),
         output,
     }

@@ -26,6 +26,26 @@ pub fn apply_binary(function: u32, a: f32, b: f32) -> f32 {
     }
 }
 
+/// Calls `f(i, c)` for this thread's elements `i` (a grid-stride loop) of a `[planes, hw]`
+/// tensor whose plane `p` has channel `c = p % channels`.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn for_each_channel_element(
+    planes: u32,
+    channels: u32,
+    hw: u32,
+    mut f: impl FnMut(usize, usize),
+) {
+    use crate::gpu;
+    let len = planes as usize * hw as usize;
+    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as usize;
+    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as usize;
+    while i < len {
+        f(i, (i / hw as usize) % channels as usize);
+        i += stride;
+    }
+}
+
 /// `y = fma(x, alpha[c], beta[c])` over `[planes, hw]` where plane `p` has channel `p % channels`
 /// (BatchNorm in inference).
 ///
@@ -42,15 +62,9 @@ pub unsafe extern "ptx-kernel" fn channel_affine(
     channels: u32,
     hw: u32,
 ) {
-    use crate::gpu;
-    let len = planes as usize * hw as usize;
-    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as usize;
-    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as usize;
-    while i < len {
-        let c = (i / hw as usize) % channels as usize;
-        *y.add(i) = gpu::fma_f32(*x.add(i), *alpha.add(c), *beta.add(c));
-        i += stride;
-    }
+    for_each_channel_element(planes, channels, hw, |i, c| {
+        *y.add(i) = crate::gpu::fma_f32(*x.add(i), *alpha.add(c), *beta.add(c));
+    });
 }
 
 /// `y = f(a, b)` element-wise over `len` elements; `function` is a [`BinaryFunction`].
@@ -90,13 +104,5 @@ pub unsafe extern "ptx-kernel" fn channel_bias_add(
     channels: u32,
     hw: u32,
 ) {
-    use crate::gpu;
-    let len = planes as usize * hw as usize;
-    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as usize;
-    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as usize;
-    while i < len {
-        let c = (i / hw as usize) % channels as usize;
-        *y.add(i) += *bias.add(c);
-        i += stride;
-    }
+    for_each_channel_element(planes, channels, hw, |i, c| *y.add(i) += *bias.add(c));
 }
