@@ -29,6 +29,7 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    max_shared_memory_per_block: usize,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -77,6 +78,9 @@ impl CudaBackend {
         if ctx.has_async_alloc() {
             keep_pool_memory(ctx.cu_device())?;
         }
+        let max_shared_memory_per_block = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )? as usize;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
         let stream = ctx.default_stream();
         Ok(Self {
@@ -85,6 +89,7 @@ impl CudaBackend {
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
+            max_shared_memory_per_block,
         })
     }
 
@@ -95,6 +100,11 @@ impl CudaBackend {
     /// The device's marketing name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The most dynamic shared memory one block may opt into (bytes).
+    pub fn max_shared_memory_per_block(&self) -> usize {
+        self.max_shared_memory_per_block
     }
 
     /// The stream every SparseFlow launch on this device is ordered on.
@@ -303,8 +313,10 @@ unsafe impl DeviceRepr for ByValue<sparseflow_kernels::dense_conv::ConvGeometry>
 /// An operator's device copy of some of its host tensors (weights in a kernel's layout), made on
 /// the first CUDA forward. It is remade when the device changes or when any source tensor is no
 /// longer the one it was made from (small tensors: other content; large ones: another buffer,
-/// length or content sample), so a model whose weights were reloaded does not run with stale
-/// device weights. Cloning an operator gives the clone
+/// length or content sample), and operators clear it when their parameters are borrowed
+/// mutably (`Operator::params_mut`, which weight loading uses). An in-place edit of a large
+/// tensor through a public field, bypassing `params_mut`, may go unseen: call
+/// [`DeviceCache::clear`] through the operator's `params_mut` after such edits. Cloning an operator gives the clone
 /// an empty cache.
 pub struct DeviceCache<T> {
     slot: Mutex<Option<(CacheKey, Arc<T>)>>,
@@ -362,6 +374,12 @@ impl<T> std::fmt::Debug for DeviceCache<T> {
 }
 
 impl<T> DeviceCache<T> {
+    /// Drops the device copy (operators call this when their parameters are handed out for
+    /// writing, so in-place edits through `params_mut` are never missed).
+    pub fn clear(&mut self) {
+        *self.slot.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The device copy for `backend` made from `sources`, building it with `upload` when there is
     /// none yet or it is stale.
     pub fn get(

@@ -74,7 +74,12 @@ impl CudnnConv {
         w: usize,
         precision: Precision,
     ) -> Result<Self> {
-        let handle: Arc<Cudnn> = Cudnn::new(backend.stream().clone()).map_err(cudnn_err)?;
+        // cudarc panics when a symbol is missing from the libcudnn it found: report that as an
+        // unusable cuDNN instead.
+        let stream = backend.stream().clone();
+        let handle: Arc<Cudnn> = std::panic::catch_unwind(move || Cudnn::new(stream))
+            .map_err(|_| Error::NoGpu("cuDNN: the loaded libcudnn lacks a needed symbol".into()))?
+            .map_err(cudnn_err)?;
         let (kh, kw) = conv.kernel_size();
         let (oh, ow) = conv.output_hw(h, w)?;
         let fmt = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;

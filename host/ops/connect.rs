@@ -85,6 +85,13 @@ fn zip_same_shape_cuda(
             b.shape()
         )));
     }
+    if a.backend().ordinal() != b.backend().ordinal() {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: inputs on CUDA devices {} and {}",
+            a.backend().ordinal(),
+            b.backend().ordinal()
+        )));
+    }
     let mut out = DeviceTensor::uninit(a.backend(), a.shape().to_vec())?;
     let len = out.len() as u64;
     if len == 0 {

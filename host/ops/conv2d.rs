@@ -202,7 +202,22 @@ impl Conv2d {
     /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device, with the
     /// process's dense engine ([`dense_conv_engine`]: cuDNN when present, else the Rust kernel).
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
-        self.forward_cuda_with(x, dense_conv_engine())
+        match dense_conv_engine() {
+            DenseConvEngine::Rust => self.forward_cuda_with(x, DenseConvEngine::Rust),
+            DenseConvEngine::Cudnn => {
+                match self.forward_cuda_with(x, DenseConvEngine::Cudnn) {
+                    Err(Error::NoGpu(why)) => {
+                        // A libcudnn that loads but does not work: the Rust kernel computes the same.
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| {
+                        eprintln!("warning: cuDNN failed ({why}); dense convolutions use the Rust kernel")
+                    });
+                        self.forward_cuda_with(x, DenseConvEngine::Rust)
+                    }
+                    other => other,
+                }
+            }
+        }
     }
 
     /// [`forward_cuda`](Self::forward_cuda) with a chosen engine.
@@ -282,7 +297,15 @@ impl Conv2d {
             .get(backend, &[&self.weight], || Ok(Mutex::new(HashMap::new())))?;
         let mut plans = plans.lock().unwrap_or_else(|p| p.into_inner());
         let (n, h, w) = (g.n as usize, g.h as usize, g.w as usize);
-        let plan = match plans.entry((n, h, w)) {
+        let key = (
+            [n, h, w],
+            [self.stride, self.padding, self.dilation],
+            self.groups,
+        );
+        if plans.len() >= MAX_CUDNN_PLANS && !plans.contains_key(&key) {
+            plans.clear();
+        }
+        let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(CudnnConv::new(backend, self, n, h, w, Precision::Fp32)?),
         };
@@ -365,8 +388,15 @@ impl Conv2d {
     }
 }
 
-/// cuDNN set-ups by input geometry `(n, h, w)`.
-type CudnnPlans = Mutex<HashMap<(usize, usize, usize), CudnnConv>>;
+/// cuDNN set-ups by the full geometry they were built for.
+type CudnnPlans = Mutex<HashMap<PlanKey, CudnnConv>>;
+
+/// `(n, h, w)` of the input and the layer's stride, padding, dilation and groups (public fields
+/// that may change between calls).
+type PlanKey = ([usize; 3], [(usize, usize); 3], usize);
+
+/// Plans kept per layer: enough for a few batch sizes; beyond, the oldest set is dropped.
+const MAX_CUDNN_PLANS: usize = 4;
 
 /// A dense layer's weight and bias on one device, in PyTorch's layout.
 pub(crate) struct DenseDeviceWeights {
@@ -464,6 +494,8 @@ impl Operator for Conv2d {
     }
 
     fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        self.device.clear();
+        self.cudnn.clear();
         let mut p = vec![("weight", &mut self.weight)];
         if let Some(b) = &mut self.bias {
             p.push(("bias", b));

@@ -195,6 +195,7 @@ impl Operator for Linear {
     }
 
     fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        self.device.clear();
         let mut p = vec![("weight", &mut self.weight)];
         if let Some(b) = &mut self.bias {
             p.push(("bias", b));

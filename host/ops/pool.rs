@@ -221,10 +221,12 @@ impl AvgPool2d {
 
     pub fn validate(&self) -> Result<()> {
         check_window("AvgPool2d", self.kernel, self.stride, self.padding, (1, 1))?;
-        if self.divisor_override == Some(0) {
-            return Err(Error::InvalidArgument(
-                "AvgPool2d divisor_override must be non-zero".into(),
-            ));
+        if let Some(d) = self.divisor_override {
+            if d == 0 || d > i32::MAX as usize {
+                return Err(Error::InvalidArgument(format!(
+                    "AvgPool2d divisor_override must be in 1..=2^31-1, got {d}"
+                )));
+            }
         }
         Ok(())
     }

@@ -83,8 +83,9 @@ pub struct SparseConv2d {
     gather: Mutex<Option<std::sync::Arc<GatherWeights>>>,
     /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
     device: Mutex<Option<Arc<DeviceGatherWeights>>>,
-    /// Which path CUDA forwards take, once [`SparseConv2d::tune_cuda`] has measured both.
-    cuda_dispatch: Mutex<Option<CudaDispatch>>,
+    /// Which path CUDA forwards take at the measured input shape, once
+    /// [`SparseConv2d::tune_cuda`] has timed both.
+    cuda_dispatch: Mutex<Option<(Vec<usize>, CudaDispatch)>>,
 }
 
 /// The path a sparse convolution's CUDA forwards take.
@@ -164,7 +165,8 @@ impl SparseConv2d {
             Some(s) if s <= dense_ms => CudaDispatch::Sparse,
             _ => CudaDispatch::Dense,
         };
-        *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(choice);
+        *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((x.shape().to_vec(), choice));
         Ok(CudaTuning {
             sparse_ms,
             dense_ms,
@@ -172,9 +174,36 @@ impl SparseConv2d {
         })
     }
 
-    /// The tuned CUDA path, if [`tune_cuda`](Self::tune_cuda) ran.
+    /// The tuned CUDA path, if [`tune_cuda`](Self::tune_cuda) ran (for the input shape it
+    /// measured).
     pub fn cuda_dispatch(&self) -> Option<CudaDispatch> {
-        *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner())
+        self.cuda_dispatch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, d)| *d)
+    }
+
+    /// The tuned path for an input of `shape`: a choice measured at another shape does not apply.
+    fn cuda_dispatch_for(&self, shape: &[usize]) -> Option<CudaDispatch> {
+        self.cuda_dispatch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(s, _)| s == shape)
+            .map(|(_, d)| *d)
+    }
+
+    /// Mutable access to the dense layer; every derived copy (gather layout, device weights,
+    /// tuned path) is dropped and rebuilt on the next forward.
+    pub fn conv_mut(&mut self) -> &mut Conv2d {
+        *self.gather.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.device.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        *self
+            .cuda_dispatch
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        &mut self.conv
     }
 
     /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device: stage 1 packs
@@ -212,9 +241,33 @@ impl SparseConv2d {
             )));
         }
         let backend = x.backend().clone();
+        if out.backend().ordinal() != backend.ordinal() {
+            return Err(Error::InvalidArgument(format!(
+                "input on CUDA device {}, output on device {}",
+                backend.ordinal(),
+                out.backend().ordinal()
+            )));
+        }
         let (n, cin, h, w) = nchw(x.shape());
         let (oh, ow) = self.conv.output_hw(h, w)?;
         let cout = self.conv.out_channels();
+        let shared = conv_shared_bytes(
+            variant.block,
+            variant.kernel,
+            variant.stride,
+            u32::try_from(cin).unwrap_or(u32::MAX),
+            variant.pass(),
+        );
+        // Launch limits the dense engine does not have: the caller falls back to it.
+        if shared as usize > backend.max_shared_memory_per_block() || n > 65_535 {
+            return Err(Error::MissingKernelVariant(format!(
+                "{} for {:?}: {shared} bytes of shared memory (the device allows {}) or more \
+                 than 65535 images",
+                variant.entry,
+                x.shape(),
+                backend.max_shared_memory_per_block()
+            )));
+        }
         let weights = self.device_weights(&backend, variant.pass() as usize)?;
         let stream = backend.stream();
         let words = mask_words(cin as u32) as usize;
@@ -255,7 +308,6 @@ impl SparseConv2d {
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
         let conv = backend.function(variant.entry)?;
-        let shared = conv_shared_bytes(b, variant.kernel, variant.stride, cin32, variant.pass());
         allow_shared_memory(&conv, shared)?;
         let dims = [h, w, cout, weights.padded_outputs, oh, ow].map(|v| v as u32);
         let mut launch = stream.launch_builder(&conv);
@@ -848,14 +900,13 @@ impl Operator for SparseConv2d {
     /// after [`SparseConv2d::tune_cuda`], whichever it measured faster.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("SparseConv2d", inputs)?;
-        if self.cuda_dispatch() == Some(CudaDispatch::Dense) {
+        if self.cuda_dispatch_for(x.shape()) == Some(CudaDispatch::Dense) {
             return self.conv.forward_cuda(x);
         }
-        let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
-        match self.cuda_variant(h) {
-            Ok(_) => self.forward_cuda(x),
+        match self.forward_cuda(x) {
+            // No compiled variant fits this geometry, shared memory or grid: the dense engine.
             Err(Error::MissingKernelVariant(_)) => self.conv.forward_cuda(x),
-            Err(e) => Err(e),
+            other => other,
         }
     }
 
@@ -872,9 +923,7 @@ impl Operator for SparseConv2d {
     }
 
     fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
-        // The weights may change: rebuild the gather layout on the next forward.
-        *self.gather.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
-        self.conv.params_mut()
+        self.conv_mut().params_mut()
     }
 
     fn describe(&self) -> String {

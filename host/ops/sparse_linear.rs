@@ -95,8 +95,20 @@ impl SparseLinear {
             )));
         }
         let features = self.linear.in_features();
-        let rows = x.len() / features.max(1);
         let outputs = self.linear.out_features();
+        let rows: usize = x.shape()[..x.shape().len() - 1].iter().product();
+        x.len_u32()?;
+        out.len_u32()?;
+        let widest = features.max(outputs.div_ceil(64) * 64);
+        if rows
+            .checked_mul(widest)
+            .is_none_or(|v| v > u32::MAX as usize)
+        {
+            return Err(Error::Shape(format!(
+                "{:?} is too large for the GPU kernels",
+                x.shape()
+            )));
+        }
         let backend = x.backend().clone();
         if rows == 0 || outputs == 0 {
             return Ok(());

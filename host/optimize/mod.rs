@@ -258,7 +258,7 @@ fn conv_of_mut(graph: &mut Graph, id: NodeId) -> Option<&mut Conv2d> {
     if op.is::<Conv2d>() {
         return op.downcast_mut::<Conv2d>();
     }
-    op.downcast_mut::<SparseConv2d>().map(|s| &mut s.conv)
+    op.downcast_mut::<SparseConv2d>().map(|s| s.conv_mut())
 }
 
 /// `bn(conv(x)) = conv'(x)` with `W'[o] = W[o]·alpha[o]`, `b'[o] = b[o]·alpha[o] + beta[o]`.

@@ -9,10 +9,10 @@ pub const POOL_THREADS: u32 = 256;
 /// by `d` from `start`; the first in-bounds tap of the window comes first.
 #[inline(always)]
 pub fn dilated_window(o: u32, s: u32, p: u32, k: u32, d: u32, size: u32) -> (u32, u32) {
-    let mut start = (o * s) as i32 - p as i32;
-    let end = (start + ((k - 1) * d + 1) as i32).min(size as i32);
+    let mut start = o as i64 * s as i64 - p as i64;
+    let end = (start + (k as i64 - 1) * d as i64 + 1).min(size as i64);
     while start < 0 {
-        start += d as i32;
+        start += d as i64;
     }
     (start as u32, end.max(start) as u32)
 }
@@ -20,13 +20,15 @@ pub fn dilated_window(o: u32, s: u32, p: u32, k: u32, d: u32, size: u32) -> (u32
 /// `floor(i · size / out)`, PyTorch's `start_index`.
 #[inline(always)]
 pub fn adaptive_start(i: u32, out: u32, size: u32) -> u32 {
-    (i / out) * size + ((i % out) * size) / out
+    let (i, out, size) = (i as u64, out as u64, size as u64);
+    ((i / out) * size + ((i % out) * size) / out) as u32
 }
 
 /// `ceil((i + 1) · size / out)`, PyTorch's `end_index`.
 #[inline(always)]
 pub fn adaptive_end(i: u32, out: u32, size: u32) -> u32 {
-    1 + ((i + 1) * size - 1) / out
+    let (i, out, size) = (i as u64, out as u64, size as u64);
+    (1 + ((i + 1) * size - 1) / out) as u32
 }
 
 /// The window geometry of a pooling launch.
