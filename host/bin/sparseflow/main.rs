@@ -12,7 +12,8 @@ use sparseflow::cuda::{CudaBackend, DeviceTensor};
 use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::neuron::Firing;
-use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
+use sparseflow::ops::sparse_conv2d::CudaDispatch;
+use sparseflow::optimize::{optimize, tune_cuda, Decision, OptimizeOptions};
 use sparseflow::profile::{profile, ProfileOptions};
 use sparseflow::{weights, Device, Error, Result};
 
@@ -153,7 +154,8 @@ struct RunArgs {
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Replace the convolutions fed by spikes with sparse operators before running
+    /// Replace the convolutions fed by spikes with sparse operators before running (on CUDA,
+    /// each then keeps whichever of its sparse kernels and the dense engine is faster on the input)
     #[arg(long)]
     optimize: bool,
     /// Print each node's time and its input's element sparsity
@@ -231,6 +233,19 @@ fn run(args: &RunArgs) -> Result<()> {
             report.count(Decision::Folded),
             report.count(Decision::Kept)
         );
+        if let Device::Cuda(ordinal) = device {
+            // Measure each sparse conv against the dense engine on this input.
+            let x = DeviceTensor::upload(&CudaBackend::get(ordinal)?, input)?;
+            let tuned = tune_cuda(&graph, &x)?;
+            let dense = tuned
+                .iter()
+                .filter(|t| t.tuning.choice == CudaDispatch::Dense)
+                .count();
+            eprintln!(
+                "tune_cuda: {dense} of {} sparse convs run the dense engine (measured faster)",
+                tuned.len()
+            );
+        }
     }
     let (output, ms, note) = if args.profile || args.repeats > 1 {
         let options = ProfileOptions {
