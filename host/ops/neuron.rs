@@ -20,6 +20,7 @@ use sparseflow_kernels::neuron::{Charge, NEURON_THREADS};
 use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::impl_as_any;
+use crate::ops::spike_gather::DisjointWrites;
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
 
@@ -83,31 +84,37 @@ where
     } else {
         Vec::new()
     };
-    let mut v = vec![firing.reset_value(); per_step];
     let (threshold, hard_reset) = (firing.v_threshold, firing.v_reset);
-    for t in 0..steps {
-        let range = t * per_step..(t + 1) * per_step;
-        let x_t = &x.data()[range.clone()];
-        let s_t = &mut spikes[range.clone()];
-        let chunks = per_step.div_ceil(CHUNK);
-        let h_chunks: Vec<Option<&mut [f32]>> = if keep_charge {
-            charged[range].chunks_mut(CHUNK).map(Some).collect()
-        } else {
-            (0..chunks).map(|_| None).collect()
-        };
-        s_t.par_chunks_mut(CHUNK)
-            .zip(v.par_chunks_mut(CHUNK))
-            .zip(x_t.par_chunks(CHUNK))
-            .zip(h_chunks)
-            .for_each(|(((s, v), x), h_out)| match (hard_reset, h_out) {
-                (Some(reset), None) => step::<_, true>(&charge, s, v, x, None, threshold, reset),
-                (None, None) => step::<_, false>(&charge, s, v, x, None, threshold, 0.0),
-                (Some(reset), Some(h)) => {
-                    step::<_, true>(&charge, s, v, x, Some(h), threshold, reset)
+    // Each task owns a range of neurons for all T steps, so its membranes stay in cache and each
+    // input and output element is touched once.
+    let spike_out = DisjointWrites(spikes.as_mut_ptr());
+    let charge_out = DisjointWrites(charged.as_mut_ptr());
+    (0..per_step.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
+        let start = c * CHUNK;
+        let len = CHUNK.min(per_step - start);
+        let mut v = vec![firing.reset_value(); len];
+        for t in 0..steps {
+            let at = t * per_step + start;
+            let x_t = &x.data()[at..at + len];
+            // SAFETY: tasks own disjoint neuron ranges, so the (step, range) slices of different
+            // tasks never overlap; both buffers hold `steps · per_step` elements (`charged` when
+            // `keep_charge`).
+            let s = unsafe { spike_out.slice(at, len) };
+            let h = keep_charge.then(|| unsafe { charge_out.slice(at, len) });
+            match (hard_reset, h) {
+                (Some(reset), None) => {
+                    step::<_, true>(&charge, s, &mut v, x_t, None, threshold, reset)
                 }
-                (None, Some(h)) => step::<_, false>(&charge, s, v, x, Some(h), threshold, 0.0),
-            });
-    }
+                (None, None) => step::<_, false>(&charge, s, &mut v, x_t, None, threshold, 0.0),
+                (Some(reset), Some(h)) => {
+                    step::<_, true>(&charge, s, &mut v, x_t, Some(h), threshold, reset)
+                }
+                (None, Some(h)) => {
+                    step::<_, false>(&charge, s, &mut v, x_t, Some(h), threshold, 0.0)
+                }
+            }
+        }
+    });
     let spikes = Tensor::new(x.shape().to_vec(), spikes)?;
     let charged = if keep_charge {
         Some(Tensor::new(x.shape().to_vec(), charged)?)

@@ -180,4 +180,14 @@ impl DisjointWrites {
     pub(crate) unsafe fn write(&self, i: usize, value: f32) {
         *self.0.add(i) = value;
     }
+
+    /// Elements `start..start + len` as a slice.
+    ///
+    /// # Safety
+    /// The range is in bounds and no other task touches it while the slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
 }
