@@ -1,6 +1,7 @@
 //! Joining a residual branch with its shortcut: the plain `Add` of spiking ResNets and the SEW
 //! connect functions of SEW ResNets (ADD, AND, IAND).
 use cudarc::driver::PushKernelArg;
+use rayon::prelude::*;
 use sparseflow_kernels::elementwise::{BinaryFunction, ELEMENTWISE_THREADS};
 
 use crate::cuda::{elementwise_config, DeviceTensor};
@@ -54,7 +55,12 @@ impl ConnectFunction {
     }
 }
 
-fn zip_same_shape(op: &str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor> {
+fn zip_same_shape(
+    op: &str,
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Tensor> {
     if a.shape() != b.shape() {
         return Err(Error::Shape(format!(
             "{op}: input shapes differ: {:?} vs {:?}",
@@ -62,12 +68,16 @@ fn zip_same_shape(op: &str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32)
             b.shape()
         )));
     }
-    let data = a
-        .data()
-        .iter()
-        .zip(b.data())
-        .map(|(&x, &y)| f(x, y))
-        .collect();
+    // Large maps are split over the rayon threads in chunks big enough to amortise scheduling.
+    const CHUNK: usize = 1 << 15;
+    let mut data = vec![0.0f32; a.len()];
+    data.par_chunks_mut(CHUNK)
+        .zip(a.data().par_chunks(CHUNK).zip(b.data().par_chunks(CHUNK)))
+        .for_each(|(out, (xs, ys))| {
+            for ((o, &x), &y) in out.iter_mut().zip(xs).zip(ys) {
+                *o = f(x, y);
+            }
+        });
     Tensor::new(a.shape().to_vec(), data)
 }
 
