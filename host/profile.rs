@@ -210,7 +210,7 @@ fn statistics_pass(
         let chosen_block = match node.op.as_any().downcast_ref::<SparseConv2d>() {
             Some(conv) => {
                 let h = first.map_or(0, |x| x.shape()[x.shape().len() - 2]);
-                let block = conv.block.resolve(h).unwrap_or(4);
+                let block = conv.gpu_tile(h);
                 zero_blocks(block)?.map(|r| (block, r))
             }
             None => None,

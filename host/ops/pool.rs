@@ -106,7 +106,7 @@ impl Operator for MaxPool2d {
 
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("MaxPool2d", inputs)?;
-        let (h, w) = device_plane_hw("MaxPool2d", x)?;
+        let (h, w) = plane_hw("MaxPool2d", x.shape())?;
         let (oh, ow) = self.output_hw(h, w)?;
         let window = pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding)
             .with_dilation(self.dilation);
@@ -115,7 +115,7 @@ impl Operator for MaxPool2d {
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let [x] = expect_inputs::<1, _>("MaxPool2d", inputs)?;
-        let (h, w) = plane_hw("MaxPool2d", x)?;
+        let (h, w) = plane_hw("MaxPool2d", x.shape())?;
         let (oh, ow) = self.output_hw(h, w)?;
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
@@ -253,7 +253,7 @@ impl Operator for AvgPool2d {
 
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("AvgPool2d", inputs)?;
-        let (h, w) = device_plane_hw("AvgPool2d", x)?;
+        let (h, w) = plane_hw("AvgPool2d", x.shape())?;
         let (oh, ow) = self.output_hw(h, w)?;
         let window = pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding);
         let extra = [
@@ -265,7 +265,7 @@ impl Operator for AvgPool2d {
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let [x] = expect_inputs::<1, _>("AvgPool2d", inputs)?;
-        let (h, w) = plane_hw("AvgPool2d", x)?;
+        let (h, w) = plane_hw("AvgPool2d", x.shape())?;
         let (oh, ow) = self.output_hw(h, w)?;
         let (kh, kw) = (self.kernel.0 as isize, self.kernel.1 as isize);
         let (sh, sw) = (self.stride.0 as isize, self.stride.1 as isize);
@@ -371,7 +371,7 @@ impl Operator for AdaptiveAvgPool2d {
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("AdaptiveAvgPool2d", inputs)?;
         self.validate()?;
-        let (h, w) = device_plane_hw("AdaptiveAvgPool2d", x)?;
+        let (h, w) = plane_hw("AdaptiveAvgPool2d", x.shape())?;
         if h == 0 || w == 0 {
             return Err(Error::Shape(format!(
                 "AdaptiveAvgPool2d needs a non-empty plane, got {:?}",
@@ -385,7 +385,7 @@ impl Operator for AdaptiveAvgPool2d {
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let [x] = expect_inputs::<1, _>("AdaptiveAvgPool2d", inputs)?;
         self.validate()?;
-        let (h, w) = plane_hw("AdaptiveAvgPool2d", x)?;
+        let (h, w) = plane_hw("AdaptiveAvgPool2d", x.shape())?;
         if h == 0 || w == 0 {
             return Err(Error::Shape(format!(
                 "AdaptiveAvgPool2d needs a non-empty plane, got {:?}",
@@ -474,16 +474,6 @@ impl PoolWindowExt for PoolWindow {
     }
 }
 
-/// `(H, W)` of a `[..., C, H, W]` device tensor.
-fn device_plane_hw(op: &str, x: &DeviceTensor) -> Result<(usize, usize)> {
-    match x.shape() {
-        [.., _, h, w] if x.shape().len() >= 3 => Ok((*h, *w)),
-        other => Err(Error::Shape(format!(
-            "{op} expects [..., C, H, W] (e.g. [N, C, H, W] or [T, N, C, H, W]), got {other:?}"
-        ))),
-    }
-}
-
 /// Launches pooling kernel `entry` (`x, y, planes, window, extra…`) with one thread per output.
 fn launch_pool(
     x: &DeviceTensor,
@@ -526,10 +516,10 @@ fn launch_pool(
     Ok(out)
 }
 
-/// `(H, W)` of a `[..., C, H, W]` input.
-fn plane_hw(op: &str, x: &Tensor) -> Result<(usize, usize)> {
-    match x.shape() {
-        [.., _, h, w] if x.shape().len() >= 3 => Ok((*h, *w)),
+/// `(H, W)` of an input shaped `[..., C, H, W]` (host or device).
+fn plane_hw(op: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        [.., _, h, w] if shape.len() >= 3 => Ok((*h, *w)),
         other => Err(Error::Shape(format!(
             "{op} expects [..., C, H, W] (e.g. [N, C, H, W] or [T, N, C, H, W]), got {other:?}"
         ))),

@@ -174,6 +174,12 @@ impl SparseConv2d {
         })
     }
 
+    /// The tile side the GPU kernels use for inputs `h` rows high: the block choice, or the
+    /// smallest compiled tile when it says no block prescan.
+    pub fn gpu_tile(&self, h: usize) -> usize {
+        self.block.resolve(h).unwrap_or(4)
+    }
+
     /// The tuned CUDA path, if [`tune_cuda`](Self::tune_cuda) ran (for the input shape it
     /// measured).
     pub fn cuda_dispatch(&self) -> Option<CudaDispatch> {
@@ -349,7 +355,7 @@ impl SparseConv2d {
             && c.dilation == (1, 1)
             && c.groups == 1
             && c.stride.0 == c.stride.1;
-        let block = self.block.resolve(h).unwrap_or(4) as u32;
+        let block = self.gpu_tile(h) as u32;
         preferred_shapes(c.out_channels() as u32)
             .iter()
             .find_map(|&(lanes, pixels)| {

@@ -123,22 +123,6 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     }
 }
 
-/// Runs `$body` eight times with `$q` bound to the literals 0..8, so that array indices built
-/// from `$q` are constants and the arrays stay in registers.
-#[cfg(target_arch = "nvptx64")]
-macro_rules! for_each_of_8 {
-    ($q:ident => $body:block) => {
-        for_each_of_8!(@ $q $body 0 1 2 3 4 5 6 7)
-    };
-    (@ $q:ident $body:block $($n:literal)+) => {
-        $({
-            #[allow(non_upper_case_globals, clippy::identity_op)]
-            let $q: usize = $n;
-            $body
-        })+
-    };
-}
-
 /// `V` consecutive weights of one row through the read-only cache (`V` is 2, 4 or 8; the row
 /// pointer is aligned to `4·V` bytes).
 #[cfg(target_arch = "nvptx64")]

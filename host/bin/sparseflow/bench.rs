@@ -7,9 +7,11 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use sparseflow::cudnn::{dense_conv_engine, DenseConvEngine};
 use sparseflow::encode::Encoding;
 use sparseflow::graph::Graph;
 use sparseflow::model::{self, init, ModelConfig};
+use sparseflow::ops::sparse_conv2d::CudaDispatch;
 use sparseflow::optimize::{
     optimize, tune_cuda, Decision, OptimizeOptions, OptimizeReport, TuningEntry,
 };
@@ -283,15 +285,24 @@ fn rows(c: &Comparison) -> Vec<Row<'_>> {
         .collect()
 }
 
+/// Which engine ran the dense convolutions: `cpu`, `cudnn` or `rust`.
+fn dense_conv_label(device: Device) -> &'static str {
+    match (device, dense_conv_engine()) {
+        (Device::Cpu, _) => "cpu",
+        (_, DenseConvEngine::Cudnn) => "cudnn",
+        (_, DenseConvEngine::Rust) => "rust",
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
-    let engine = match sparseflow::cudnn::dense_conv_engine() {
-        _ if c.sparse.device == Device::Cpu => "im2col + gemm crate",
-        sparseflow::cudnn::DenseConvEngine::Cudnn => "cuDNN fp32 (TF32 off)",
-        sparseflow::cudnn::DenseConvEngine::Rust => "Rust implicit GEMM",
+    let engine = match dense_conv_label(c.sparse.device) {
+        "cudnn" => "cuDNN fp32 (TF32 off)",
+        "rust" => "Rust implicit GEMM",
+        _ => "im2col + gemm crate",
     };
     println!(
         "{} on {} ({reason}); dense convolutions: {engine}\ninput: T={} N={} 3x{}x{} {} encoding; {}; optimize: {} replaced, {} folded, {} kept",
@@ -335,10 +346,10 @@ fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
         let speedup = row
             .dense
             .map_or("-".to_string(), |d| format!("{:.2}x", ms(d) / ms(n.time)));
-        let dense_dispatch = c.tuned.iter().any(|t| {
-            t.node == n.name
-                && t.tuning.choice == sparseflow::ops::sparse_conv2d::CudaDispatch::Dense
-        });
+        let dense_dispatch = c
+            .tuned
+            .iter()
+            .any(|t| t.node == n.name && t.tuning.choice == CudaDispatch::Dense);
         let op = if dense_dispatch {
             format!("{} (dense)", n.op)
         } else {
@@ -360,7 +371,7 @@ fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
         let dense = c
             .tuned
             .iter()
-            .filter(|t| t.tuning.choice == sparseflow::ops::sparse_conv2d::CudaDispatch::Dense)
+            .filter(|t| t.tuning.choice == CudaDispatch::Dense)
             .count();
         println!(
             "\n(dense): {dense} of {} sparse convs run the dense engine: on a separate sample input \
@@ -416,11 +427,7 @@ fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
         .collect();
     json!({
         "model": a.model, "device": c.sparse.device_name,
-        "dense_conv_engine": match (c.sparse.device, sparseflow::cudnn::dense_conv_engine()) {
-            (Device::Cpu, _) => "cpu",
-            (_, sparseflow::cudnn::DenseConvEngine::Cudnn) => "cudnn",
-            (_, sparseflow::cudnn::DenseConvEngine::Rust) => "rust",
-        },
+        "dense_conv_engine": dense_conv_label(c.sparse.device),
         "timesteps": a.timesteps, "batch": a.batch, "size": a.size,
         "encoding": match a.encoding { EncodingArg::Poisson => "poisson", EncodingArg::Direct => "direct" },
         "weights": a.weights.as_ref().map(|p| p.display().to_string()),
@@ -434,6 +441,6 @@ fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
         "top1_agreement": c.agreement.top1,
         "outputs_agree": c.agreement.acceptable(),
         "layers": layers,
-        "tuned_dense": c.tuned.iter().filter(|t| t.tuning.choice == sparseflow::ops::sparse_conv2d::CudaDispatch::Dense).map(|t| t.node.clone()).collect::<Vec<_>>(),
+        "tuned_dense": c.tuned.iter().filter(|t| t.tuning.choice == CudaDispatch::Dense).map(|t| t.node.clone()).collect::<Vec<_>>(),
     })
 }
