@@ -56,7 +56,6 @@ pub struct CudnnConv {
     w: FilterDescriptor<f32>,
     conv: ConvDescriptor<f32>,
     algo: sys::cudnnConvolutionFwdAlgo_t,
-    weights: CudaSlice<f32>,
     workspace: Option<CudaSlice<u8>>,
 }
 
@@ -128,20 +127,24 @@ impl CudnnConv {
         } else {
             None
         };
-        let weights = backend.stream().clone_htod(conv.weight.data())?;
         Ok(Self {
             x,
             y,
             w: wd,
             conv: cd,
             algo,
-            weights,
             workspace,
         })
     }
 
-    /// `y = conv(x)` (no bias), asynchronously on the backend's stream.
-    pub fn run(&mut self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    /// `y = conv(x)` (no bias) with the layer's weights `w` (`[Cout, Cin/groups, kh, kw]`, on
+    /// the same device), asynchronously on the backend's stream.
+    pub fn run(
+        &mut self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let op = ConvForward {
             conv: &self.conv,
             x: &self.x,
@@ -149,16 +152,7 @@ impl CudnnConv {
             y: &self.y,
         };
         // SAFETY: the buffers match the descriptors built from the same shapes.
-        unsafe {
-            op.launch(
-                self.algo,
-                self.workspace.as_mut(),
-                (1.0, 0.0),
-                x,
-                &self.weights,
-                y,
-            )
-        }
-        .map_err(cudnn_err)
+        unsafe { op.launch(self.algo, self.workspace.as_mut(), (1.0, 0.0), x, w, y) }
+            .map_err(cudnn_err)
     }
 }

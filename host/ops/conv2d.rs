@@ -309,7 +309,7 @@ impl Conv2d {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(CudnnConv::new(backend, self, n, h, w, Precision::Fp32)?),
         };
-        plan.run(x.slice(), out.slice_mut())?;
+        plan.run(x.slice(), &weights.weight, out.slice_mut())?;
         if let Some(bias) = &weights.bias {
             let function = backend.function("channel_bias_add")?;
             let config = elementwise_config(out.len(), ELEMENTWISE_THREADS);

@@ -357,8 +357,11 @@ mod cuda {
                 return Ok(None);
             }
             let mut c = CudnnConv::new(&backend, conv, n, h, w, p)?;
+            let weights = DeviceTensor::upload(&backend, &conv.weight)?;
             let mut y = DeviceTensor::uninit(&backend, out_shape.clone())?;
-            let ms = time_events(&backend, a.repeats, || c.run(dx.slice(), y.slice_mut()))?;
+            let ms = time_events(&backend, a.repeats, || {
+                c.run(dx.slice(), weights.slice(), y.slice_mut())
+            })?;
             // cuDNN's convolution has no bias: add it on the host for the comparison.
             let mut t = y.download()?;
             let plane = out_shape[2] * out_shape[3];
