@@ -197,3 +197,67 @@ pub fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
     }
     out
 }
+
+/// `__shfl_xor_sync(0xffffffff, value, mask)`.
+#[inline(always)]
+pub fn shfl_xor_u32(value: u32, mask: u32) -> u32 {
+    let out: u32;
+    unsafe {
+        asm!(
+            "shfl.sync.bfly.b32 {out}, {v}, {m}, 0x1f, 0xffffffff;",
+            out = out(reg32) out,
+            v = in(reg32) value,
+            m = in(reg32) mask,
+        );
+    }
+    out
+}
+
+/// Inclusive prefix sum of `value` over each aligned segment of `width` lanes (a power of two);
+/// the whole warp must call it.
+#[inline(always)]
+pub fn scan_add_u32(value: u32, width: u32) -> u32 {
+    let segment = (WARP_SIZE - width) << 8;
+    let lane = thread_x() % width;
+    let mut sum = value;
+    let mut delta = 1;
+    while delta < width {
+        let up: u32;
+        unsafe {
+            asm!(
+                "shfl.sync.up.b32 {out}, {v}, {d}, {c}, 0xffffffff;",
+                out = out(reg32) up,
+                v = in(reg32) sum,
+                d = in(reg32) delta,
+                c = in(reg32) segment,
+            );
+        }
+        if lane >= delta {
+            sum += up;
+        }
+        delta *= 2;
+    }
+    sum
+}
+
+/// `__syncwarp()`: orders the warp's shared-memory writes before its later reads.
+#[inline(always)]
+pub fn sync_warp() {
+    unsafe { asm!("bar.warp.sync 0xffffffff;") }
+}
+
+/// Stores four consecutive floats with one 16-byte store.
+///
+/// # Safety
+/// `ptr` is 16-byte aligned global memory.
+#[inline(always)]
+pub unsafe fn store_f32x4(ptr: *mut f32, (a, b, c, d): (f32, f32, f32, f32)) {
+    asm!(
+        "st.global.v4.f32 [{ptr}], {{{a}, {b}, {c}, {d}}};",
+        ptr = in(reg64) ptr,
+        a = in(reg32) a,
+        b = in(reg32) b,
+        c = in(reg32) c,
+        d = in(reg32) d,
+    );
+}

@@ -6,15 +6,17 @@
 //! - `sparse_conv_k{K}_s{S}_b{B}` (stage 2): one CTA per `B × B` output tile of one image. It
 //!   stages its input window's masks in shared memory and, when the window is silent, writes the
 //!   bias and stops. Otherwise each warp owns `B²/8` output pixels with their accumulators in
-//!   registers; its lanes scan the pixel's (tap, mask word) items in parallel, pop one active
-//!   channel each per round (ballot), and the warp consumes the popped weight rows together
-//!   (shuffle): every lane adds `V` output channels (2, 4 or 8 by layer width) of each contiguous
-//!   weight row `[tap, c, :]`; 64-channel layers run two pixels per warp (`H = 2`, a half-warp
-//!   each, 4 channels per lane). Results are staged in shared memory and written to NCHW in rows.
+//!   registers. For each pixel, its lanes read the pixel's (tap, mask word) items in parallel and
+//!   compact the active channels into a list of weight rows in shared memory (a prefix sum of
+//!   the popcounts places each lane's rows); the warp then walks the list in a uniform loop where
+//!   every lane adds `V` output channels (2, 4 or 8 by layer width) of each contiguous weight row
+//!   `[tap, c, :]`, so the work per active input is one list read and `V` adds per lane.
+//!   64-channel layers run two pixels per warp (`H = 2`, a half-warp each, 4 channels per lane).
+//!   Results are staged in shared memory and written to NCHW in rows.
 //!   Each CTA computes `32 / H · V` output channels (grid z).
 //!
 //! Weights come in gather layout `[K·K·Cin + 1, cout_pad]` (`cout_pad` a multiple of `32·V`; the
-//! last row is zeros, read for lanes without a row), bias padded to `cout_pad`. Padding is
+//! last row is zeros, which pads the row lists), bias padded to `cout_pad`. Padding is
 //! `K / 2`, dilation 1, one group.
 
 /// Output channels one warp pass of `sparse_linear` computes: 32 lanes × 2.
@@ -44,12 +46,16 @@ impl SparseConvVariant {
     }
 }
 
+/// Entries of one warp's lists of active weight rows, shared by its `H` pixels.
+pub const WARP_LIST_ENTRIES: u32 = 128;
+
 /// Dynamic shared memory of the compute kernel computing `pass` output channels: the staged
-/// outputs `[pass][block² + 1]` (the +1 staggers banks) and the input window's masks
-/// `[words][side²]`.
+/// outputs `[pass][block² + 1]` (the +1 staggers banks), every warp's row lists (an offset and a
+/// value per entry) and the input window's masks `[words][side²]`.
 pub const fn conv_shared_bytes(block: u32, kernel: u32, stride: u32, cin: u32, pass: u32) -> u32 {
     let side = window_side(block, kernel, stride);
-    pass * (block * block + 1) * 4 + mask_words(cin) * side * side * 4
+    let lists = CONV_THREADS / 32 * WARP_LIST_ENTRIES * 8;
+    pass * (block * block + 1) * 4 + lists + mask_words(cin) * side * side * 4
 }
 
 /// The `(V, H)` shapes a layer of `cout` output channels prefers, best first: up to 64 channels
@@ -104,16 +110,25 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
         let pixel = idx % hw;
         let word = (idx / hw) % words;
         let img = idx / (hw * words);
+        let first = input.add(((img * cin + word * 32) * hw + pixel) as usize);
+        let channels = (cin - word * 32).min(32);
         let mut m = 0u32;
-        let mut j = 0;
-        while j < 32 && word * 32 + j < cin {
-            let c = word * 32 + j;
-            let v = *input.add(((img * cin + c) * hw + pixel) as usize);
-            if v != 0.0 {
-                m |= 1 << j;
-                odd |= v != 1.0;
+        if channels == 32 {
+            // A full word: all 32 loads are issued before any is tested.
+            let mut v = [0.0f32; 32];
+            for (j, v) in v.iter_mut().enumerate() {
+                *v = *first.add(j * hw as usize);
             }
-            j += 1;
+            for (j, &v) in v.iter().enumerate() {
+                m |= ((v != 0.0) as u32) << j;
+                odd |= v != 0.0 && v != 1.0;
+            }
+        } else {
+            for j in 0..channels {
+                let v = *first.add((j * hw) as usize);
+                m |= ((v != 0.0) as u32) << j;
+                odd |= v != 0.0 && v != 1.0;
+            }
         }
         *masks.add(idx as usize) = m;
     }
@@ -149,87 +164,107 @@ unsafe fn load_row<const V: usize>(ptr: *const f32) -> [f32; V] {
     out
 }
 
-/// Adds the weight rows that the lanes in `popped` hold in `row` (with their input `value` when
-/// not binary) to this lane's `V` outputs, two rows per step so two loads are in flight. With
-/// `H = 2` pixels per warp each half-warp consumes the rows its own lanes popped, in lockstep
-/// (the shorter half reads the zero row `zero_row` until the longer one is done).
+/// The active channels of one (tap, mask word) item of a pixel.
+#[cfg(target_arch = "nvptx64")]
+struct ActiveBits {
+    /// Channels not yet listed, bit `j` for channel `32·word + j`.
+    mask: u32,
+    /// Weight row of bit 0.
+    row: u32,
+    /// Input offset of bit 0 (channel `32·word` at the tap's pixel).
+    input: u32,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl ActiveBits {
+    /// Removes the lowest channel: its weight row and input offset (`mask` is non-zero).
+    #[inline(always)]
+    fn pop(&mut self, plane: u32) -> (u32, u32) {
+        let bit = self.mask.trailing_zeros();
+        self.mask &= self.mask - 1;
+        (self.row + bit, self.input + bit * plane)
+    }
+}
+
+/// Where one (tap, mask word) item of a pixel lives, relative to the pixel.
+#[cfg(target_arch = "nvptx64")]
+#[derive(Clone, Copy)]
+struct ItemPlace {
+    /// False past the last item.
+    live: bool,
+    window: u32,
+    row: u32,
+    input: u32,
+}
+
+/// Four consecutive shared-memory entries, read with one 16-byte load.
+#[cfg(target_arch = "nvptx64")]
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct Quad<T>([T; 4]);
+
+/// Consumes the warp's lists of active weight rows: every lane adds its `V` output channels of
+/// each listed row (`offsets[j]` = row · `cout_pad`, scaled by `values[j]` unless `BINARY`) to
+/// its accumulators. The lists of a warp's `H` pixels are first padded with the zero row to the
+/// longest one, rounded up to 4, so the loop is warp-uniform and takes four rows per step (four
+/// weight loads in flight, one 16-byte list read per four rows).
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn consume<const V: usize, const H: u32>(
-    popped: u32,
-    row: u32,
-    value: f32,
-    binary: bool,
-    weights: *const f32,
-    cout_pad: u32,
-    co: u32,
-    zero_row: u32,
-    acc: &mut [f32; V],
-) {
+unsafe fn consume_list<const V: usize, const H: u32, const BINARY: bool>(
+    offsets: *mut u32,
+    values: *mut f32,
+    count: u32,
+    lane_in_pixel: u32,
+    zero_offset: u32,
+    lane_weights: *const f32,
+    mut acc: [f32; V],
+) -> [f32; V] {
     use crate::gpu;
     let lanes = 32 / H;
-    let shift = if H == 1 {
-        0
+    let longest = if H == 1 {
+        count
     } else {
-        lanes * (gpu::thread_x() % 32 / lanes)
+        count.max(gpu::shfl_xor_u32(count, lanes))
     };
-    let mut mine = if H == 1 {
-        popped
-    } else {
-        (popped >> shift) & ((1u32 << lanes) - 1)
-    };
-    loop {
-        // Warp-uniform: with one pixel per warp every lane holds the same `mine`.
-        let more = if H == 1 {
-            mine != 0
-        } else {
-            gpu::warp_any(mine != 0)
-        };
-        if !more {
-            break;
+    let padded = longest.next_multiple_of(4);
+    let mut j = count + lane_in_pixel;
+    while j < padded {
+        *offsets.add(j as usize) = zero_offset;
+        if !BINARY {
+            *values.add(j as usize) = 0.0;
         }
-        let take0 = mine != 0;
-        let j0 = if take0 { mine.trailing_zeros() } else { 0 };
-        mine &= mine.wrapping_sub(1);
-        let take1 = mine != 0;
-        let j1 = if take1 { mine.trailing_zeros() } else { 0 };
-        mine &= mine.wrapping_sub(1);
-        let s0 = gpu::shfl_u32(row, shift + j0);
-        let s1 = gpu::shfl_u32(row, shift + j1);
-        let r0 = if take0 { s0 } else { zero_row };
-        let a = load_row::<V>(weights.add((r0 * cout_pad + co) as usize));
-        let b = if take1 {
-            load_row::<V>(weights.add((s1 * cout_pad + co) as usize))
-        } else {
-            [0.0; V]
-        };
-        if binary {
-            if take0 {
-                for k in 0..V {
-                    acc[k] += a[k];
-                }
-            }
-            if take1 {
-                for k in 0..V {
-                    acc[k] += b[k];
-                }
-            }
-        } else {
-            let v0 = f32::from_bits(gpu::shfl_u32(value.to_bits(), shift + j0));
-            let v1 = f32::from_bits(gpu::shfl_u32(value.to_bits(), shift + j1));
-            if take0 {
-                for k in 0..V {
-                    acc[k] += v0 * a[k];
-                }
-            }
-            if take1 {
-                for k in 0..V {
-                    acc[k] += v1 * b[k];
-                }
-            }
-        }
+        j += lanes;
     }
+    gpu::sync_warp();
+    let mut j = 0;
+    while j < padded {
+        let o = *(offsets.add(j as usize) as *const Quad<u32>);
+        let r0 = load_row::<V>(lane_weights.add(o.0[0] as usize));
+        let r1 = load_row::<V>(lane_weights.add(o.0[1] as usize));
+        let r2 = load_row::<V>(lane_weights.add(o.0[2] as usize));
+        let r3 = load_row::<V>(lane_weights.add(o.0[3] as usize));
+        if BINARY {
+            for k in 0..V {
+                acc[k] += r0[k];
+                acc[k] += r1[k];
+                acc[k] += r2[k];
+                acc[k] += r3[k];
+            }
+        } else {
+            let v = (*(values.add(j as usize) as *const Quad<f32>)).0;
+            for k in 0..V {
+                acc[k] = gpu::fma_f32(v[0], r0[k], acc[k]);
+                acc[k] = gpu::fma_f32(v[1], r1[k], acc[k]);
+                acc[k] = gpu::fma_f32(v[2], r2[k], acc[k]);
+                acc[k] = gpu::fma_f32(v[3], r3[k], acc[k]);
+            }
+        }
+        j += 4;
+    }
+    // The lists are rewritten next; every lane must be done reading them.
+    gpu::sync_warp();
+    acc
 }
 
 /// Side of the input window a `B × B` output tile reads.
@@ -240,12 +275,15 @@ pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
 /// # Safety
 /// Buffers as in the module docs; `out` holds `n·cout·oh·ow` floats. Launch with grid
 /// `(tiles_x · tiles_y, n, cout_pad / (32·V))`, `CONV_THREADS` threads and
-/// `conv_shared_bytes(B, K, S, Cin, V)` bytes of dynamic shared memory; `cout_pad` is a multiple
-/// of `32·V`.
+/// `conv_shared_bytes(B, K, S, Cin, 32 / H · V)` bytes of dynamic shared memory; `cout_pad` is a
+/// multiple of `32·V`.
 ///
 /// Each warp owns `B²/8` output pixels of the tile, their accumulators in registers. The CTA
-/// stages the tile's input window of masks in shared memory, then walks the taps outermost, so
-/// one tap's weights (`Cin` rows) stay hot in L1 while every pixel takes its contributions.
+/// stages the tile's input window of masks in shared memory. For each pixel, the pixel's lanes
+/// take its (tap, mask word) items `32 / H` at a time and compact the set bits into a list of
+/// weight-row offsets in shared memory (a prefix sum of the popcounts gives each lane its slots);
+/// when a list fills, or the pixel's items are done, the warp consumes the lists in a uniform
+/// loop. Taps go outermost, so one tap's weights (`Cin` rows) stay hot in L1.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -289,8 +327,13 @@ pub unsafe fn sparse_conv<
     let lanes = 32 / H;
     let (half, hl) = (lane / lanes, lane % lanes);
     let pass = lanes * V as u32;
-    // Shared memory: the staged outputs [pass][bb + 1], then the window's masks [words][side²].
-    let window = stage.add((pass * (bb + 1)) as usize) as *mut u32;
+    // Shared memory: the staged outputs [pass][bb + 1], the warps' row lists (offsets, then
+    // values), then the window's masks [words][side²].
+    let cap = WARP_LIST_ENTRIES / H;
+    let lists = stage.add((pass * (bb + 1)) as usize);
+    let offsets = (lists as *mut u32).add(((warp * H + half) * cap) as usize);
+    let values = lists.add(((WARPS + warp) * WARP_LIST_ENTRIES + half * cap) as usize);
+    let window = lists.add((2 * WARPS * WARP_LIST_ENTRIES) as usize) as *mut u32;
 
     // Window origin in input coordinates (may be negative: padding).
     let wy0 = (ty0 * S) as i32 - pad as i32;
@@ -312,71 +355,127 @@ pub unsafe fn sparse_conv<
     let active = gpu::sync_threads_or(any) && ty0 < oh && tx0 < ow;
     let binary = *non_binary == 0;
 
-    // Each CTA computes one pass of `32·V` output channels, `V` per lane: wide layers amortise
-    // the popping of active rows over more useful adds, and deep layers (7×7 maps) with few
+    // Each CTA computes one pass of `pass` output channels, `V` per lane: wide layers amortise
+    // the finding of active rows over more useful adds, and deep layers (7×7 maps) with few
     // tiles still spread over the grid's z dimension.
     let chunk = gpu::block_z() * pass;
-    {
-        let co = chunk + V as u32 * hl;
-        let mut bias_v = [0.0f32; V];
-        for (k, b) in bias_v.iter_mut().enumerate() {
-            *b = *bias.add(co as usize + k);
+    let co = chunk + V as u32 * hl;
+    let lane_weights = weights.add(co as usize);
+    let mut bias_v = [0.0f32; V];
+    for (k, b) in bias_v.iter_mut().enumerate() {
+        *b = *bias.add(co as usize + k);
+    }
+    // The weight rows end with one row of zeros, which pads the lists.
+    let zero_offset = K * K * cin * cout_pad;
+    let consume = |count: u32, acc: [f32; V]| {
+        if binary {
+            consume_list::<V, H, true>(offsets, values, count, hl, zero_offset, lane_weights, acc)
+        } else {
+            consume_list::<V, H, false>(offsets, values, count, hl, zero_offset, lane_weights, acc)
         }
-        // The weight rows end with one row of zeros, read by lanes without a row.
-        let zero_row = K * K * cin;
-        let mut p0 = warp * H;
-        while p0 < bb {
-            let p = p0 + half;
-            let (py, px) = (p / B, p % B);
-            let mut acc = bias_v;
-            let valid = active && ty0 + py < oh && tx0 + px < ow;
-            if (H == 1 && valid) || (H > 1 && gpu::warp_any(valid)) {
-                // Lane `i` of a pixel's lanes owns item (tap, word) = base + i; each round, every
-                // lane with bits left pops one weight row, and the warp consumes them together.
-                let items = K * K * words;
-                let mut base = 0;
-                while base < items {
-                    let item = base + hl;
-                    let (mut m, row_base, channel_base, pixel) = if valid && item < items {
-                        let (tap, word) = (item / words, item % words);
-                        let (ky, kx) = (tap / K, tap % K);
-                        let r = (py * S + ky) * side + px * S + kx;
-                        let iy = (wy0 + (py * S + ky) as i32) as u32;
-                        let ix = (wx0 + (px * S + kx) as i32) as u32;
-                        let m = *window.add((word * side * side + r) as usize);
-                        (m, tap * cin + word * 32, word * 32, iy * w + ix)
-                    } else {
-                        (0, 0, 0, 0)
-                    };
-                    loop {
-                        let popped = gpu::warp_ballot(m != 0);
-                        if popped == 0 {
-                            break;
+    };
+    let items = K * K * words;
+    // Item `i` of a pixel, word-major (`i = word · K² + tap`, so the divisions are by a
+    // constant), relative to the pixel: its window entry, first weight row and first input.
+    let place = |i: u32| -> ItemPlace {
+        let (word, tap) = (i / (K * K), i % (K * K));
+        let (ky, kx) = (tap / K, tap % K);
+        let corner = (wy0 + ky as i32) * w as i32 + wx0 + kx as i32;
+        ItemPlace {
+            live: i < items,
+            window: word * side * side + ky * side + kx,
+            row: tap * cin + word * 32,
+            input: ((img * cin + word * 32) * hw).wrapping_add(corner as u32),
+        }
+    };
+    // The first round's items are the same for every pixel.
+    let first_places = (place(hl), place(lanes + hl));
+    let mut p0 = warp * H;
+    while p0 < bb {
+        let p = p0 + half;
+        let (py, px) = (p / B, p % B);
+        let mut acc = bias_v;
+        let valid = active && ty0 + py < oh && tx0 + px < ow;
+        let (pixel_window, pixel_input) = (py * S * side + px * S, py * S * w + px * S);
+        let item = |at: ItemPlace| -> ActiveBits {
+            let live = valid && at.live;
+            ActiveBits {
+                mask: if live {
+                    *window.add((at.window + pixel_window) as usize)
+                } else {
+                    0
+                },
+                row: at.row,
+                // Wraps for taps in the padding, whose masks are zero.
+                input: at.input.wrapping_add(pixel_input),
+            }
+        };
+        if (H == 1 && valid) || (H > 1 && gpu::warp_any(valid)) {
+            // Rows listed for this pixel and not yet consumed (the same on its lanes).
+            let mut count = 0u32;
+            let mut base = 0;
+            // Each lane takes two items per round.
+            while base < items {
+                let (at_a, at_b) = if base == 0 {
+                    first_places
+                } else {
+                    (place(base + hl), place(base + lanes + hl))
+                };
+                let (mut a, mut b) = (item(at_a), item(at_b));
+                loop {
+                    // Slots of this lane's rows: after the rows of the pixel's lower lanes.
+                    let bits = a.mask.count_ones() + b.mask.count_ones();
+                    let inclusive = gpu::scan_add_u32(bits, lanes);
+                    let total = gpu::shfl_u32(inclusive, half * lanes + lanes - 1);
+                    let first = count + inclusive - bits;
+                    let mut slot = first;
+                    while slot < cap && slot < first + bits {
+                        let (row, at) = if a.mask != 0 { a.pop(hw) } else { b.pop(hw) };
+                        *offsets.add(slot as usize) = row * cout_pad;
+                        if !binary {
+                            *values.add(slot as usize) = *input.add(at as usize);
                         }
-                        let mut row = zero_row;
-                        let mut value = 0.0f32;
-                        if m != 0 {
-                            let bit = m.trailing_zeros();
-                            m &= m - 1;
-                            row = row_base + bit;
-                            if !binary {
-                                let channel = channel_base + bit;
-                                value = *input.add(((img * cin + channel) * hw + pixel) as usize);
-                            }
-                        }
-                        consume::<V, H>(
-                            popped, row, value, binary, weights, cout_pad, co, zero_row, &mut acc,
-                        );
+                        slot += 1;
                     }
-                    base += lanes;
+                    count = (count + total).min(cap);
+                    // A full list is consumed at once; the rows that did not fit stay in the
+                    // masks for the next turn.
+                    if gpu::warp_any(count == cap) {
+                        acc = consume(count, acc);
+                        count = 0;
+                    }
+                    if !gpu::warp_any(a.mask != 0 || b.mask != 0) {
+                        break;
+                    }
                 }
+                base += 2 * lanes;
             }
-            for (k, a) in acc.iter().enumerate() {
-                *stage.add(((V as u32 * hl + k as u32) * (bb + 1) + p) as usize) = *a;
+            if gpu::warp_any(count != 0) {
+                acc = consume(count, acc);
             }
-            p0 += WARPS * H;
         }
-        gpu::sync_threads();
+        for (k, a) in acc.iter().enumerate() {
+            *stage.add(((V as u32 * hl + k as u32) * (bb + 1) + p) as usize) = *a;
+        }
+        p0 += WARPS * H;
+    }
+    gpu::sync_threads();
+    if ow % 4 == 0 && ty0 + B <= oh && tx0 + B <= ow {
+        // A whole tile on rows that are 16-byte aligned: four pixels per store.
+        let mut i = tid;
+        while i < pass * bb / 4 {
+            let (local, p) = (i / (bb / 4), i % (bb / 4) * 4);
+            let (co, oy, ox) = (chunk + local, ty0 + p / B, tx0 + p % B);
+            if co < cout {
+                let from = stage.add((local * (bb + 1) + p) as usize);
+                gpu::store_f32x4(
+                    out.add((((img * cout + co) * oh + oy) * ow + ox) as usize),
+                    (*from, *from.add(1), *from.add(2), *from.add(3)),
+                );
+            }
+            i += CONV_THREADS;
+        }
+    } else {
         let mut i = tid;
         while i < pass * bb {
             let (local, p) = (i / bb, i % bb);
