@@ -351,6 +351,19 @@ impl AdaptiveAvgPool2d {
         }
         Ok(())
     }
+
+    /// The input plane `(h, w)` of `shape`, after checking the pool and that the plane is not
+    /// empty (every output window must hold at least one element).
+    fn input_plane(&self, shape: &[usize]) -> Result<(usize, usize)> {
+        self.validate()?;
+        let (h, w) = plane_hw("AdaptiveAvgPool2d", shape)?;
+        if h == 0 || w == 0 {
+            return Err(Error::Shape(format!(
+                "AdaptiveAvgPool2d needs a non-empty plane, got {shape:?}"
+            )));
+        }
+        Ok((h, w))
+    }
 }
 
 /// `floor(i · size / out)`, PyTorch's `start_index`.
@@ -370,28 +383,14 @@ impl Operator for AdaptiveAvgPool2d {
 
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("AdaptiveAvgPool2d", inputs)?;
-        self.validate()?;
-        let (h, w) = plane_hw("AdaptiveAvgPool2d", x.shape())?;
-        if h == 0 || w == 0 {
-            return Err(Error::Shape(format!(
-                "AdaptiveAvgPool2d needs a non-empty plane, got {:?}",
-                x.shape()
-            )));
-        }
+        let (h, w) = self.input_plane(x.shape())?;
         let window = pool_window((h, w), self.output, (1, 1), (1, 1), (0, 0));
         launch_pool(x, "adaptive_avg_pool2d", window, &[])
     }
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
         let [x] = expect_inputs::<1, _>("AdaptiveAvgPool2d", inputs)?;
-        self.validate()?;
-        let (h, w) = plane_hw("AdaptiveAvgPool2d", x.shape())?;
-        if h == 0 || w == 0 {
-            return Err(Error::Shape(format!(
-                "AdaptiveAvgPool2d needs a non-empty plane, got {:?}",
-                x.shape()
-            )));
-        }
+        let (h, w) = self.input_plane(x.shape())?;
         let (oh, ow) = self.output;
         let global = self.output == (1, 1);
         let window = h.div_ceil(oh) * w.div_ceil(ow) + 1;
