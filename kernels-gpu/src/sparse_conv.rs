@@ -113,6 +113,10 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
         let first = input.add(((img * cin + word * 32) * hw + pixel) as usize);
         let channels = (cin - word * 32).min(32);
         let mut m = 0u32;
+        let mut mark = |j: u32, v: f32| {
+            m |= ((v != 0.0) as u32) << j;
+            odd |= v != 0.0 && v != 1.0;
+        };
         if channels == 32 {
             // A full word: all 32 loads are issued before any is tested.
             let mut v = [0.0f32; 32];
@@ -120,14 +124,11 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
                 *v = *first.add(j * hw as usize);
             }
             for (j, &v) in v.iter().enumerate() {
-                m |= ((v != 0.0) as u32) << j;
-                odd |= v != 0.0 && v != 1.0;
+                mark(j as u32, v);
             }
         } else {
             for j in 0..channels {
-                let v = *first.add((j * hw) as usize);
-                m |= ((v != 0.0) as u32) << j;
-                odd |= v != 0.0 && v != 1.0;
+                mark(j, *first.add((j * hw) as usize));
             }
         }
         *masks.add(idx as usize) = m;
