@@ -281,10 +281,10 @@ pub const fn window_side(block: u32, kernel: u32, stride: u32) -> u32 {
 ///
 /// Each warp owns `B²/8` output pixels of the tile, their accumulators in registers. The CTA
 /// stages the tile's input window of masks in shared memory. For each pixel, the pixel's lanes
-/// take its (tap, mask word) items `32 / H` at a time and compact the set bits into a list of
-/// weight-row offsets in shared memory (a prefix sum of the popcounts gives each lane its slots);
-/// when a list fills, or the pixel's items are done, the warp consumes the lists in a uniform
-/// loop. Taps go outermost, so one tap's weights (`Cin` rows) stay hot in L1.
+/// take its (tap, mask word) items two per lane at a time and compact the set bits into a list
+/// of weight-row offsets in shared memory (a prefix sum of the popcounts gives each lane its
+/// slots); when a list fills, or the pixel's items are done, the warp consumes the lists in a
+/// uniform loop. A pixel's list mixes every tap, so all `K²·Cin` weight rows are in use at once.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
