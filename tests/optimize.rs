@@ -160,7 +160,9 @@ fn a_registered_custom_neuron_gets_its_consumers_replaced() {
         g.node(g.find("conv_b").unwrap()).unwrap().op.type_name(),
         "SparseConv2d"
     );
-    assert_eq!(g.forward(&x).unwrap(), want);
+    // The sparse conv may sum in another order than the dense one (the pattern tables do).
+    let error = common::relative_error(&g.forward(&x).unwrap(), &want);
+    assert!(error <= 1e-5, "relative error {error:e}");
 }
 
 #[test]

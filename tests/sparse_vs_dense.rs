@@ -1,7 +1,8 @@
 //! Property tests: the sparse operators compute the dense operators' function on any input —
 //! random shapes, strides, paddings, channel counts, densities from 0 to 100% (all-zero and
 //! all-one included), binary and integer-valued inputs, random weights and biases — within 1e-5
-//! relative. The sparse kernels are forced even where the dense fallback would run.
+//! relative. The sparse kernels are forced even where the dense fallback would run, and both
+//! sparse conv paths are checked: the element gather and, on binary inputs, the pattern tables.
 use proptest::prelude::*;
 use sparseflow::ops::conv2d::Conv2d;
 use sparseflow::ops::linear::Linear;
@@ -40,7 +41,8 @@ proptest! {
     #[test]
     fn sparse_conv_equals_dense(
         n in 1usize..3, t in 1usize..3, cin in 1usize..70, cout in 1usize..40,
-        h in 1usize..12, w in 1usize..12, k in prop_oneof![Just(1usize), Just(3), Just(5)],
+        h in 1usize..12, w in 1usize..12,
+        k in prop_oneof![Just(1usize), Just(2), Just(3), Just(5), Just(7)],
         stride in 1usize..3, pad in 0usize..3, dilation in 1usize..3,
         with_bias: bool, integer: bool, density in density(), seed: u64,
     ) {
@@ -57,9 +59,12 @@ proptest! {
             prop_assert!(sparse.forward(&[&x]).is_err());
             return Ok(());
         };
-        let mut sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
-        sparse.dense_above_density = f64::INFINITY;
-        assert_close(&sparse.forward(&[&x]).unwrap(), &want)?;
+        for pattern_above in [f64::INFINITY, 0.0] {
+            let mut sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
+            sparse.dense_above_density = f64::INFINITY;
+            sparse.pattern_above = pattern_above;
+            assert_close(&sparse.forward(&[&x]).unwrap(), &want)?;
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod conv2d;
 pub mod flatten;
 pub mod linear;
 pub mod neuron;
+pub mod pattern_conv;
 pub mod pool;
 pub mod prescan;
 pub mod sparse_conv2d;
@@ -41,6 +42,21 @@ impl ValueKind {
     /// The kind of a value that may come from either input: the weaker guarantee.
     pub fn join(self, other: ValueKind) -> ValueKind {
         self.max(other)
+    }
+
+    /// What `t`'s values are: [`ValueKind::Binary`] when every element is 0 or 1 (e.g. images
+    /// already encoded as Poisson spikes), [`ValueKind::SparseInteger`] when every element is a
+    /// non-negative integer, else dense. For a graph input, this is what
+    /// [`crate::optimize::OptimizeOptions::input_kind`] can be set to.
+    pub fn of_tensor(t: &Tensor) -> ValueKind {
+        let data = t.data();
+        if data.iter().all(|&v| v == 0.0 || v == 1.0) {
+            ValueKind::Binary
+        } else if data.iter().all(|&v| v >= 0.0 && v.fract() == 0.0) {
+            ValueKind::SparseInteger
+        } else {
+            ValueKind::Dense
+        }
     }
 
     /// Binary or integer-valued: the values a sparse operator exploits.

@@ -37,6 +37,7 @@ use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor, GpuTimer};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
+use crate::ops::pattern_conv::{pattern_conv_cpu, PatternTables, MIN_ROWS_PER_LOOKUP};
 use crate::ops::spike_gather::{
     accumulate, cached_upload, has_avx2, DeviceGatherWeights, DisjointWrites, GatherWeights,
 };
@@ -78,9 +79,16 @@ pub struct SparseConv2d {
     /// Inputs denser than this fraction of non-zeros take the dense path
     /// ([`dense_above_density`] by default; `f64::INFINITY` forces the sparse kernel).
     pub dense_above_density: f64,
+    /// Binary inputs whose density times the kernel width reaches this take the pattern-table
+    /// path ([`crate::ops::pattern_conv`]; [`MIN_ROWS_PER_LOOKUP`] by default, `f64::INFINITY`
+    /// never, 0 always where the geometry allows).
+    pub pattern_above: f64,
     last_forward: Mutex<Option<Duration>>,
     /// The weights in gather layout, built on first use.
     gather: Mutex<Option<std::sync::Arc<GatherWeights>>>,
+    /// The pattern tables for binary inputs, built on first use (`Some(None)`: the geometry
+    /// allows none).
+    patterns: Mutex<Option<Option<Arc<PatternTables>>>>,
     /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
     device: Mutex<Option<Arc<DeviceGatherWeights>>>,
     /// Which path CUDA forwards take at the measured input shape, once
@@ -114,8 +122,10 @@ impl SparseConv2d {
             conv: conv.clone(),
             block,
             dense_above_density: dense_above_density(conv),
+            pattern_above: MIN_ROWS_PER_LOOKUP,
             last_forward: Mutex::new(None),
             gather: Mutex::new(None),
+            patterns: Mutex::new(None),
             device: Mutex::new(None),
             cuda_dispatch: Mutex::new(None),
         };
@@ -204,6 +214,7 @@ impl SparseConv2d {
     /// tuned path) is dropped and rebuilt on the next forward.
     pub fn conv_mut(&mut self) -> &mut Conv2d {
         *self.gather.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.patterns.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self.device.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self
             .cuda_dispatch
@@ -408,10 +419,30 @@ impl SparseConv2d {
         let image = cin * h * w;
         // Decide on a sample before paying for the full scan, so a dense input costs the dense
         // path and little more.
-        if sampled_density(x.data()) > self.dense_above_density {
+        let density = sampled_density(x.data());
+        let weights = self.gather_weights();
+        let len = out_shape.iter().product();
+        let mut out = Vec::with_capacity(len);
+        if density * self.conv.kernel_size().1 as f64 >= self.pattern_above {
+            if let Some(tables) = self.pattern_tables(weights.padded_outputs) {
+                let (n, h, w) = (n, h, w);
+                if pattern_conv_cpu(
+                    &self.conv,
+                    &weights,
+                    &tables,
+                    x.data(),
+                    (n, h, w),
+                    out.as_mut_ptr(),
+                ) {
+                    // SAFETY: pattern_conv_cpu wrote every element of the output.
+                    unsafe { out.set_len(len) };
+                    return Tensor::new(out_shape, out);
+                }
+            }
+        }
+        if density > self.dense_above_density {
             return self.conv.forward(&[x]);
         }
-        let weights = self.gather_weights();
         let stride = self.conv.stride.1;
         let scans: Vec<ActiveChannels> = x
             .data()
@@ -426,12 +457,18 @@ impl SparseConv2d {
                 ActiveInputs::new(&scan, img, (h, w), weights.padded_outputs, stride, binary)
             })
             .collect();
-        let len = out_shape.iter().product();
-        let mut out = Vec::with_capacity(len);
         sparse_conv_cpu(&self.conv, &weights, &actives, (n, h, w), out.as_mut_ptr());
         // SAFETY: sparse_conv_cpu wrote every element of the [n, Cout, OH, OW] output.
         unsafe { out.set_len(len) };
         Tensor::new(out_shape, out)
+    }
+
+    /// The pattern tables, built on first use; `None` when the geometry allows none.
+    fn pattern_tables(&self, padded: usize) -> Option<Arc<PatternTables>> {
+        let mut cached = self.patterns.lock().unwrap_or_else(|p| p.into_inner());
+        cached
+            .get_or_insert_with(|| PatternTables::new(&self.conv, padded).map(Arc::new))
+            .clone()
     }
 
     /// The weights as `[kh·kw·Cin, Cout]` rows, built on first use.
@@ -697,9 +734,8 @@ fn band_shape(oh: usize, ow: usize, n: usize) -> (usize, usize) {
 }
 
 /// The sparse convolution of `n` images `[Cin, H, W]` into `out` `[n, Cout, OH, OW]`, every
-/// element of which it writes. One parallel task computes one band of output rows (of one image,
-/// or of a group of small images) for one chunk of output channels, tap by tap, so each tap's
-/// weight slice (`Cin × chunk`) is reused across the whole band.
+/// element of which it writes: tap by tap over each band, so each tap's weight slice
+/// (`Cin × chunk`) is reused across the whole band.
 fn sparse_conv_cpu(
     conv: &Conv2d,
     weights: &GatherWeights,
@@ -707,16 +743,9 @@ fn sparse_conv_cpu(
     (n, h, w): (usize, usize, usize),
     out: *mut f32,
 ) {
-    let (oh, ow) = conv.output_hw(h, w).expect("validated by output_shape");
-    let cin = conv.in_channels();
-    let cout = conv.out_channels();
-    let mut bias = conv
-        .bias
-        .as_ref()
-        .map_or(vec![0.0; cout], |b| b.data().to_vec());
-    bias.resize(weights.padded_outputs, 0.0);
+    let (_, ow) = conv.output_hw(h, w).expect("validated by output_shape");
     let geometry = RowGeometry {
-        cin,
+        cin: conv.in_channels(),
         h,
         w,
         ow,
@@ -725,6 +754,55 @@ fn sparse_conv_cpu(
         padding: conv.padding,
         dilation: conv.dilation,
     };
+    for_each_band(conv, weights, (n, h, w), out, |band, bias, buffer| {
+        let job = BandJob {
+            g: &geometry,
+            weights,
+            bias,
+            images: &actives[band.images.clone()],
+            oy0: band.oy0,
+            rows: band.rows,
+            start: band.start,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected.
+            unsafe { job.run_avx2(buffer, band.width) };
+            return;
+        }
+        job.run(buffer, band.width);
+    });
+}
+
+/// One parallel task of [`for_each_band`]: output rows `oy0..oy0 + rows` of `images`, output
+/// channels `start..start + width`.
+pub(crate) struct Band {
+    pub images: std::ops::Range<usize>,
+    pub oy0: usize,
+    pub rows: usize,
+    pub start: usize,
+    pub width: usize,
+}
+
+/// Runs `fill(band, bias, buffer)` for every band of the `[n, Cout, OH, OW]` output, in parallel,
+/// then transposes each filled buffer (`[images][rows·OW][width]`, pixel-major) into `out`:
+/// every element of `out` is written. `bias` is the conv's bias padded to the weights' outputs.
+pub(crate) fn for_each_band<F>(
+    conv: &Conv2d,
+    weights: &GatherWeights,
+    (n, h, w): (usize, usize, usize),
+    out: *mut f32,
+    fill: F,
+) where
+    F: Fn(&Band, &[f32], &mut [f32]) + Sync,
+{
+    let (oh, ow) = conv.output_hw(h, w).expect("validated by output_shape");
+    let cout = conv.out_channels();
+    let mut bias = conv
+        .bias
+        .as_ref()
+        .map_or(vec![0.0; cout], |b| b.data().to_vec());
+    bias.resize(weights.padded_outputs, 0.0);
     let chunks = weights.chunks();
     let plane = oh * ow;
     let (band_rows, group) = band_shape(oh, ow, n);
@@ -738,32 +816,20 @@ fn sparse_conv_cpu(
             || vec![0.0f32; group * band_rows * ow * 64],
             |buffer, task| {
                 let (start, width) = chunks[task % chunks.len()];
-                let band = (task / chunks.len()) % bands;
+                let oy0 = (task / chunks.len()) % bands * band_rows;
                 let first_img = task / (chunks.len() * bands) * group;
-                let images = &actives[first_img..(first_img + group).min(n)];
-                let oy0 = band * band_rows;
-                let rows = band_rows.min(oh - oy0);
-                let job = BandJob {
-                    g: &geometry,
-                    weights,
-                    bias: &bias,
-                    images,
+                let band = Band {
+                    images: first_img..(first_img + group).min(n),
                     oy0,
-                    rows,
+                    rows: band_rows.min(oh - oy0),
                     start,
+                    width,
                 };
-                let buffer = &mut buffer[..images.len() * rows * ow * width];
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: AVX2 and FMA were detected.
-                    unsafe { job.run_avx2(buffer, width) };
-                } else {
-                    job.run(buffer, width);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                job.run(buffer, width);
-                for (i, band_out) in buffer.chunks_exact(rows * ow * width).enumerate() {
-                    let img = first_img + i;
+                let pixels = band.rows * ow;
+                let buffer = &mut buffer[..band.images.len() * pixels * width];
+                fill(&band, &bias, buffer);
+                for (img, band_out) in band.images.clone().zip(buffer.chunks_exact(pixels * width))
+                {
                     // SAFETY: this task alone writes channels start..start+width of rows
                     // oy0..oy0+rows of image img: a contiguous segment of each of those planes.
                     unsafe {
@@ -774,7 +840,7 @@ fn sparse_conv_cpu(
                             (img * cout + start) * plane + oy0 * ow,
                             plane,
                             width.min(cout.saturating_sub(start)),
-                            rows * ow,
+                            pixels,
                             avx2,
                         )
                     };

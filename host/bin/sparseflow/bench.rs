@@ -12,6 +12,7 @@ use sparseflow::encode::Encoding;
 use sparseflow::graph::Graph;
 use sparseflow::model::{self, init, ModelConfig};
 use sparseflow::ops::sparse_conv2d::CudaDispatch;
+use sparseflow::ops::ValueKind;
 use sparseflow::optimize::{
     optimize, tune_cuda, Decision, OptimizeOptions, OptimizeReport, TuningEntry,
 };
@@ -146,6 +147,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         .collect();
     let options = OptimizeOptions {
         input_hw: Some((a.size, a.size)),
+        // Poisson-encoded images are spikes already: the stem conv can take them sparsely.
+        input_kind: ValueKind::of_tensor(&x),
         device,
         ..OptimizeOptions::default()
     };

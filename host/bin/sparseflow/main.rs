@@ -13,6 +13,7 @@ use sparseflow::model::{self, ModelConfig, NeuronConfig, NeuronKind};
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::neuron::Firing;
 use sparseflow::ops::sparse_conv2d::CudaDispatch;
+use sparseflow::ops::ValueKind;
 use sparseflow::optimize::{optimize, tune_cuda, Decision, OptimizeOptions};
 use sparseflow::profile::{profile, ProfileOptions};
 use sparseflow::{weights, Device, Error, Result};
@@ -223,6 +224,8 @@ fn run(args: &RunArgs) -> Result<()> {
         let shape = input.shape();
         let options = OptimizeOptions {
             input_hw: (shape.len() >= 2).then(|| (shape[shape.len() - 2], shape[shape.len() - 1])),
+            // An input of spikes (e.g. Poisson-encoded images) lets the stem conv go sparse too.
+            input_kind: ValueKind::of_tensor(input),
             device,
             ..OptimizeOptions::default()
         };
