@@ -121,26 +121,36 @@ impl Operator for MaxPool2d {
         let (sh, sw) = self.stride;
         let (ph, pw) = self.padding;
         let (dh, dw) = self.dilation;
-        let columns: Vec<(usize, usize)> = (0..ow)
-            .map(|o_w| dilated_window(o_w, sw, pw, kw, dw, w))
-            .collect();
+        // Input column ix sits at padded position ix + pw; window column kx of output ox reads
+        // padded position ox·sw + kx·dw. Positions outside the input hold −∞ (PyTorch's padding).
+        let padded_w = ((ow.max(1) - 1) * sw + (kw - 1) * dw + 1).max(pw + w);
         pool_planes(x, (oh, ow), kh * kw, |xp, yp| {
             // Separable: the maximum over the window's rows for every column (a vectorisable pass
-            // over whole rows), then over each window's columns. Max is order-free, and a NaN
-            // anywhere in the window still wins.
-            let mut row_max = vec![f32::NEG_INFINITY; w];
+            // over whole rows), then over each window's columns, read as `sw` phase arrays so
+            // every pass is contiguous (and vectorises) whatever the stride. Max is order-free,
+            // and a NaN anywhere in the window still wins.
+            let mut row_max = vec![f32::NEG_INFINITY; padded_w];
+            let phase_len = padded_w.div_ceil(sw);
+            let mut phases = vec![f32::NEG_INFINITY; sw * phase_len];
             for (o_h, yr) in yp.chunks_mut(ow).enumerate() {
                 let (h0, h1) = dilated_window(o_h, sh, ph, kh, dh, h);
-                row_max.fill(f32::NEG_INFINITY);
+                let inner = &mut row_max[pw..pw + w];
+                inner.fill(f32::NEG_INFINITY);
                 for ih in (h0..h1).step_by(dh) {
-                    for (m, &v) in row_max.iter_mut().zip(&xp[ih * w..(ih + 1) * w]) {
+                    for (m, &v) in inner.iter_mut().zip(&xp[ih * w..(ih + 1) * w]) {
                         *m = max_nan(*m, v);
                     }
                 }
-                for (y, &(w0, w1)) in yr.iter_mut().zip(&columns) {
-                    *y = (w0..w1)
-                        .step_by(dw)
-                        .fold(f32::NEG_INFINITY, |m, iw| max_nan(m, row_max[iw]));
+                for (i, &v) in row_max.iter().enumerate() {
+                    phases[(i % sw) * phase_len + i / sw] = v;
+                }
+                yr.fill(f32::NEG_INFINITY);
+                for kx in 0..kw {
+                    let at = kx * dw;
+                    let phase = &phases[(at % sw) * phase_len + at / sw..][..ow];
+                    for (y, &v) in yr.iter_mut().zip(phase) {
+                        *y = max_nan(*y, v);
+                    }
                 }
             }
         })
