@@ -244,17 +244,25 @@ fn on_cuda_convs_without_a_gpu_kernel_are_kept() {
         dims: vec![None, None, Some(2), None, None],
     });
     let s = g.add("step", StepNeuron, &[0]).unwrap();
-    let w = random_image(&[3, 2, 5, 5], 4);
+    // A dilated 3×3: neither the element gather nor the pattern tables cover it.
+    let w = random_image(&[3, 2, 3, 3], 4);
+    let dilated = Conv2d::new(w, None, (1, 1), (2, 2), (2, 2), 1).unwrap();
+    let a = g.add("dilated", dilated, &[s]).unwrap();
+    // A 5×5 on binary spikes: the pattern-table kernel covers it.
+    let w = random_image(&[3, 3, 5, 5], 5);
     let conv5 = Conv2d::new(w, None, (1, 1), (2, 2), (1, 1), 1).unwrap();
-    let a = g.add("conv5x5", conv5, &[s]).unwrap();
-    g.set_output(a).unwrap();
+    let s2 = g.add("step2", StepNeuron, &[a]).unwrap();
+    let b = g.add("conv5x5", conv5, &[s2]).unwrap();
+    g.set_output(b).unwrap();
     let mut options = OptimizeOptions {
         device: sparseflow::Device::Cuda(0),
         ..OptimizeOptions::default()
     };
     options.registry.register("StepNeuron");
     let report = optimize(&mut g, &options).unwrap();
-    let e = report.entry("conv5x5").unwrap();
+    let e = report.entry("dilated").unwrap();
     assert_eq!(e.decision, Decision::Kept, "{report}");
     assert!(e.reason.contains("GPU has no kernel"), "{}", e.reason);
+    let e = report.entry("conv5x5").unwrap();
+    assert_eq!(e.decision, Decision::Replaced, "{report}");
 }

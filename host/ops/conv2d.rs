@@ -220,6 +220,14 @@ impl Conv2d {
         }
     }
 
+    /// The weight and bias on `backend`'s device, in PyTorch's layout (uploaded on first use).
+    pub(crate) fn device_weights(
+        &self,
+        backend: &Arc<CudaBackend>,
+    ) -> Result<Arc<DenseDeviceWeights>> {
+        DenseDeviceWeights::cached(&self.device, backend, &self.weight, self.bias.as_ref())
+    }
+
     /// [`forward_cuda`](Self::forward_cuda) with a chosen engine.
     pub fn forward_cuda_with(
         &self,
@@ -264,12 +272,7 @@ impl Conv2d {
             dw: self.dilation.1 as u32,
             groups: self.groups as u32,
         };
-        let weights = DenseDeviceWeights::cached(
-            &self.device,
-            x.backend(),
-            &self.weight,
-            self.bias.as_ref(),
-        )?;
+        let weights = self.device_weights(x.backend())?;
         match engine {
             DenseConvEngine::Cudnn if !crate::cudnn::available() => {
                 return Err(Error::NoGpu("cuDNN (libcudnn) could not be loaded".into()))
@@ -400,7 +403,7 @@ const MAX_CUDNN_PLANS: usize = 4;
 
 /// A dense layer's weight and bias on one device, in PyTorch's layout.
 pub(crate) struct DenseDeviceWeights {
-    weight: CudaSlice<f32>,
+    pub(crate) weight: CudaSlice<f32>,
     bias: Option<CudaSlice<f32>>,
 }
 

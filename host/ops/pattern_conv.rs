@@ -9,23 +9,28 @@
 //! multiply-adds (dense) or about 74 weight rows (the element gather at 50% spikes).
 //!
 //! The lookups are branch-free: pattern 0 is a row of zeros like any other. Window rows wider
-//! than [`SEGMENT_BITS`] are split into segments of at most that many bits, one table each (7 bits:
+//! than 4 bits are split into two segments, one table each (7 bits:
 //! 16 + 8 rows instead of 128), so the stem's tables fit in L2: twice the lookups, but each one a
 //! cache hit instead of a trip to L3.
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use sparseflow_kernels::pattern_conv::{
+    row_words, PatternGeometry, PatternSegments, MAX_PATTERN_BITS, PACK_ROW_THREADS, PATTERN_CHUNK,
+    PATTERN_THREADS, PATTERN_TILE,
+};
+
+use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceTensor};
+use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
 use crate::ops::spike_gather::{accumulate, has_avx2, GatherWeights};
+use crate::ops::Operator;
 
 use super::sparse_conv2d::{for_each_band, Band};
 
 /// Output pixels whose accumulators stay in L1 while one kernel row's tables serve them.
 const PIXEL_BLOCK: usize = 32;
-
-/// Kernels at most this wide take the pattern path.
-pub const MAX_PATTERN_BITS: usize = 8;
-
-/// The widest pattern one table covers.
-pub const SEGMENT_BITS: usize = 4;
 
 /// Tables larger than this many floats are not built: their lookups would come from memory, and
 /// the element gather or the dense GEMM does better.
@@ -45,36 +50,43 @@ pub struct PatternTables {
     kh: usize,
     cin: usize,
     padded: usize,
-    /// `(first column, bits, first row within the block)` of each segment.
+    /// `(first column, bits, first row within the block)` of each segment (the GPU kernel's
+    /// split, [`PatternSegments`]).
     segments: Vec<(usize, usize, usize)>,
     /// Table rows per (kernel row, channel).
     block: usize,
 }
 
 impl PatternTables {
+    /// Whether [`PatternTables::new`] builds tables for `conv` (outputs padded to `padded`).
+    pub fn supports(conv: &Conv2d, padded: usize) -> bool {
+        let (kh, kw) = conv.kernel_size();
+        conv.groups == 1
+            && conv.dilation == (1, 1)
+            && (2..=MAX_PATTERN_BITS as usize).contains(&kw)
+            && kh * conv.in_channels() * PatternSegments::new(kw as u32).block as usize * padded
+                <= MAX_TABLE_FLOATS
+    }
+
     /// The tables of `conv`, when its geometry allows them: one group, dilation 1, `kw` of
     /// 2..=8 and a table of at most [`MAX_TABLE_FLOATS`].
     pub fn new(conv: &Conv2d, padded: usize) -> Option<Self> {
+        if !Self::supports(conv, padded) {
+            return None;
+        }
         let (kh, kw) = conv.kernel_size();
         let cin = conv.in_channels();
         let cout = conv.out_channels();
-        let count = kw.div_ceil(SEGMENT_BITS);
-        let mut segments = Vec::with_capacity(count);
-        let (mut column, mut block) = (0, 0);
-        for s in 0..count {
-            let bits = (kw - column).div_ceil(count - s);
-            segments.push((column, bits, block));
-            column += bits;
-            block += 1 << bits;
-        }
+        let split = PatternSegments::new(kw as u32);
+        let segments: Vec<(usize, usize, usize)> = (0..split.count as usize)
+            .map(|s| {
+                let [first, bits, offset] =
+                    [split.first[s], split.bits[s], split.offset[s]].map(|v| v as usize);
+                (first, bits, offset)
+            })
+            .collect();
+        let block = split.block as usize;
         let rows = kh * cin * block;
-        if conv.groups != 1
-            || conv.dilation != (1, 1)
-            || !(2..=MAX_PATTERN_BITS).contains(&kw)
-            || rows * padded > MAX_TABLE_FLOATS
-        {
-            return None;
-        }
         let w = conv.weight.data();
         let mut data = vec![0.0f32; rows * padded];
         for ky in 0..kh {
@@ -292,5 +304,247 @@ impl PatternJob<'_> {
                 }
             }
         }
+    }
+}
+
+/// The tables and bias on one CUDA device, outputs padded to [`PATTERN_CHUNK`] (the kernel's
+/// channels per CTA).
+#[derive(Debug)]
+pub struct DevicePatternTables {
+    pub ordinal: usize,
+    table: CudaSlice<f32>,
+    bias: CudaSlice<f32>,
+    padded: u32,
+}
+
+impl DevicePatternTables {
+    /// `None` when `conv`'s geometry allows no tables.
+    pub fn upload(conv: &Conv2d, backend: &CudaBackend) -> Result<Option<Self>> {
+        let cout = conv.out_channels();
+        let padded = cout.div_ceil(PATTERN_CHUNK as usize) * PATTERN_CHUNK as usize;
+        let Some(tables) = PatternTables::new(conv, padded) else {
+            return Ok(None);
+        };
+        let mut bias = vec![0.0f32; padded];
+        if let Some(b) = &conv.bias {
+            bias[..cout].copy_from_slice(b.data());
+        }
+        let stream = backend.stream();
+        Ok(Some(Self {
+            ordinal: backend.ordinal(),
+            table: stream.clone_htod(&tables.data)?,
+            bias: stream.clone_htod(&bias)?,
+            padded: padded as u32,
+        }))
+    }
+}
+
+/// The pattern-table convolution of `x` (`[..., Cin, H, W]` on the device) into `out`: the
+/// packing kernel, then the table kernel. Any input is computed exactly (window rows with values
+/// other than 0 and 1 by multiply-adds); binary spikes are the fast case.
+/// [`Error::MissingKernelVariant`] when the tables' slice does not fit in shared memory.
+pub(crate) fn pattern_conv_cuda(
+    conv: &Conv2d,
+    tables: &DevicePatternTables,
+    x: &DeviceTensor,
+    out: &mut DeviceTensor,
+) -> Result<()> {
+    let backend = x.backend().clone();
+    let dims = x.shape();
+    let r = dims.len();
+    let (n, cin, h, w): (usize, usize, usize, usize) = (
+        dims[..r - 3].iter().product(),
+        dims[r - 3],
+        dims[r - 2],
+        dims[r - 1],
+    );
+    let (oh, ow) = conv.output_hw(h, w)?;
+    let (kh, kw) = conv.kernel_size();
+    let to_u32 = |v: usize| {
+        u32::try_from(v)
+            .map_err(|_| Error::Shape(format!("{dims:?} is too large for the GPU kernels")))
+    };
+    let words = row_words(to_u32(w)?, to_u32(conv.padding.1)?);
+    let rows = n * cin * h;
+    to_u32(rows * words as usize * 32)?;
+    to_u32(n * conv.out_channels().max(cin) * (oh * ow).max(h * w))?;
+    let g = PatternGeometry {
+        n: to_u32(n)?,
+        cin: to_u32(cin)?,
+        h: to_u32(h)?,
+        w: to_u32(w)?,
+        cout: to_u32(conv.out_channels())?,
+        oh: to_u32(oh)?,
+        ow: to_u32(ow)?,
+        kh: kh as u32,
+        kw: kw as u32,
+        sh: to_u32(conv.stride.0)?,
+        sw: to_u32(conv.stride.1)?,
+        ph: to_u32(conv.padding.0)?,
+        pw: to_u32(conv.padding.1)?,
+        words,
+        padded: tables.padded,
+        segments: PatternSegments::new(kw as u32),
+    };
+    let shared = g.shared_bytes();
+    if shared as usize > backend.max_shared_memory_per_block() {
+        return Err(Error::MissingKernelVariant(format!(
+            "pattern_conv for {}: {shared} bytes of shared memory (the device allows {})",
+            conv.describe(),
+            backend.max_shared_memory_per_block()
+        )));
+    }
+    let pixels = n * oh * ow;
+    if pixels == 0 || g.cout == 0 {
+        return Ok(());
+    }
+    let stream = backend.stream();
+    let packed = (rows * words as usize).max(1);
+    // SAFETY: the packing kernel writes every word.
+    let mut bits = unsafe { stream.alloc::<u32>(packed)? };
+    let mut non_binary = stream.alloc_zeros::<u32>(1)?;
+    let pack = backend.function("pattern_pack_rows")?;
+    let [rows32, w32, pw32] = [rows, w, conv.padding.1].map(|v| v as u32);
+    let mut launch = stream.launch_builder(&pack);
+    launch
+        .arg(x.slice())
+        .arg(&mut bits)
+        .arg(&mut non_binary)
+        .arg(&rows32)
+        .arg(&w32)
+        .arg(&pw32)
+        .arg(&words);
+    // SAFETY: arguments match `pattern_pack_rows`' signature and contract.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: ((rows32 * words * 32).div_ceil(PACK_ROW_THREADS), 1, 1),
+            block_dim: (PACK_ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })?
+    };
+    let weights = conv.device_weights(&backend)?;
+    let kernel = backend.function("pattern_conv")?;
+    allow_shared_memory(&kernel, shared)?;
+    // A grid-stride loop over pixel tiles: each CTA loads its table slice once.
+    let tiles = (pixels as u32).div_ceil(PATTERN_TILE);
+    let geometry = ByValue(g);
+    let mut launch = stream.launch_builder(&kernel);
+    launch
+        .arg(&bits)
+        .arg(&non_binary)
+        .arg(x.slice())
+        .arg(&tables.table)
+        .arg(&weights.weight)
+        .arg(&tables.bias)
+        .arg(out.slice_mut())
+        .arg(&geometry);
+    // SAFETY: arguments match `pattern_conv`'s signature and contract.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (tiles.min(1024), tables.padded / PATTERN_CHUNK, 1),
+            block_dim: (PATTERN_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        })?
+    };
+    Ok(())
+}
+
+/// The cached device tables of `conv`, uploaded on first use or after a switch of device
+/// (`None` inside: the geometry allows none).
+pub(crate) fn cached_device_tables(
+    cache: &std::sync::Mutex<Option<Option<Arc<DevicePatternTables>>>>,
+    conv: &Conv2d,
+    backend: &CudaBackend,
+) -> Result<Option<Arc<DevicePatternTables>>> {
+    let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(tables) = cached.as_ref() {
+        if tables
+            .as_ref()
+            .is_none_or(|t| t.ordinal == backend.ordinal())
+        {
+            return Ok(tables.clone());
+        }
+    }
+    let tables = DevicePatternTables::upload(conv, backend)?.map(Arc::new);
+    *cached = Some(tables.clone());
+    Ok(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cuda::DeviceTensor;
+    use crate::ops::conv2d::Conv2d;
+    use crate::ops::sparse_conv2d::{BlockChoice, SparseConv2d};
+    use crate::ops::Operator;
+    use crate::testing::{gpu_or_skip, random_sparse, random_uniform};
+
+    /// The GPU pattern kernels against the CPU dense conv, on fresh random inputs: binary spikes
+    /// of several densities (the table path), integer and arbitrary values (the multiply-add
+    /// path), channel counts that do and do not fill a 32-channel CTA; outputs NaN-poisoned before
+    /// each launch and every element checked.
+    #[test]
+    fn gpu_pattern_conv_matches_cpu() {
+        let Some(backend) = gpu_or_skip("gpu_pattern_conv_matches_cpu") else {
+            return;
+        };
+        let mut seed = 0xA11;
+        let mut checked = 0;
+        // (N, Cin, Cout, H, W, kernel, stride, padding)
+        for &(n, cin, cout, h, w, k, s, p) in &[
+            (2, 3, 64, 30, 28, 7, 2, 3),
+            (1, 3, 33, 40, 70, 7, 2, 3),
+            (1, 5, 40, 17, 13, 5, 1, 2),
+            (3, 4, 8, 9, 11, 2, 1, 0),
+            (1, 2, 70, 12, 12, 3, 2, 1),
+            (2, 1, 32, 5, 37, 8, 3, 4),
+        ] {
+            for input in [
+                "binary 0",
+                "binary 0.3",
+                "binary 0.6",
+                "binary 1",
+                "integer",
+                "any",
+            ] {
+                seed += 3;
+                let conv = Conv2d::new(
+                    random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+                    Some(random_uniform(&[cout], -1.0, 1.0, seed + 1)),
+                    (s, s),
+                    (p, p),
+                    (1, 1),
+                    1,
+                )
+                .unwrap();
+                let shape = [n, cin, h, w];
+                let x = match input {
+                    "integer" => random_sparse(&shape, 0.4, true, seed + 2),
+                    "any" => random_uniform(&shape, -2.0, 2.0, seed + 2),
+                    _ => {
+                        let density = input[7..].parse().unwrap();
+                        random_sparse(&shape, density, false, seed + 2)
+                    }
+                };
+                let want = conv.forward(&[&x]).unwrap();
+                let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(None));
+                let dx = DeviceTensor::upload(&backend, &x).unwrap();
+                let mut out = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+                out.fill(f32::NAN).unwrap();
+                sparse.forward_cuda_pattern(&dx, &mut out).unwrap();
+                let got = out.download().unwrap();
+                let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * scale,
+                        "{n}x{cin}->{cout} {h}x{w} k{k} s{s} p{p} {input}: [{i}] {g} vs {e}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        println!(
+            "gpu_pattern_conv_matches_cpu: {checked} cases equal on {}",
+            backend.name()
+        );
     }
 }

@@ -37,7 +37,10 @@ use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor, GpuTimer};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
-use crate::ops::pattern_conv::{pattern_conv_cpu, PatternTables, MIN_ROWS_PER_LOOKUP};
+use crate::ops::pattern_conv::{
+    cached_device_tables, pattern_conv_cpu, pattern_conv_cuda, DevicePatternTables, PatternTables,
+    MIN_ROWS_PER_LOOKUP,
+};
 use crate::ops::spike_gather::{
     accumulate, cached_upload, has_avx2, DeviceGatherWeights, DisjointWrites, GatherWeights,
 };
@@ -91,9 +94,20 @@ pub struct SparseConv2d {
     patterns: Mutex<Option<Option<Arc<PatternTables>>>>,
     /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
     device: Mutex<Option<Arc<DeviceGatherWeights>>>,
+    /// The pattern tables on the GPU, on first CUDA use of that path.
+    device_patterns: Mutex<Option<Option<Arc<DevicePatternTables>>>>,
     /// Which path CUDA forwards take at the measured input shape, once
     /// [`SparseConv2d::tune_cuda`] has timed both.
     cuda_dispatch: Mutex<Option<(Vec<usize>, CudaDispatch)>>,
+}
+
+/// Which GPU kernels compute a sparse convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaKernel {
+    /// Mask packing + the element gather, in this compiled variant.
+    Gather(SparseConvVariant),
+    /// Row packing + the pattern tables ([`crate::ops::pattern_conv`]).
+    PatternTables,
 }
 
 /// The path a sparse convolution's CUDA forwards take.
@@ -127,6 +141,7 @@ impl SparseConv2d {
             gather: Mutex::new(None),
             patterns: Mutex::new(None),
             device: Mutex::new(None),
+            device_patterns: Mutex::new(None),
             cuda_dispatch: Mutex::new(None),
         };
         if op.conv.groups == 1 {
@@ -166,7 +181,7 @@ impl SparseConv2d {
         };
         let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
         let dense_ms = time(&|| self.conv.forward_cuda(x))?;
-        let sparse_ms = match self.cuda_variant(h) {
+        let sparse_ms = match self.cuda_kernel(h) {
             Ok(_) => Some(time(&|| self.forward_cuda(x))?),
             Err(Error::MissingKernelVariant(_)) => None,
             Err(e) => return Err(e),
@@ -217,6 +232,10 @@ impl SparseConv2d {
         *self.patterns.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self.device.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self
+            .device_patterns
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        *self
             .cuda_dispatch
             .get_mut()
             .unwrap_or_else(|p| p.into_inner()) = None;
@@ -237,8 +256,58 @@ impl SparseConv2d {
     /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
     pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
         let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
-        let variant = self.cuda_variant(h)?;
-        self.forward_cuda_variant(x, out, variant)
+        match self.cuda_kernel(h)? {
+            CudaKernel::Gather(variant) => self.forward_cuda_variant(x, out, variant),
+            CudaKernel::PatternTables => self.forward_cuda_pattern(x, out),
+        }
+    }
+
+    /// The GPU kernels for inputs `h` rows high: the element gather where a variant is compiled
+    /// for the geometry, else the pattern tables (wide kernels; fast on binary spikes only).
+    pub fn cuda_kernel(&self, h: usize) -> Result<CudaKernel> {
+        match self.cuda_variant(h) {
+            Ok(variant) => Ok(CudaKernel::Gather(variant)),
+            Err(Error::MissingKernelVariant(_)) if PatternTables::supports(&self.conv, 32) => {
+                Ok(CudaKernel::PatternTables)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The pattern-table kernels into a preallocated output (see [`crate::ops::pattern_conv`]).
+    pub(crate) fn forward_cuda_pattern(
+        &self,
+        x: &DeviceTensor,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        let start = Instant::now();
+        self.check_cuda_output(x, out)?;
+        let tables = cached_device_tables(&self.device_patterns, &self.conv, x.backend())?
+            .ok_or_else(|| {
+                Error::MissingKernelVariant(format!("pattern tables for {}", self.conv.describe()))
+            })?;
+        pattern_conv_cuda(&self.conv, &tables, x, out)?;
+        *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
+        Ok(())
+    }
+
+    /// `out` has this conv's output shape for `x` and lives on `x`'s device.
+    fn check_cuda_output(&self, x: &DeviceTensor, out: &DeviceTensor) -> Result<()> {
+        let shape = self.conv.output_shape(x.shape())?;
+        if out.shape() != shape.as_slice() {
+            return Err(Error::Shape(format!(
+                "output is {:?}, expected {shape:?}",
+                out.shape()
+            )));
+        }
+        if out.backend().ordinal() != x.backend().ordinal() {
+            return Err(Error::InvalidArgument(format!(
+                "input on CUDA device {}, output on device {}",
+                x.backend().ordinal(),
+                out.backend().ordinal()
+            )));
+        }
+        Ok(())
     }
 
     /// [`forward_cuda_into`](Self::forward_cuda_into) with a chosen kernel variant (tests run
@@ -250,21 +319,8 @@ impl SparseConv2d {
         variant: SparseConvVariant,
     ) -> Result<()> {
         let start = Instant::now();
-        let shape = self.conv.output_shape(x.shape())?;
-        if out.shape() != shape.as_slice() {
-            return Err(Error::Shape(format!(
-                "output is {:?}, expected {shape:?}",
-                out.shape()
-            )));
-        }
+        self.check_cuda_output(x, out)?;
         let backend = x.backend().clone();
-        if out.backend().ordinal() != backend.ordinal() {
-            return Err(Error::InvalidArgument(format!(
-                "input on CUDA device {}, output on device {}",
-                backend.ordinal(),
-                out.backend().ordinal()
-            )));
-        }
         let (n, cin, h, w) = nchw(x.shape());
         let (oh, ow) = self.conv.output_hw(h, w)?;
         let cout = self.conv.out_channels();

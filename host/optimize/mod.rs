@@ -32,7 +32,7 @@ use crate::graph::{Graph, Input, NodeId};
 use crate::ops::batch_norm::BatchNorm2d;
 use crate::ops::conv2d::Conv2d;
 use crate::ops::linear::Linear;
-use crate::ops::sparse_conv2d::{BlockChoice, CudaTuning, SparseConv2d};
+use crate::ops::sparse_conv2d::{BlockChoice, CudaKernel, CudaTuning, SparseConv2d};
 use crate::ops::sparse_linear::SparseLinear;
 use crate::ops::ValueKind;
 use crate::tensor::Tensor;
@@ -334,12 +334,18 @@ fn replace(
             (None, None) => BlockChoice::Auto(options.block_selector),
         };
         let sparse = SparseConv2d::from_dense(conv, block);
-        if let (Device::Cuda(_), Err(e)) = (
-            options.device,
-            sparse.cuda_variant(heights.map_or(8, |h| h[&id])),
-        ) {
-            let reason = format!("{feeds}, but the GPU has no kernel for it ({e})");
-            return Ok(Some(entry("Conv2d", Decision::Kept, None, reason)));
+        if let Device::Cuda(_) = options.device {
+            let reason = match sparse.cuda_kernel(heights.map_or(8, |h| h[&id])) {
+                Err(e) => Some(format!("{feeds}, but the GPU has no kernel for it ({e})")),
+                // The tables need binary spikes to be fast.
+                Ok(CudaKernel::PatternTables) if kind != ValueKind::Binary => Some(format!(
+                    "{feeds}, but its only GPU kernel (pattern tables) needs binary spikes"
+                )),
+                Ok(_) => None,
+            };
+            if let Some(reason) = reason {
+                return Ok(Some(entry("Conv2d", Decision::Kept, None, reason)));
+            }
         }
         graph.replace_op(id, Box::new(sparse))?;
         return Ok(Some(entry(

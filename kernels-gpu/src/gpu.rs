@@ -261,3 +261,75 @@ pub unsafe fn store_f32x4(ptr: *mut f32, (a, b, c, d): (f32, f32, f32, f32)) {
         d = in(reg32) d,
     );
 }
+
+/// Four consecutive floats of shared memory, with one 16-byte shared load.
+///
+/// # Safety
+/// `ptr` is a generic pointer into shared memory, 16-byte aligned.
+#[inline(always)]
+pub unsafe fn load_shared_f32x4(ptr: *const f32) -> (f32, f32, f32, f32) {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    asm!(
+        "{{ .reg .u64 %s;",
+        "cvta.to.shared.u64 %s, {ptr};",
+        "ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [%s]; }}",
+        ptr = in(reg64) ptr,
+        a = out(reg32) a,
+        b = out(reg32) b,
+        c = out(reg32) c,
+        d = out(reg32) d,
+    );
+    (a, b, c, d)
+}
+
+/// Stores four consecutive floats to shared memory with one 16-byte shared store.
+///
+/// # Safety
+/// `ptr` is a generic pointer into shared memory, 16-byte aligned.
+#[inline(always)]
+pub unsafe fn store_shared_f32x4(ptr: *mut f32, (a, b, c, d): (f32, f32, f32, f32)) {
+    asm!(
+        "{{ .reg .u64 %s;",
+        "cvta.to.shared.u64 %s, {ptr};",
+        "st.shared.v4.f32 [%s], {{{a}, {b}, {c}, {d}}}; }}",
+        ptr = in(reg64) ptr,
+        a = in(reg32) a,
+        b = in(reg32) b,
+        c = in(reg32) c,
+        d = in(reg32) d,
+    );
+}
+
+/// The shared-window address (for `ld.shared`) of a generic pointer into shared memory.
+#[inline(always)]
+pub fn shared_address(ptr: *const f32) -> u32 {
+    let out: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .u64 %s;",
+            "cvta.to.shared.u64 %s, {ptr};",
+            "cvt.u32.u64 {out}, %s; }}",
+            ptr = in(reg64) ptr,
+            out = out(reg32) out,
+        );
+    }
+    out
+}
+
+/// Four consecutive floats at shared-window address `addr`, with one 16-byte shared load.
+///
+/// # Safety
+/// `addr` is a 16-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_f32x4_at(addr: u32) -> (f32, f32, f32, f32) {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    asm!(
+        "ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+        addr = in(reg32) addr,
+        a = out(reg32) a,
+        b = out(reg32) b,
+        c = out(reg32) c,
+        d = out(reg32) d,
+    );
+    (a, b, c, d)
+}

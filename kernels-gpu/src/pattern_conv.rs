@@ -1,0 +1,524 @@
+//! The pattern-table convolution of binary spikes, the GPU twin of `host/ops/pattern_conv.rs`
+//! (which explains the tables): for a wide kernel on dense-ish spikes, such as the ResNet stem's
+//! 7×7 on Poisson-encoded images, each window row of each channel is a `kw`-bit pattern, and one
+//! table lookup adds the weights of all its set bits, for 32 output channels at once.
+//!
+//! Two kernels:
+//! 1. [`pattern_pack_rows`] packs every input row into bits (bit `pw + x` for column `x`, so the
+//!    padding is zeros), one warp ballot per 32 columns, and raises a flag when any value is
+//!    neither 0 nor 1.
+//! 2. [`pattern_conv`] keeps one 32-channel slice of the tables in shared memory and walks the
+//!    output pixels, 8 lanes per pixel (4 channels each): the lanes first find the pixel's table
+//!    rows between them (one window read each, not eight), then all add every row, each offset
+//!    passed by shuffle. When the flag is up the kernel computes every pixel with multiply-adds
+//!    from the raw weights instead, so any input gives the dense conv's result.
+
+/// Bits per table segment, and the widest kernel row the tables cover (two segments).
+pub const SEGMENT_BITS: u32 = 4;
+pub const MAX_PATTERN_BITS: u32 = 2 * SEGMENT_BITS;
+
+/// Output channels per CTA: one 128-byte table row in shared memory.
+pub const PATTERN_CHUNK: u32 = 32;
+/// Threads per CTA of [`pattern_conv`]; each warp covers 4 pixels × 8 channel quads per step.
+pub const PATTERN_THREADS: u32 = 256;
+/// Output pixels per CTA step: each lane computes two.
+pub const PATTERN_TILE: u32 = PATTERN_THREADS / 8 * 2;
+/// Row stride (floats) of the output staging tile: 33 keeps both its writes and its
+/// column-wise reads free of bank conflicts.
+const STAGE_STRIDE: u32 = PATTERN_CHUNK + 1;
+/// Threads per CTA of [`pattern_pack_rows`].
+pub const PACK_ROW_THREADS: u32 = 256;
+
+/// How a window row of `kw` bits splits into table segments: `(first column, bits, first row
+/// within the block)` for each, the segment count and the rows per (kernel row, channel) block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PatternSegments {
+    pub first: [u32; 2],
+    pub bits: [u32; 2],
+    pub offset: [u32; 2],
+    pub count: u32,
+    pub block: u32,
+}
+
+impl PatternSegments {
+    /// `kw` in `1..=MAX_PATTERN_BITS`: one segment up to [`SEGMENT_BITS`], else two near-halves.
+    pub const fn new(kw: u32) -> Self {
+        let count = kw.div_ceil(SEGMENT_BITS);
+        let lo = kw.div_ceil(count);
+        let hi = kw - lo;
+        if count == 1 {
+            Self {
+                first: [0, 0],
+                bits: [kw, 0],
+                offset: [0, 0],
+                count,
+                block: 1 << kw,
+            }
+        } else {
+            Self {
+                first: [0, lo],
+                bits: [lo, hi],
+                offset: [0, 1 << lo],
+                count,
+                block: (1 << lo) + (1 << hi),
+            }
+        }
+    }
+}
+
+/// Words (of 32 columns) per packed input row: the padded row plus a spare word, so a window
+/// read always finds the word after the one it starts in.
+pub const fn row_words(w: u32, pw: u32) -> u32 {
+    (w + 2 * pw).div_ceil(32) + 1
+}
+
+/// The geometry of one [`pattern_conv`] launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PatternGeometry {
+    pub n: u32,
+    pub cin: u32,
+    pub h: u32,
+    pub w: u32,
+    pub cout: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub sh: u32,
+    pub sw: u32,
+    pub ph: u32,
+    pub pw: u32,
+    /// [`row_words`] of the packed rows.
+    pub words: u32,
+    /// Output channels of the table rows (a multiple of [`PATTERN_CHUNK`]).
+    pub padded: u32,
+    pub segments: PatternSegments,
+}
+
+impl PatternGeometry {
+    /// Table rows: `kh · Cin · block`.
+    pub const fn table_rows(&self) -> u32 {
+        self.kh * self.cin * self.segments.block
+    }
+
+    /// Dynamic shared memory of one CTA: the table slice, the output staging tile and the
+    /// lookup plans.
+    pub const fn shared_bytes(&self) -> u32 {
+        (self.table_rows() * PATTERN_CHUNK + PATTERN_TILE * STAGE_STRIDE + 4 * self.lookups()) * 4
+    }
+
+    /// `(image, output row, output column)` of output pixel `p` (over the batch).
+    #[inline(always)]
+    pub const fn pixel(&self, p: u32) -> (u32, u32, u32) {
+        let plane = self.oh * self.ow;
+        (p / plane, (p % plane) / self.ow, p % self.ow)
+    }
+
+    /// The `kw` window bits of packed row `row` starting at padded column `column`, from its words
+    /// `row_bits` (`words` of them).
+    #[inline(always)]
+    pub fn window(&self, row_bits: &[u32], column: u32) -> u32 {
+        let (word, shift) = ((column / 32) as usize, column % 32);
+        let pair = row_bits[word] as u64 | (row_bits[word + 1] as u64) << 32;
+        (pair >> shift) as u32 & ((1 << self.kw) - 1)
+    }
+}
+
+/// # Safety
+/// `input` holds `rows · w` floats, `bits` `rows · words` u32; `non_binary` is one u32 the host
+/// zeroed. Launch with [`PACK_ROW_THREADS`] threads and `ceil(rows · words · 32 /
+/// PACK_ROW_THREADS)` blocks.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn pattern_pack_rows(
+    input: *const f32,
+    bits: *mut u32,
+    non_binary: *mut u32,
+    rows: u32,
+    w: u32,
+    pw: u32,
+    words: u32,
+) {
+    use crate::gpu;
+    let thread = gpu::block_x() * PACK_ROW_THREADS + gpu::thread_x();
+    // One warp per word: every lane of a warp is in range or none is.
+    let word = thread / gpu::WARP_SIZE;
+    if word >= rows * words {
+        return;
+    }
+    let (row, column) = (word / words, (word % words) * 32 + thread % gpu::WARP_SIZE);
+    let v = if column >= pw && column - pw < w {
+        *input.add((row * w + column - pw) as usize)
+    } else {
+        0.0
+    };
+    let set = gpu::warp_ballot(v != 0.0);
+    let other = gpu::warp_ballot(v != 0.0 && v != 1.0);
+    if thread % gpu::WARP_SIZE == 0 {
+        *bits.add(word as usize) = set;
+        if other != 0 {
+            gpu::atomic_or_u32(non_binary, 1);
+        }
+    }
+}
+
+impl PatternGeometry {
+    /// Table lookups per output pixel.
+    pub const fn lookups(&self) -> u32 {
+        self.kh * self.cin * self.segments.count
+    }
+
+    /// The offset (in floats, within a `PATTERN_CHUNK`-wide table slice) of the table row that
+    /// lookup `j` of output pixel `(img, oy, ox)` adds: kernel row, channel and segment of `j`,
+    /// and the window's bits from the packed rows `bits`. Row 0 (all zeros) for a window row in
+    /// the padding.
+    #[inline(always)]
+    pub fn lookup_offset(&self, bits: &[u32], (img, oy, ox): (u32, u32, u32), j: u32) -> u32 {
+        let seg = self.segments;
+        let s = j % seg.count;
+        let c = (j / seg.count) % self.cin;
+        let ky = j / (seg.count * self.cin);
+        let iy = (oy * self.sh + ky) as i32 - self.ph as i32;
+        if iy < 0 || iy >= self.h as i32 {
+            return 0;
+        }
+        let row = ((img * self.cin + c) * self.h + iy as u32) * self.words;
+        let window = self.window(&bits[row as usize..], ox * self.sw);
+        // Selects, not indexing: a dynamic index into the by-value geometry would put it in
+        // local memory.
+        let pick = |v: [u32; 2]| if s == 0 { v[0] } else { v[1] };
+        let pattern = (window >> pick(seg.first)) & ((1 << pick(seg.bits)) - 1);
+        ((ky * self.cin + c) * seg.block + pick(seg.offset) + pattern) * PATTERN_CHUNK
+    }
+
+    /// What [`lookup_offset`](Self::lookup_offset) derives from `j` alone, computed once per
+    /// CTA so the pixel loop does no division: `[ky, c·h + ky, offset of the segment's first
+    /// table row, first column | bits << 8]`.
+    #[inline(always)]
+    pub fn plan(&self, j: u32) -> [u32; 4] {
+        let seg = self.segments;
+        let s = j % seg.count;
+        let c = (j / seg.count) % self.cin;
+        let ky = j / (seg.count * self.cin);
+        let pick = |v: [u32; 2]| if s == 0 { v[0] } else { v[1] };
+        [
+            ky,
+            c * self.h + ky,
+            ((ky * self.cin + c) * seg.block + pick(seg.offset)) * PATTERN_CHUNK,
+            pick(seg.first) | pick(seg.bits) << 8,
+        ]
+    }
+
+    /// [`lookup_offset`](Self::lookup_offset) from `plan(j)`, for the pixel whose window rows
+    /// start at packed row `first_row = img·cin·h + oy·sh − ph` (as a signed value; `oy·sh − ph`
+    /// separately in `top`) and column `ox·sw`.
+    #[inline(always)]
+    pub fn planned_offset(
+        &self,
+        bits: &[u32],
+        plan: [u32; 4],
+        first_row: i32,
+        top: i32,
+        column: u32,
+    ) -> u32 {
+        let iy = top + plan[0] as i32;
+        if iy < 0 || iy >= self.h as i32 {
+            return 0;
+        }
+        let row = (first_row + plan[1] as i32) as u32 * self.words;
+        let window = self.window(&bits[row as usize..], column);
+        let pattern = (window >> (plan[3] & 0xff)) & ((1 << (plan[3] >> 8)) - 1);
+        plan[2] + pattern * PATTERN_CHUNK
+    }
+}
+
+/// # Safety
+/// `bits`/`non_binary` are [`pattern_pack_rows`]' output for `input` (`n · cin · h · w`
+/// floats); `table` holds `table_rows · padded` floats, `bias` `padded`, `weight` PyTorch's
+/// `[cout, cin, kh, kw]`, `out` `n · cout · oh · ow`. Launch with
+/// [`PATTERN_THREADS`] threads, grid `(any, padded / PATTERN_CHUNK)` and
+/// [`PatternGeometry::shared_bytes`].
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn pattern_conv(
+    bits: *const u32,
+    non_binary: *const u32,
+    input: *const f32,
+    table: *const f32,
+    weight: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    g: PatternGeometry,
+) {
+    use crate::gpu;
+    let smem = gpu::dynamic_shared_f32();
+    let tid = gpu::thread_x();
+    let co0 = gpu::block_y() * PATTERN_CHUNK;
+    // This CTA's 32-channel slice of every table row, 16 bytes per thread per step.
+    let quads = g.table_rows() * (PATTERN_CHUNK / 4);
+    let mut i = tid;
+    while i < quads {
+        let (row, quad) = (i / 8, i % 8);
+        let v = gpu::load_nc_f32x4(table.add((row * g.padded + co0 + quad * 4) as usize));
+        gpu::store_shared_f32x4(smem.add((row * PATTERN_CHUNK + quad * 4) as usize), v);
+        i += PATTERN_THREADS;
+    }
+    let stage = smem.add((g.table_rows() * PATTERN_CHUNK) as usize);
+    // Each lookup's plan, after the staging tile.
+    let plans = stage.add((PATTERN_TILE * STAGE_STRIDE) as usize) as *mut u32;
+    let mut j = tid;
+    while j < g.lookups() {
+        let plan = g.plan(j);
+        for (k, &v) in plan.iter().enumerate() {
+            *plans.add((j * 4) as usize + k) = v;
+        }
+        j += PATTERN_THREADS;
+    }
+    gpu::sync_threads();
+
+    let lane = tid % gpu::WARP_SIZE;
+    let (quad, slot) = (lane % 8, lane / 8);
+    let warp = tid / gpu::WARP_SIZE;
+    let b = gpu::load_nc_f32x4(bias.add((co0 + quad * 4) as usize));
+    let pixels = g.n * g.oh * g.ow;
+    let plane = g.oh * g.ow;
+    let bits = core::slice::from_raw_parts(bits, (g.n * g.cin * g.h * g.words) as usize);
+    // Uniform over the launch: any value other than 0 and 1 sends every pixel through the
+    // multiply-adds, which compute the dense conv for any input.
+    let binary = *non_binary == 0;
+    let ctx = PixelJob {
+        g,
+        table: gpu::shared_address(smem),
+        plans,
+        bits,
+        input,
+        weight,
+        bias: [b.0, b.1, b.2, b.3],
+        co0,
+        quad,
+        slot,
+        binary,
+    };
+    let mut tile = gpu::block_x();
+    while tile * PATTERN_TILE < pixels {
+        // Pixel slots warp·8 + {0, 4} + slot of the tile.
+        let first = warp * 8 + slot;
+        let acc = [
+            ctx.pixel(tile * PATTERN_TILE + first),
+            ctx.pixel(tile * PATTERN_TILE + first + 4),
+        ];
+        // Stage the tile channel-major, then write each channel's pixels contiguously.
+        gpu::sync_threads();
+        for (j, acc) in acc.iter().enumerate() {
+            let local = first + 4 * j as u32;
+            for (k, &a) in acc.iter().enumerate() {
+                *stage.add((local * STAGE_STRIDE + quad * 4 + k as u32) as usize) = a;
+            }
+        }
+        gpu::sync_threads();
+        let mut e = tid;
+        while e < PATTERN_TILE * PATTERN_CHUNK {
+            let (co, local) = (co0 + e / PATTERN_TILE, e % PATTERN_TILE);
+            let p = tile * PATTERN_TILE + local;
+            if p < pixels && co < g.cout {
+                let (img, rest) = (p / plane, p % plane);
+                let v = *stage.add((local * STAGE_STRIDE + e / PATTERN_TILE) as usize);
+                *out.add(((img * g.cout + co) * plane + rest) as usize) = v;
+            }
+            e += PATTERN_THREADS;
+        }
+        tile += gpu::grid_dim_x();
+    }
+}
+
+/// What one lane needs to compute its 4 channels of an output pixel.
+#[cfg(target_arch = "nvptx64")]
+struct PixelJob<'a> {
+    g: PatternGeometry,
+    /// Shared-window address of the table slice.
+    table: u32,
+    /// [`PatternGeometry::plan`] of every lookup, in shared memory.
+    plans: *const u32,
+    bits: &'a [u32],
+    input: *const f32,
+    weight: *const f32,
+    bias: [f32; 4],
+    co0: u32,
+    quad: u32,
+    slot: u32,
+    /// No input value other than 0 and 1 (uniform over the launch): else every pixel goes
+    /// through the multiply-adds, which compute the dense conv for any input.
+    binary: bool,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl PixelJob<'_> {
+    /// Output pixel `p`'s channels `co0 + quad·4 ..` (the bias alone past the last pixel). The
+    /// pixel's 8 lanes first find 8 table rows each (lookup j on lane j % 8), then all add every
+    /// row, each offset passed by shuffle; the whole warp calls this.
+    #[inline(always)]
+    unsafe fn pixel(&self, p: u32) -> [f32; 4] {
+        use crate::gpu;
+        let g = &self.g;
+        let (quad, slot) = (self.quad, self.slot);
+        let mut acc = self.bias;
+        let pixels = g.n * g.oh * g.ow;
+        let valid = p < pixels;
+        let at = g.pixel(if valid { p } else { 0 });
+        if self.binary {
+            let lookups = g.lookups();
+            let (img, oy, ox) = at;
+            let top = (oy * g.sh) as i32 - g.ph as i32;
+            let first_row = (img * g.cin * g.h) as i32 + top;
+            // Round r: lane quad finds lookup r·8 + quad, then the pixel's lanes add all 8.
+            let mut r = 0;
+            while r * 8 < lookups {
+                let j = r * 8 + quad;
+                let o = if valid && j < lookups {
+                    let p = self.plans.add(j as usize * 4);
+                    let plan = [*p, *p.add(1), *p.add(2), *p.add(3)];
+                    g.planned_offset(self.bits, plan, first_row, top, ox * g.sw)
+                } else {
+                    0
+                };
+                // No guard: a lookup past the last is row 0, all zeros, so the 8 loads are
+                // straight-line code the compiler issues back to back.
+                let lane_table = self.table + quad * 16;
+                for src in 0..8 {
+                    let row = gpu::shfl_u32(o, slot * 8 + src);
+                    let t = gpu::load_shared_f32x4_at(lane_table + row * 4);
+                    acc[0] += t.0;
+                    acc[1] += t.1;
+                    acc[2] += t.2;
+                    acc[3] += t.3;
+                }
+                r += 1;
+            }
+            return acc;
+        }
+        if !valid {
+            return acc;
+        }
+        let (img, oy, ox) = at;
+        for ky in 0..g.kh {
+            let iy = (oy * g.sh + ky) as i32 - g.ph as i32;
+            if iy < 0 || iy >= g.h as i32 {
+                continue;
+            }
+            for c in 0..g.cin {
+                let row = (img * g.cin + c) * g.h + iy as u32;
+                for kx in 0..g.kw {
+                    let ix = (ox * g.sw + kx) as i32 - g.pw as i32;
+                    if ix < 0 || ix >= g.w as i32 {
+                        continue;
+                    }
+                    let x = *self.input.add((row * g.w + ix as u32) as usize);
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        let co = self.co0 + quad * 4 + k as u32;
+                        if co < g.cout {
+                            let wi = ((co * g.cin + c) * g.kh + ky) * g.kw + kx;
+                            *a = gpu::fma_f32(x, *self.weight.add(wi as usize), *a);
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_the_kernel_row_once() {
+        for kw in 1..=MAX_PATTERN_BITS {
+            let s = PatternSegments::new(kw);
+            let covered: u32 = (0..s.count as usize).map(|i| s.bits[i]).sum();
+            assert_eq!(covered, kw, "kw {kw}");
+            assert!(s.bits.iter().all(|&b| b <= SEGMENT_BITS));
+            if s.count == 2 {
+                assert_eq!(s.first[1], s.bits[0]);
+                assert_eq!(s.block, (1 << s.bits[0]) + (1 << s.bits[1]));
+            }
+        }
+    }
+
+    #[test]
+    fn planned_offsets_equal_the_direct_ones() {
+        let g = PatternGeometry {
+            n: 2,
+            cin: 3,
+            h: 9,
+            w: 11,
+            cout: 40,
+            oh: 5,
+            ow: 6,
+            kh: 5,
+            kw: 7,
+            sh: 2,
+            sw: 2,
+            ph: 2,
+            pw: 3,
+            words: row_words(11, 3),
+            padded: 64,
+            segments: PatternSegments::new(7),
+        };
+        let bits: Vec<u32> = (0..g.n * g.cin * g.h * g.words)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        for p in 0..g.n * g.oh * g.ow {
+            let (img, oy, ox) = g.pixel(p);
+            let top = (oy * g.sh) as i32 - g.ph as i32;
+            let first_row = (img * g.cin * g.h) as i32 + top;
+            for j in 0..g.lookups() {
+                assert_eq!(
+                    g.planned_offset(&bits, g.plan(j), first_row, top, ox * g.sw),
+                    g.lookup_offset(&bits, (img, oy, ox), j),
+                    "pixel {p} lookup {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_window_reads_the_padded_columns_of_its_output() {
+        let g = PatternGeometry {
+            n: 1,
+            cin: 1,
+            h: 1,
+            w: 40,
+            cout: 1,
+            oh: 1,
+            ow: 20,
+            kh: 1,
+            kw: 7,
+            sh: 1,
+            sw: 2,
+            ph: 0,
+            pw: 3,
+            words: row_words(40, 3),
+            padded: 32,
+            segments: PatternSegments::new(7),
+        };
+        // Columns 0, 5 and 33 fire.
+        let mut row = vec![0u32; g.words as usize];
+        for x in [0u32, 5, 33] {
+            let at = x + g.pw;
+            row[(at / 32) as usize] |= 1 << (at % 32);
+        }
+        for ox in 0..g.ow {
+            let want: u32 = (0..g.kw)
+                .filter(|&kx| {
+                    let x = (ox * g.sw + kx) as i32 - g.pw as i32;
+                    [0, 5, 33].contains(&x)
+                })
+                .map(|kx| 1 << kx)
+                .sum();
+            assert_eq!(g.window(&row, ox * g.sw), want, "ox {ox}");
+        }
+    }
+}
