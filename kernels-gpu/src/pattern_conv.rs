@@ -291,7 +291,7 @@ pub unsafe extern "ptx-kernel" fn pattern_conv(
     let ctx = PixelJob {
         g,
         table: gpu::shared_address(smem),
-        plans,
+        plans: gpu::shared_address(plans as *const f32),
         bits,
         input,
         weight,
@@ -299,16 +299,17 @@ pub unsafe extern "ptx-kernel" fn pattern_conv(
         co0,
         quad,
         slot,
-        binary,
     };
     let mut tile = gpu::block_x();
     while tile * PATTERN_TILE < pixels {
         // Pixel slots warp·8 + {0, 4} + slot of the tile.
         let first = warp * 8 + slot;
-        let acc = [
-            ctx.pixel(tile * PATTERN_TILE + first),
-            ctx.pixel(tile * PATTERN_TILE + first + 4),
-        ];
+        let p = tile * PATTERN_TILE + first;
+        let acc = if binary {
+            ctx.table_pixels([p, p + 4])
+        } else {
+            [ctx.multiply_pixel(p), ctx.multiply_pixel(p + 4)]
+        };
         // Stage the tile channel-major, then write each channel's pixels contiguously.
         gpu::sync_threads();
         for (j, acc) in acc.iter().enumerate() {
@@ -318,16 +319,17 @@ pub unsafe extern "ptx-kernel" fn pattern_conv(
             }
         }
         gpu::sync_threads();
-        let mut e = tid;
-        while e < PATTERN_TILE * PATTERN_CHUNK {
-            let (co, local) = (co0 + e / PATTERN_TILE, e % PATTERN_TILE);
-            let p = tile * PATTERN_TILE + local;
-            if p < pixels && co < g.cout {
-                let (img, rest) = (p / plane, p % plane);
-                let v = *stage.add((local * STAGE_STRIDE + e / PATTERN_TILE) as usize);
-                *out.add(((img * g.cout + co) * plane + rest) as usize) = v;
+        // Thread t writes pixel t % TILE of the tile, channels t / TILE + 4k.
+        let local = tid % PATTERN_TILE;
+        let p = tile * PATTERN_TILE + local;
+        if p < pixels {
+            let (img, rest) = (p / plane, p % plane);
+            let mut c = tid / PATTERN_TILE;
+            while c < PATTERN_CHUNK && co0 + c < g.cout {
+                let v = *stage.add((local * STAGE_STRIDE + c) as usize);
+                *out.add(((img * g.cout + co0 + c) * plane + rest) as usize) = v;
+                c += PATTERN_THREADS / PATTERN_TILE;
             }
-            e += PATTERN_THREADS;
         }
         tile += gpu::grid_dim_x();
     }
@@ -339,8 +341,8 @@ struct PixelJob<'a> {
     g: PatternGeometry,
     /// Shared-window address of the table slice.
     table: u32,
-    /// [`PatternGeometry::plan`] of every lookup, in shared memory.
-    plans: *const u32,
+    /// Shared-window address of [`PatternGeometry::plan`] of every lookup (16 bytes each).
+    plans: u32,
     bits: &'a [u32],
     input: *const f32,
     weight: *const f32,
@@ -348,45 +350,50 @@ struct PixelJob<'a> {
     co0: u32,
     quad: u32,
     slot: u32,
-    /// No input value other than 0 and 1 (uniform over the launch): else every pixel goes
-    /// through the multiply-adds, which compute the dense conv for any input.
-    binary: bool,
 }
 
 #[cfg(target_arch = "nvptx64")]
 impl PixelJob<'_> {
-    /// Output pixel `p`'s channels `co0 + quad·4 ..` (the bias alone past the last pixel). The
-    /// pixel's 8 lanes first find 8 table rows each (lookup j on lane j % 8), then all add every
-    /// row, each offset passed by shuffle; the whole warp calls this.
+    /// Output pixels `p`'s channels `co0 + quad·4 ..` from the tables (the bias alone past the
+    /// last pixel); the whole warp calls this. Each pixel's 8 lanes first find 8 of its table
+    /// rows (lookup j on lane j % 8), then all add every row, each offset passed by shuffle;
+    /// the two pixels go through the rounds together, for twice the loads in flight.
     #[inline(always)]
-    unsafe fn pixel(&self, p: u32) -> [f32; 4] {
+    unsafe fn table_pixels(&self, p: [u32; 2]) -> [[f32; 4]; 2] {
         use crate::gpu;
         let g = &self.g;
         let (quad, slot) = (self.quad, self.slot);
-        let mut acc = self.bias;
         let pixels = g.n * g.oh * g.ow;
-        let valid = p < pixels;
-        let at = g.pixel(if valid { p } else { 0 });
-        if self.binary {
-            let lookups = g.lookups();
-            let (img, oy, ox) = at;
+        let lookups = g.lookups();
+        // Per pixel: valid, first packed row of its windows, top input row, first column.
+        let at = p.map(|p| {
+            let (img, oy, ox) = g.pixel(if p < pixels { p } else { 0 });
             let top = (oy * g.sh) as i32 - g.ph as i32;
-            let first_row = (img * g.cin * g.h) as i32 + top;
-            // Round r: lane quad finds lookup r·8 + quad, then the pixel's lanes add all 8.
-            let mut r = 0;
-            while r * 8 < lookups {
-                let j = r * 8 + quad;
-                let o = if valid && j < lookups {
-                    let p = self.plans.add(j as usize * 4);
-                    let plan = [*p, *p.add(1), *p.add(2), *p.add(3)];
-                    g.planned_offset(self.bits, plan, first_row, top, ox * g.sw)
+            (p < pixels, (img * g.cin * g.h) as i32 + top, top, ox * g.sw)
+        });
+        let mut acc = [self.bias; 2];
+        let lane_table = self.table + quad * 16;
+        // Round r: lane quad finds lookup r·8 + quad of each pixel, then the lanes add all 8.
+        let mut r = 0;
+        while r * 8 < lookups {
+            let j = r * 8 + quad;
+            let plan = if j < lookups {
+                let v = gpu::load_shared_f32x4_at(self.plans + j * 16);
+                [v.0.to_bits(), v.1.to_bits(), v.2.to_bits(), v.3.to_bits()]
+            } else {
+                [0; 4]
+            };
+            let o = at.map(|(valid, first_row, top, column)| {
+                if valid && j < lookups {
+                    g.planned_offset(self.bits, plan, first_row, top, column)
                 } else {
                     0
-                };
-                // No guard: a lookup past the last is row 0, all zeros, so the 8 loads are
-                // straight-line code the compiler issues back to back.
-                let lane_table = self.table + quad * 16;
-                for src in 0..8 {
+                }
+            });
+            // No guard: a lookup past the last is row 0, all zeros, so the loads are
+            // straight-line code the compiler issues back to back.
+            for src in 0..8 {
+                for (acc, &o) in acc.iter_mut().zip(&o) {
                     let row = gpu::shfl_u32(o, slot * 8 + src);
                     let t = gpu::load_shared_f32x4_at(lane_table + row * 4);
                     acc[0] += t.0;
@@ -394,10 +401,22 @@ impl PixelJob<'_> {
                     acc[2] += t.2;
                     acc[3] += t.3;
                 }
-                r += 1;
             }
-            return acc;
+            r += 1;
         }
+        acc
+    }
+
+    /// Output pixel `p`'s channels by multiply-adds from the raw weights: the dense conv, for
+    /// inputs that are not binary (the bias alone past the last pixel).
+    #[inline(always)]
+    unsafe fn multiply_pixel(&self, p: u32) -> [f32; 4] {
+        use crate::gpu;
+        let g = &self.g;
+        let quad = self.quad;
+        let mut acc = self.bias;
+        let valid = p < g.n * g.oh * g.ow;
+        let at = g.pixel(if valid { p } else { 0 });
         if !valid {
             return acc;
         }
