@@ -36,9 +36,13 @@ const PIXEL_BLOCK: usize = 32;
 /// the element gather or the dense GEMM does better.
 const MAX_TABLE_FLOATS: usize = 1 << 20;
 
-/// `kw` times the input density above which the tables beat the element gather: a pixel costs
-/// `kh · Cin` lookups against about `kh · kw · Cin · density` gathered rows.
-pub const MIN_ROWS_PER_LOOKUP: f64 = 1.5;
+/// `kw` times the input density from which the tables beat the element gather: a pixel costs
+/// `kh · Cin` lookups against about `kh · kw · Cin · density` gathered rows, and a lookup (two
+/// segments, a table bigger than L1) costs more than a row. Measured on the 2-core CI machine,
+/// batch 8 / T·N 4, binary spikes, one process alternating: 3×3 64→64 @56 at 50% (1.5 rows per
+/// lookup) gather 15.9 ms, tables 18.2 ms; at 70% tables 16.5 ms, dense 21.9 ms; the 7×7 stem
+/// at 35% (2.45) tables 11.0 ms, gather 21.8 ms.
+pub const MIN_ROWS_PER_LOOKUP: f64 = 2.0;
 
 /// The pattern tables of one convolution.
 #[derive(Debug)]
