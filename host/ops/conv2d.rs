@@ -228,50 +228,44 @@ impl Conv2d {
         DenseDeviceWeights::cached(&self.device, backend, &self.weight, self.bias.as_ref())
     }
 
+    /// The GPU kernels' description of this convolution on an input of `shape`
+    /// (`[..., Cin, H, W]`); an error when a size does not fit the kernels' 32-bit indices.
+    pub(crate) fn kernel_geometry(&self, shape: &[usize]) -> Result<ConvGeometry> {
+        let out = self.output_shape(shape)?;
+        let r = shape.len();
+        let n: usize = shape[..r - 3].iter().product();
+        let too_large = || Error::Shape(format!("{shape:?} is too large for the GPU kernels"));
+        let u = |v: usize| u32::try_from(v).map_err(|_| too_large());
+        u32::try_from(n * shape[r - 3] * shape[r - 2] * shape[r - 1]).map_err(|_| too_large())?;
+        Ok(ConvGeometry {
+            n: u(n)?,
+            cin: u(self.in_channels())?,
+            h: u(shape[r - 2])?,
+            w: u(shape[r - 1])?,
+            cout: u(self.out_channels())?,
+            oh: u(out[out.len() - 2])?,
+            ow: u(out[out.len() - 1])?,
+            kh: u(self.kernel_size().0)?,
+            kw: u(self.kernel_size().1)?,
+            sh: u(self.stride.0)?,
+            sw: u(self.stride.1)?,
+            ph: u(self.padding.0)?,
+            pw: u(self.padding.1)?,
+            dh: u(self.dilation.0)?,
+            dw: u(self.dilation.1)?,
+            groups: u(self.groups)?,
+        })
+    }
+
     /// [`forward_cuda`](Self::forward_cuda) with a chosen engine.
     pub fn forward_cuda_with(
         &self,
         x: &DeviceTensor,
         engine: DenseConvEngine,
     ) -> Result<DeviceTensor> {
-        let shape = self.output_shape(x.shape())?;
-        let dims = x.shape();
-        let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let n: usize = dims[..dims.len() - 3].iter().product();
-        let (oh, ow) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-        let (kh, kw) = self.kernel_size();
-        let mut out = DeviceTensor::uninit(x.backend(), shape)?;
+        let geometry = self.kernel_geometry(x.shape())?;
+        let mut out = DeviceTensor::uninit(x.backend(), self.output_shape(x.shape())?)?;
         out.len_u32()?;
-        let [n, cin, h, w, cout, oh, ow, kh, kw] = [
-            n,
-            self.in_channels(),
-            h,
-            w,
-            self.out_channels(),
-            oh,
-            ow,
-            kh,
-            kw,
-        ]
-        .map(|v| v as u32);
-        let geometry = ConvGeometry {
-            n,
-            cin,
-            h,
-            w,
-            cout,
-            oh,
-            ow,
-            kh,
-            kw,
-            sh: self.stride.0 as u32,
-            sw: self.stride.1 as u32,
-            ph: self.padding.0 as u32,
-            pw: self.padding.1 as u32,
-            dh: self.dilation.0 as u32,
-            dw: self.dilation.1 as u32,
-            groups: self.groups as u32,
-        };
         let weights = self.device_weights(x.backend())?;
         match engine {
             DenseConvEngine::Cudnn if !crate::cudnn::available() => {

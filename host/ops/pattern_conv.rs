@@ -354,41 +354,18 @@ pub(crate) fn pattern_conv_cuda(
     out: &mut DeviceTensor,
 ) -> Result<()> {
     let backend = x.backend().clone();
-    let dims = x.shape();
-    let r = dims.len();
-    let (n, cin, h, w): (usize, usize, usize, usize) = (
-        dims[..r - 3].iter().product(),
-        dims[r - 3],
-        dims[r - 2],
-        dims[r - 1],
-    );
-    let (oh, ow) = conv.output_hw(h, w)?;
-    let (kh, kw) = conv.kernel_size();
-    let to_u32 = |v: usize| {
-        u32::try_from(v)
-            .map_err(|_| Error::Shape(format!("{dims:?} is too large for the GPU kernels")))
-    };
-    let words = row_words(to_u32(w)?, to_u32(conv.padding.1)?);
-    let rows = n * cin * h;
-    to_u32(rows * words as usize * 32)?;
-    to_u32(n * conv.out_channels().max(cin) * (oh * ow).max(h * w))?;
+    let c = conv.kernel_geometry(x.shape())?;
+    let words = row_words(c.w, c.pw);
+    let rows = c.n as usize * c.cin as usize * c.h as usize;
+    let too_large = || Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape()));
+    let packed_threads = u32::try_from(rows * words as usize * 32).map_err(|_| too_large())?;
+    u32::try_from(c.n as usize * c.cout as usize * (c.oh * c.ow) as usize)
+        .map_err(|_| too_large())?;
     let g = PatternGeometry {
-        n: to_u32(n)?,
-        cin: to_u32(cin)?,
-        h: to_u32(h)?,
-        w: to_u32(w)?,
-        cout: to_u32(conv.out_channels())?,
-        oh: to_u32(oh)?,
-        ow: to_u32(ow)?,
-        kh: kh as u32,
-        kw: kw as u32,
-        sh: to_u32(conv.stride.0)?,
-        sw: to_u32(conv.stride.1)?,
-        ph: to_u32(conv.padding.0)?,
-        pw: to_u32(conv.padding.1)?,
+        conv: c,
         words,
         padded: tables.padded,
-        segments: PatternSegments::new(kw as u32),
+        segments: PatternSegments::new(c.kw),
     };
     let shared = g.shared_bytes();
     if shared as usize > backend.max_shared_memory_per_block() {
@@ -398,8 +375,8 @@ pub(crate) fn pattern_conv_cuda(
             backend.max_shared_memory_per_block()
         )));
     }
-    let pixels = n * oh * ow;
-    if pixels == 0 || g.cout == 0 {
+    let pixels = c.n * c.oh * c.ow;
+    if pixels == 0 || c.cout == 0 {
         return Ok(());
     }
     let stream = backend.stream();
@@ -408,20 +385,20 @@ pub(crate) fn pattern_conv_cuda(
     let mut bits = unsafe { stream.alloc::<u32>(packed)? };
     let mut non_binary = stream.alloc_zeros::<u32>(1)?;
     let pack = backend.function("pattern_pack_rows")?;
-    let [rows32, w32, pw32] = [rows, w, conv.padding.1].map(|v| v as u32);
+    let rows32 = rows as u32;
     let mut launch = stream.launch_builder(&pack);
     launch
         .arg(x.slice())
         .arg(&mut bits)
         .arg(&mut non_binary)
         .arg(&rows32)
-        .arg(&w32)
-        .arg(&pw32)
+        .arg(&c.w)
+        .arg(&c.pw)
         .arg(&words);
     // SAFETY: arguments match `pattern_pack_rows`' signature and contract.
     unsafe {
         launch.launch(LaunchConfig {
-            grid_dim: ((rows32 * words * 32).div_ceil(PACK_ROW_THREADS), 1, 1),
+            grid_dim: (packed_threads.div_ceil(PACK_ROW_THREADS), 1, 1),
             block_dim: (PACK_ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         })?
@@ -430,7 +407,7 @@ pub(crate) fn pattern_conv_cuda(
     let kernel = backend.function("pattern_conv")?;
     allow_shared_memory(&kernel, shared)?;
     // A grid-stride loop over pixel tiles: each CTA loads its table slice once.
-    let tiles = (pixels as u32).div_ceil(PATTERN_TILE);
+    let tiles = pixels.div_ceil(PATTERN_TILE);
     let geometry = ByValue(g);
     let mut launch = stream.launch_builder(&kernel);
     launch

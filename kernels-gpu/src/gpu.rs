@@ -262,26 +262,6 @@ pub unsafe fn store_f32x4(ptr: *mut f32, (a, b, c, d): (f32, f32, f32, f32)) {
     );
 }
 
-/// Four consecutive floats of shared memory, with one 16-byte shared load.
-///
-/// # Safety
-/// `ptr` is a generic pointer into shared memory, 16-byte aligned.
-#[inline(always)]
-pub unsafe fn load_shared_f32x4(ptr: *const f32) -> (f32, f32, f32, f32) {
-    let (a, b, c, d): (f32, f32, f32, f32);
-    asm!(
-        "{{ .reg .u64 %s;",
-        "cvta.to.shared.u64 %s, {ptr};",
-        "ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [%s]; }}",
-        ptr = in(reg64) ptr,
-        a = out(reg32) a,
-        b = out(reg32) b,
-        c = out(reg32) c,
-        d = out(reg32) d,
-    );
-    (a, b, c, d)
-}
-
 /// Stores four consecutive floats to shared memory with one 16-byte shared store.
 ///
 /// # Safety

@@ -13,6 +13,8 @@
 //!    passed by shuffle. When the flag is up the kernel computes every pixel with multiply-adds
 //!    from the raw weights instead, so any input gives the dense conv's result.
 
+use crate::dense_conv::ConvGeometry;
+
 /// Bits per table segment, and the widest kernel row the tables cover (two segments).
 pub const SEGMENT_BITS: u32 = 4;
 pub const MAX_PATTERN_BITS: u32 = 2 * SEGMENT_BITS;
@@ -77,19 +79,8 @@ pub const fn row_words(w: u32, pw: u32) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
 pub struct PatternGeometry {
-    pub n: u32,
-    pub cin: u32,
-    pub h: u32,
-    pub w: u32,
-    pub cout: u32,
-    pub oh: u32,
-    pub ow: u32,
-    pub kh: u32,
-    pub kw: u32,
-    pub sh: u32,
-    pub sw: u32,
-    pub ph: u32,
-    pub pw: u32,
+    /// The convolution (dilation 1, one group).
+    pub conv: ConvGeometry,
     /// [`row_words`] of the packed rows.
     pub words: u32,
     /// Output channels of the table rows (a multiple of [`PATTERN_CHUNK`]).
@@ -100,7 +91,7 @@ pub struct PatternGeometry {
 impl PatternGeometry {
     /// Table rows: `kh · Cin · block`.
     pub const fn table_rows(&self) -> u32 {
-        self.kh * self.cin * self.segments.block
+        self.conv.kh * self.conv.cin * self.segments.block
     }
 
     /// Dynamic shared memory of one CTA: the table slice, the output staging tile and the
@@ -109,20 +100,13 @@ impl PatternGeometry {
         (self.table_rows() * PATTERN_CHUNK + PATTERN_TILE * STAGE_STRIDE + 4 * self.lookups()) * 4
     }
 
-    /// `(image, output row, output column)` of output pixel `p` (over the batch).
-    #[inline(always)]
-    pub const fn pixel(&self, p: u32) -> (u32, u32, u32) {
-        let plane = self.oh * self.ow;
-        (p / plane, (p % plane) / self.ow, p % self.ow)
-    }
-
     /// The `kw` window bits of packed row `row` starting at padded column `column`, from its words
     /// `row_bits` (`words` of them).
     #[inline(always)]
     pub fn window(&self, row_bits: &[u32], column: u32) -> u32 {
         let (word, shift) = ((column / 32) as usize, column % 32);
         let pair = row_bits[word] as u64 | (row_bits[word + 1] as u64) << 32;
-        (pair >> shift) as u32 & ((1 << self.kw) - 1)
+        (pair >> shift) as u32 & ((1 << self.conv.kw) - 1)
     }
 }
 
@@ -167,7 +151,7 @@ pub unsafe extern "ptx-kernel" fn pattern_pack_rows(
 impl PatternGeometry {
     /// Table lookups per output pixel.
     pub const fn lookups(&self) -> u32 {
-        self.kh * self.cin * self.segments.count
+        self.conv.kh * self.conv.cin * self.segments.count
     }
 
     /// The offset (in floats, within a `PATTERN_CHUNK`-wide table slice) of the table row that
@@ -178,19 +162,19 @@ impl PatternGeometry {
     pub fn lookup_offset(&self, bits: &[u32], (img, oy, ox): (u32, u32, u32), j: u32) -> u32 {
         let seg = self.segments;
         let s = j % seg.count;
-        let c = (j / seg.count) % self.cin;
-        let ky = j / (seg.count * self.cin);
-        let iy = (oy * self.sh + ky) as i32 - self.ph as i32;
-        if iy < 0 || iy >= self.h as i32 {
+        let c = (j / seg.count) % self.conv.cin;
+        let ky = j / (seg.count * self.conv.cin);
+        let iy = (oy * self.conv.sh + ky) as i32 - self.conv.ph as i32;
+        if iy < 0 || iy >= self.conv.h as i32 {
             return 0;
         }
-        let row = ((img * self.cin + c) * self.h + iy as u32) * self.words;
-        let window = self.window(&bits[row as usize..], ox * self.sw);
+        let row = ((img * self.conv.cin + c) * self.conv.h + iy as u32) * self.words;
+        let window = self.window(&bits[row as usize..], ox * self.conv.sw);
         // Selects, not indexing: a dynamic index into the by-value geometry would put it in
         // local memory.
         let pick = |v: [u32; 2]| if s == 0 { v[0] } else { v[1] };
         let pattern = (window >> pick(seg.first)) & ((1 << pick(seg.bits)) - 1);
-        ((ky * self.cin + c) * seg.block + pick(seg.offset) + pattern) * PATTERN_CHUNK
+        ((ky * self.conv.cin + c) * seg.block + pick(seg.offset) + pattern) * PATTERN_CHUNK
     }
 
     /// What [`lookup_offset`](Self::lookup_offset) derives from `j` alone, computed once per
@@ -200,13 +184,13 @@ impl PatternGeometry {
     pub fn plan(&self, j: u32) -> [u32; 4] {
         let seg = self.segments;
         let s = j % seg.count;
-        let c = (j / seg.count) % self.cin;
-        let ky = j / (seg.count * self.cin);
+        let c = (j / seg.count) % self.conv.cin;
+        let ky = j / (seg.count * self.conv.cin);
         let pick = |v: [u32; 2]| if s == 0 { v[0] } else { v[1] };
         [
             ky,
-            c * self.h + ky,
-            ((ky * self.cin + c) * seg.block + pick(seg.offset)) * PATTERN_CHUNK,
+            c * self.conv.h + ky,
+            ((ky * self.conv.cin + c) * seg.block + pick(seg.offset)) * PATTERN_CHUNK,
             pick(seg.first) | pick(seg.bits) << 8,
         ]
     }
@@ -224,7 +208,7 @@ impl PatternGeometry {
         column: u32,
     ) -> u32 {
         let iy = top + plan[0] as i32;
-        if iy < 0 || iy >= self.h as i32 {
+        if iy < 0 || iy >= self.conv.h as i32 {
             return 0;
         }
         let row = (first_row + plan[1] as i32) as u32 * self.words;
@@ -282,9 +266,10 @@ pub unsafe extern "ptx-kernel" fn pattern_conv(
     let (quad, slot) = (lane % 8, lane / 8);
     let warp = tid / gpu::WARP_SIZE;
     let b = gpu::load_nc_f32x4(bias.add((co0 + quad * 4) as usize));
-    let pixels = g.n * g.oh * g.ow;
-    let plane = g.oh * g.ow;
-    let bits = core::slice::from_raw_parts(bits, (g.n * g.cin * g.h * g.words) as usize);
+    let pixels = g.conv.n * g.conv.oh * g.conv.ow;
+    let plane = g.conv.oh * g.conv.ow;
+    let bits =
+        core::slice::from_raw_parts(bits, (g.conv.n * g.conv.cin * g.conv.h * g.words) as usize);
     // Uniform over the launch: any value other than 0 and 1 sends every pixel through the
     // multiply-adds, which compute the dense conv for any input.
     let binary = *non_binary == 0;
@@ -325,9 +310,9 @@ pub unsafe extern "ptx-kernel" fn pattern_conv(
         if p < pixels {
             let (img, rest) = (p / plane, p % plane);
             let mut c = tid / PATTERN_TILE;
-            while c < PATTERN_CHUNK && co0 + c < g.cout {
+            while c < PATTERN_CHUNK && co0 + c < g.conv.cout {
                 let v = *stage.add((local * STAGE_STRIDE + c) as usize);
-                *out.add(((img * g.cout + co0 + c) * plane + rest) as usize) = v;
+                *out.add(((img * g.conv.cout + co0 + c) * plane + rest) as usize) = v;
                 c += PATTERN_THREADS / PATTERN_TILE;
             }
         }
@@ -363,13 +348,18 @@ impl PixelJob<'_> {
         use crate::gpu;
         let g = &self.g;
         let (quad, slot) = (self.quad, self.slot);
-        let pixels = g.n * g.oh * g.ow;
+        let pixels = g.conv.n * g.conv.oh * g.conv.ow;
         let lookups = g.lookups();
         // Per pixel: valid, first packed row of its windows, top input row, first column.
         let at = p.map(|p| {
-            let (img, oy, ox) = g.pixel(if p < pixels { p } else { 0 });
-            let top = (oy * g.sh) as i32 - g.ph as i32;
-            (p < pixels, (img * g.cin * g.h) as i32 + top, top, ox * g.sw)
+            let (img, oy, ox) = g.conv.pixel(if p < pixels { p } else { 0 });
+            let top = (oy * g.conv.sh) as i32 - g.conv.ph as i32;
+            (
+                p < pixels,
+                (img * g.conv.cin * g.conv.h) as i32 + top,
+                top,
+                ox * g.conv.sw,
+            )
         });
         let mut acc = [self.bias; 2];
         let lane_table = self.table + quad * 16;
@@ -415,29 +405,29 @@ impl PixelJob<'_> {
         let g = &self.g;
         let quad = self.quad;
         let mut acc = self.bias;
-        let valid = p < g.n * g.oh * g.ow;
-        let at = g.pixel(if valid { p } else { 0 });
+        let valid = p < g.conv.n * g.conv.oh * g.conv.ow;
+        let at = g.conv.pixel(if valid { p } else { 0 });
         if !valid {
             return acc;
         }
         let (img, oy, ox) = at;
-        for ky in 0..g.kh {
-            let iy = (oy * g.sh + ky) as i32 - g.ph as i32;
-            if iy < 0 || iy >= g.h as i32 {
+        for ky in 0..g.conv.kh {
+            let iy = (oy * g.conv.sh + ky) as i32 - g.conv.ph as i32;
+            if iy < 0 || iy >= g.conv.h as i32 {
                 continue;
             }
-            for c in 0..g.cin {
-                let row = (img * g.cin + c) * g.h + iy as u32;
-                for kx in 0..g.kw {
-                    let ix = (ox * g.sw + kx) as i32 - g.pw as i32;
-                    if ix < 0 || ix >= g.w as i32 {
+            for c in 0..g.conv.cin {
+                let row = (img * g.conv.cin + c) * g.conv.h + iy as u32;
+                for kx in 0..g.conv.kw {
+                    let ix = (ox * g.conv.sw + kx) as i32 - g.conv.pw as i32;
+                    if ix < 0 || ix >= g.conv.w as i32 {
                         continue;
                     }
-                    let x = *self.input.add((row * g.w + ix as u32) as usize);
+                    let x = *self.input.add((row * g.conv.w + ix as u32) as usize);
                     for (k, a) in acc.iter_mut().enumerate() {
                         let co = self.co0 + quad * 4 + k as u32;
-                        if co < g.cout {
-                            let wi = ((co * g.cin + c) * g.kh + ky) * g.kw + kx;
+                        if co < g.conv.cout {
+                            let wi = ((co * g.conv.cin + c) * g.conv.kh + ky) * g.conv.kw + kx;
                             *a = gpu::fma_f32(x, *self.weight.add(wi as usize), *a);
                         }
                     }
@@ -451,6 +441,28 @@ impl PixelJob<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[n, cin, h, w, cout, oh, ow, kh, kw, sh, sw, ph, pw]`, dilation 1, one group.
+    fn geometry([n, cin, h, w, cout, oh, ow, kh, kw, sh, sw, ph, pw]: [u32; 13]) -> ConvGeometry {
+        ConvGeometry {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            oh,
+            ow,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            dh: 1,
+            dw: 1,
+            groups: 1,
+        }
+    }
 
     #[test]
     fn segments_cover_the_kernel_row_once() {
@@ -469,33 +481,21 @@ mod tests {
     #[test]
     fn planned_offsets_equal_the_direct_ones() {
         let g = PatternGeometry {
-            n: 2,
-            cin: 3,
-            h: 9,
-            w: 11,
-            cout: 40,
-            oh: 5,
-            ow: 6,
-            kh: 5,
-            kw: 7,
-            sh: 2,
-            sw: 2,
-            ph: 2,
-            pw: 3,
+            conv: geometry([2, 3, 9, 11, 40, 5, 6, 5, 7, 2, 2, 2, 3]),
             words: row_words(11, 3),
             padded: 64,
             segments: PatternSegments::new(7),
         };
-        let bits: Vec<u32> = (0..g.n * g.cin * g.h * g.words)
+        let bits: Vec<u32> = (0..g.conv.n * g.conv.cin * g.conv.h * g.words)
             .map(|i| i.wrapping_mul(2_654_435_761))
             .collect();
-        for p in 0..g.n * g.oh * g.ow {
-            let (img, oy, ox) = g.pixel(p);
-            let top = (oy * g.sh) as i32 - g.ph as i32;
-            let first_row = (img * g.cin * g.h) as i32 + top;
+        for p in 0..g.conv.n * g.conv.oh * g.conv.ow {
+            let (img, oy, ox) = g.conv.pixel(p);
+            let top = (oy * g.conv.sh) as i32 - g.conv.ph as i32;
+            let first_row = (img * g.conv.cin * g.conv.h) as i32 + top;
             for j in 0..g.lookups() {
                 assert_eq!(
-                    g.planned_offset(&bits, g.plan(j), first_row, top, ox * g.sw),
+                    g.planned_offset(&bits, g.plan(j), first_row, top, ox * g.conv.sw),
                     g.lookup_offset(&bits, (img, oy, ox), j),
                     "pixel {p} lookup {j}"
                 );
@@ -506,19 +506,7 @@ mod tests {
     #[test]
     fn a_window_reads_the_padded_columns_of_its_output() {
         let g = PatternGeometry {
-            n: 1,
-            cin: 1,
-            h: 1,
-            w: 40,
-            cout: 1,
-            oh: 1,
-            ow: 20,
-            kh: 1,
-            kw: 7,
-            sh: 1,
-            sw: 2,
-            ph: 0,
-            pw: 3,
+            conv: geometry([1, 1, 1, 40, 1, 1, 20, 1, 7, 1, 2, 0, 3]),
             words: row_words(40, 3),
             padded: 32,
             segments: PatternSegments::new(7),
@@ -526,18 +514,18 @@ mod tests {
         // Columns 0, 5 and 33 fire.
         let mut row = vec![0u32; g.words as usize];
         for x in [0u32, 5, 33] {
-            let at = x + g.pw;
+            let at = x + g.conv.pw;
             row[(at / 32) as usize] |= 1 << (at % 32);
         }
-        for ox in 0..g.ow {
-            let want: u32 = (0..g.kw)
+        for ox in 0..g.conv.ow {
+            let want: u32 = (0..g.conv.kw)
                 .filter(|&kx| {
-                    let x = (ox * g.sw + kx) as i32 - g.pw as i32;
+                    let x = (ox * g.conv.sw + kx) as i32 - g.conv.pw as i32;
                     [0, 5, 33].contains(&x)
                 })
                 .map(|kx| 1 << kx)
                 .sum();
-            assert_eq!(g.window(&row, ox * g.sw), want, "ox {ox}");
+            assert_eq!(g.window(&row, ox * g.conv.sw), want, "ox {ox}");
         }
     }
 }
