@@ -507,10 +507,19 @@ impl SparseConv2d {
             .collect();
         // One image with a non-binary value makes the whole batch take the multiplying path.
         let binary = scans.iter().all(|s| s.binary);
+        let used = UsedInputs::new(
+            &self.conv,
+            (h, w),
+            (
+                out_shape[out_shape.len() - 2],
+                out_shape[out_shape.len() - 1],
+            ),
+        );
         let actives: Vec<ActiveInputs> = (scans, x.data().par_chunks(image.max(1)))
             .into_par_iter()
             .map(|(scan, img)| {
-                ActiveInputs::new(&scan, img, (h, w), weights.padded_outputs, stride, binary)
+                let padded = weights.padded_outputs;
+                ActiveInputs::new(&scan, img, (h, w), padded, stride, binary, &used)
             })
             .collect();
         sparse_conv_cpu(&self.conv, &weights, &actives, (n, h, w), out.as_mut_ptr());
@@ -554,11 +563,12 @@ impl SparseConv2d {
 /// im2col + GEMM path in the same run, batch 8, binary spikes, on the 2-core AMD EPYC (Zen 3)
 /// CI machine (README, "Dense fallback"). 3×3 convs: the sparse kernel was 2.2–2.9× faster at
 /// 50–70% non-zeros on 64→64 @56 and 1.3–1.4× on 256→256 @14 and 512→512 @7; at 100% it lost
-/// on 512→512 (0.77×). 1×1 convs, whose dense path needs no im2col: 1.1–1.3× at 50–70%,
-/// 0.83× at 100%.
+/// on 512→512 (0.77×). 1×1 convs, whose dense path is one GEMM with no im2col, cross over when
+/// a pixel has about 40 active channels: 256→64 @56 1.33× at 10%, 0.85× at 20%; 128→256 @56
+/// stride 2 1.27× at 20%, 1.09× at 30%, 0.85× at 45%; 64→256 @56 still 1.09× at 45%.
 pub fn dense_above_density(conv: &Conv2d) -> f64 {
     match conv.kernel_size() {
-        (1, 1) => 0.45,
+        (1, 1) => (40.0 / conv.in_channels().max(1) as f64).min(0.45),
         _ => 0.6,
     }
 }
@@ -708,7 +718,9 @@ struct ActiveInputs {
 }
 
 impl ActiveInputs {
-    /// `binary`: whether every image of the batch is; when not, the values are kept.
+    /// `binary`: whether every image of the batch is; when not, the values are kept. Pixels no
+    /// output reads (`used`, e.g. the odd rows and columns under a strided 1×1 conv) get no
+    /// entries.
     fn new(
         scan: &ActiveChannels,
         image: &[f32],
@@ -716,6 +728,7 @@ impl ActiveInputs {
         padded: usize,
         stride: usize,
         binary: bool,
+        used: &UsedInputs,
     ) -> Self {
         let hw = h * w;
         let words = scan.words;
@@ -724,6 +737,10 @@ impl ActiveInputs {
         let mut values = Vec::new();
         starts.push(0u32);
         for p in 0..hw {
+            if !(used.rows[p / w] && used.cols[p % w]) {
+                starts.push(rows.len() as u32);
+                continue;
+            }
             for (word, &mask) in scan.masks[p * words..(p + 1) * words].iter().enumerate() {
                 let mut m = mask;
                 while m != 0 {
@@ -762,6 +779,33 @@ impl ActiveInputs {
             order,
             order_starts,
             binary,
+        }
+    }
+}
+
+/// Which input rows and columns some output reads through some tap.
+struct UsedInputs {
+    rows: Vec<bool>,
+    cols: Vec<bool>,
+}
+
+impl UsedInputs {
+    fn new(conv: &Conv2d, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Self {
+        let (kh, kw) = conv.kernel_size();
+        let mark = |size: usize, out: usize, k: usize, s: usize, p: usize, d: usize| {
+            let mut used = vec![false; size];
+            for o in 0..out {
+                for t in 0..k {
+                    if let Some(i) = RowGeometry::source(o, t, s, p, d, size) {
+                        used[i] = true;
+                    }
+                }
+            }
+            used
+        };
+        Self {
+            rows: mark(h, oh, kh, conv.stride.0, conv.padding.0, conv.dilation.0),
+            cols: mark(w, ow, kw, conv.stride.1, conv.padding.1, conv.dilation.1),
         }
     }
 }
