@@ -21,7 +21,7 @@ use sparseflow_kernels::pattern_conv::{
     PATTERN_THREADS, PATTERN_TILE,
 };
 
-use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceTensor};
+use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
 use crate::ops::spike_gather::{accumulate, has_avx2, GatherWeights};
@@ -315,13 +315,24 @@ impl PatternJob<'_> {
 /// channels per CTA).
 #[derive(Debug)]
 pub struct DevicePatternTables {
-    pub ordinal: usize,
     table: CudaSlice<f32>,
     bias: CudaSlice<f32>,
     padded: u32,
 }
 
 impl DevicePatternTables {
+    /// The copy in `cache` for `backend`, built from `conv`'s weights and bias when missing or
+    /// stale; `None` inside when `conv`'s geometry allows no tables.
+    pub(crate) fn cached(
+        cache: &DeviceCache<Option<Self>>,
+        conv: &Conv2d,
+        backend: &CudaBackend,
+    ) -> Result<Arc<Option<Self>>> {
+        let mut sources = vec![&conv.weight];
+        sources.extend(conv.bias.as_ref());
+        cache.get(backend, &sources, || Self::upload(conv, backend))
+    }
+
     /// `None` when `conv`'s geometry allows no tables.
     pub fn upload(conv: &Conv2d, backend: &CudaBackend) -> Result<Option<Self>> {
         let cout = conv.out_channels();
@@ -335,7 +346,6 @@ impl DevicePatternTables {
         }
         let stream = backend.stream();
         Ok(Some(Self {
-            ordinal: backend.ordinal(),
             table: stream.clone_htod(&tables.data)?,
             bias: stream.clone_htod(&bias)?,
             padded: padded as u32,
@@ -428,27 +438,6 @@ pub(crate) fn pattern_conv_cuda(
         })?
     };
     Ok(())
-}
-
-/// The cached device tables of `conv`, uploaded on first use or after a switch of device
-/// (`None` inside: the geometry allows none).
-pub(crate) fn cached_device_tables(
-    cache: &std::sync::Mutex<Option<Option<Arc<DevicePatternTables>>>>,
-    conv: &Conv2d,
-    backend: &CudaBackend,
-) -> Result<Option<Arc<DevicePatternTables>>> {
-    let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(tables) = cached.as_ref() {
-        if tables
-            .as_ref()
-            .is_none_or(|t| t.ordinal == backend.ordinal())
-        {
-            return Ok(tables.clone());
-        }
-    }
-    let tables = DevicePatternTables::upload(conv, backend)?.map(Arc::new);
-    *cached = Some(tables.clone());
-    Ok(tables)
 }
 
 #[cfg(test)]

@@ -33,13 +33,12 @@ use sparseflow_kernels::sparse_conv::{
     SPARSE_CONV_VARIANTS,
 };
 
-use crate::cuda::{allow_shared_memory, CudaBackend, DeviceTensor, GpuTimer};
+use crate::cuda::{allow_shared_memory, CudaBackend, DeviceCache, DeviceTensor, GpuTimer};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
 use crate::ops::pattern_conv::{
-    cached_device_tables, pattern_conv_cpu, pattern_conv_cuda, DevicePatternTables, PatternTables,
-    MIN_ROWS_PER_LOOKUP,
+    pattern_conv_cpu, pattern_conv_cuda, DevicePatternTables, PatternTables, MIN_ROWS_PER_LOOKUP,
 };
 use crate::ops::spike_gather::{
     accumulate, cached_upload, has_avx2, DeviceGatherWeights, DisjointWrites, GatherWeights,
@@ -95,7 +94,7 @@ pub struct SparseConv2d {
     /// The same, padded for the GPU kernels and uploaded, on first CUDA use.
     device: Mutex<Option<Arc<DeviceGatherWeights>>>,
     /// The pattern tables on the GPU, on first CUDA use of that path.
-    device_patterns: Mutex<Option<Option<Arc<DevicePatternTables>>>>,
+    device_patterns: DeviceCache<Option<DevicePatternTables>>,
     /// Which path CUDA forwards take at the measured input shape, once
     /// [`SparseConv2d::tune_cuda`] has timed both.
     cuda_dispatch: Mutex<Option<(Vec<usize>, CudaDispatch)>>,
@@ -141,7 +140,7 @@ impl SparseConv2d {
             gather: Mutex::new(None),
             patterns: Mutex::new(None),
             device: Mutex::new(None),
-            device_patterns: Mutex::new(None),
+            device_patterns: DeviceCache::default(),
             cuda_dispatch: Mutex::new(None),
         };
         if op.conv.groups == 1 {
@@ -231,10 +230,7 @@ impl SparseConv2d {
         *self.gather.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self.patterns.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self.device.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
-        *self
-            .device_patterns
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.device_patterns.clear();
         *self
             .cuda_dispatch
             .get_mut()
@@ -282,11 +278,11 @@ impl SparseConv2d {
     ) -> Result<()> {
         let start = Instant::now();
         self.check_cuda_output(x, out)?;
-        let tables = cached_device_tables(&self.device_patterns, &self.conv, x.backend())?
-            .ok_or_else(|| {
-                Error::MissingKernelVariant(format!("pattern tables for {}", self.conv.describe()))
-            })?;
-        pattern_conv_cuda(&self.conv, &tables, x, out)?;
+        let tables = DevicePatternTables::cached(&self.device_patterns, &self.conv, x.backend())?;
+        let tables = tables.as_ref().as_ref().ok_or_else(|| {
+            Error::MissingKernelVariant(format!("pattern tables for {}", self.conv.describe()))
+        })?;
+        pattern_conv_cuda(&self.conv, tables, x, out)?;
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
     }
