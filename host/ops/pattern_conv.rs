@@ -3,15 +3,16 @@
 //!
 //! One row of a `kh × kw` window covers `kw` inputs of one channel; on binary spikes they form a
 //! `kw`-bit pattern. A table built once from the weights holds, for every pattern, the sum of the
-//! weights its set bits select, for every output channel. An output pixel then costs `kh · Cin`
-//! vector lookups instead of `kh · kw · Cin` multiply-adds, whatever the density: the ResNet stem
-//! (7×7, 3 channels) on Poisson-encoded images takes 21 lookups per pixel instead of 147
-//! multiply-adds (dense) or about 74 weight rows (the element gather at 50% spikes).
+//! weights its set bits select, for every output channel. An output pixel then costs one vector
+//! lookup per kernel row, channel and segment instead of `kh · kw · Cin` multiply-adds, whatever
+//! the density.
 //!
-//! The lookups are branch-free: pattern 0 is a row of zeros like any other. Window rows wider
-//! than 4 bits are split into two segments, one table each (7 bits:
-//! 16 + 8 rows instead of 128), so the stem's tables fit in L2: twice the lookups, but each one a
-//! cache hit instead of a trip to L3.
+//! Window rows wider than 4 bits are split into two segments, one table each (7 bits: 16 + 8 rows
+//! instead of 128), so one kernel row's tables for the stem (3 channels) fit in L1: twice the
+//! lookups, each a cache hit. The ResNet stem (7×7, 3 channels) on Poisson-encoded images then
+//! takes 42 lookups per pixel instead of 147 multiply-adds (dense) or about 74 weight rows (the
+//! element gather at 50% spikes). The lookups are branch-free: pattern 0 is a row of zeros like
+//! any other.
 
 use std::sync::Arc;
 
@@ -354,8 +355,8 @@ impl DevicePatternTables {
 }
 
 /// The pattern-table convolution of `x` (`[..., Cin, H, W]` on the device) into `out`: the
-/// packing kernel, then the table kernel. Any input is computed exactly (window rows with values
-/// other than 0 and 1 by multiply-adds); binary spikes are the fast case.
+/// packing kernel, then the table kernel. Any input is computed exactly (when some value is
+/// neither 0 nor 1 the whole launch takes multiply-adds); binary spikes are the fast case.
 /// [`Error::MissingKernelVariant`] when the tables' slice does not fit in shared memory.
 pub(crate) fn pattern_conv_cuda(
     conv: &Conv2d,
@@ -367,10 +368,9 @@ pub(crate) fn pattern_conv_cuda(
     let c = conv.kernel_geometry(x.shape())?;
     let words = row_words(c.w, c.pw);
     let rows = c.n as usize * c.cin as usize * c.h as usize;
-    let too_large = || Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape()));
-    let packed_threads = u32::try_from(rows * words as usize * 32).map_err(|_| too_large())?;
-    u32::try_from(c.n as usize * c.cout as usize * (c.oh * c.ow) as usize)
-        .map_err(|_| too_large())?;
+    let packed_threads = u32::try_from(rows * words as usize * 32)
+        .map_err(|_| Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape())))?;
+    out.len_u32()?;
     let g = PatternGeometry {
         conv: c,
         words,

@@ -241,7 +241,8 @@ impl SparseConv2d {
     /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device: stage 1 packs
     /// the spikes into per-pixel channel masks (the prescan), stage 2 gathers the active inputs'
     /// weights for each output tile, skipping silent tiles. 3×3 (padding 1) and 1×1 (padding 0)
-    /// kernels with stride 1 or 2 run on the GPU; other geometries are an error.
+    /// kernels with stride 1 or 2 run that way; other kernels 2 to 8 wide (one group, dilation 1)
+    /// take the pattern tables ([`CudaKernel`]); other geometries are an error.
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
         let shape = self.conv.output_shape(x.shape())?;
         let mut out = DeviceTensor::uninit(x.backend(), shape)?;
@@ -477,7 +478,6 @@ impl SparseConv2d {
         let mut out = Vec::with_capacity(len);
         if density * self.conv.kernel_size().1 as f64 >= self.pattern_above {
             if let Some(tables) = self.pattern_tables(weights.padded_outputs) {
-                let (n, h, w) = (n, h, w);
                 if pattern_conv_cpu(
                     &self.conv,
                     &weights,
@@ -503,14 +503,7 @@ impl SparseConv2d {
             .collect();
         // One image with a non-binary value makes the whole batch take the multiplying path.
         let binary = scans.iter().all(|s| s.binary);
-        let used = UsedInputs::new(
-            &self.conv,
-            (h, w),
-            (
-                out_shape[out_shape.len() - 2],
-                out_shape[out_shape.len() - 1],
-            ),
-        );
+        let used = UsedInputs::new(&self.conv, (h, w), self.conv.output_hw(h, w)?);
         let actives: Vec<ActiveInputs> = (scans, x.data().par_chunks(image.max(1)))
             .into_par_iter()
             .map(|(scan, img)| {
