@@ -55,11 +55,9 @@ pub struct PatternTables {
     kh: usize,
     cin: usize,
     padded: usize,
-    /// `(first column, bits, first row within the block)` of each segment (the GPU kernel's
-    /// split, [`PatternSegments`]).
-    segments: Vec<(usize, usize, usize)>,
-    /// Table rows per (kernel row, channel).
-    block: usize,
+    /// How a window row splits into segments (the GPU kernel's split); `segments.block` table
+    /// rows per (kernel row, channel).
+    segments: PatternSegments,
 }
 
 impl PatternTables {
@@ -82,21 +80,14 @@ impl PatternTables {
         let (kh, kw) = conv.kernel_size();
         let cin = conv.in_channels();
         let cout = conv.out_channels();
-        let split = PatternSegments::new(kw as u32);
-        let segments: Vec<(usize, usize, usize)> = (0..split.count as usize)
-            .map(|s| {
-                let [first, bits, offset] =
-                    [split.first[s], split.bits[s], split.offset[s]].map(|v| v as usize);
-                (first, bits, offset)
-            })
-            .collect();
-        let block = split.block as usize;
+        let segments = PatternSegments::new(kw as u32);
+        let block = segments.block as usize;
         let rows = kh * cin * block;
         let w = conv.weight.data();
         let mut data = vec![0.0f32; rows * padded];
         for ky in 0..kh {
             for c in 0..cin {
-                for &(first, bits, offset) in &segments {
+                for (first, bits, offset) in segments.iter() {
                     for pattern in 1..1usize << bits {
                         let row = ((ky * cin + c) * block + offset + pattern) * padded;
                         for (o, out) in data[row..row + cout].iter_mut().enumerate() {
@@ -118,7 +109,6 @@ impl PatternTables {
             cin,
             padded,
             segments,
-            block,
         })
     }
 }
@@ -171,18 +161,19 @@ struct PatternRows {
 
 impl PatternRows {
     fn new(bits: &RowBits, t: &PatternTables, (h, ow): (usize, usize), stride: usize) -> Self {
-        let lookups = t.cin * t.segments.len();
+        let per_channel = t.segments.count as usize;
+        let lookups = t.cin * per_channel;
         let mut offsets = vec![0u32; h * ow * lookups];
         for iy in 0..h {
             for c in 0..t.cin {
-                for (s, &(first, width, offset)) in t.segments.iter().enumerate() {
+                for (s, (first, width, offset)) in t.segments.iter().enumerate() {
                     let mask = (1u64 << width) - 1;
-                    let at = iy * ow * lookups + c * t.segments.len() + s;
+                    let at = iy * ow * lookups + c * per_channel + s;
                     for ox in 0..ow {
                         let pattern = bits.window(c * h + iy, ox * stride + first, mask) as usize;
                         // Fits: the tables hold at most MAX_TABLE_FLOATS floats.
                         offsets[at + ox * lookups] =
-                            ((c * t.block + offset + pattern) * t.padded) as u32;
+                            ((c * t.segments.block as usize + offset + pattern) * t.padded) as u32;
                     }
                 }
             }
@@ -272,7 +263,7 @@ impl PatternJob<'_> {
             px.copy_from_slice(&bias);
         }
         let base = t.data[band.start..].as_ptr();
-        let ky_tables = t.cin * t.block * t.padded;
+        let ky_tables = t.cin * t.segments.block as usize * t.padded;
         let out_rows = buffer.chunks_exact_mut(self.ow * CH);
         let coords = band
             .images

@@ -69,6 +69,20 @@ impl PatternSegments {
     }
 }
 
+impl PatternSegments {
+    /// `(first column, bits, first row within the block)` of each segment, as `usize` (the host's
+    /// view; the kernel selects fields without a dynamic index).
+    pub fn iter(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.count as usize).map(|s| {
+            (
+                self.first[s] as usize,
+                self.bits[s] as usize,
+                self.offset[s] as usize,
+            )
+        })
+    }
+}
+
 /// Words (of 32 columns) per packed input row: the padded row plus a spare word, so a window
 /// read always finds the word after the one it starts in.
 pub const fn row_words(w: u32, pw: u32) -> u32 {
