@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use sparseflow_kernels::pattern_conv::{
-    row_words, PatternGeometry, PatternSegments, MAX_PATTERN_BITS, PACK_ROW_THREADS, PATTERN_CHUNK,
+    PatternGeometry, PatternSegments, MAX_PATTERN_BITS, PACK_ROW_THREADS, PATTERN_CHUNK,
     PATTERN_THREADS, PATTERN_TILE,
 };
 
@@ -356,18 +356,12 @@ pub(crate) fn pattern_conv_cuda(
     out: &mut DeviceTensor,
 ) -> Result<()> {
     let backend = x.backend().clone();
-    let c = conv.kernel_geometry(x.shape())?;
-    let words = row_words(c.w, c.pw);
+    let g = PatternGeometry::new(conv.kernel_geometry(x.shape())?, tables.padded);
+    let (c, words) = (g.conv, g.words);
     let rows = c.n as usize * c.cin as usize * c.h as usize;
     let packed_threads = u32::try_from(rows * words as usize * 32)
         .map_err(|_| Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape())))?;
     out.len_u32()?;
-    let g = PatternGeometry {
-        conv: c,
-        words,
-        padded: tables.padded,
-        segments: PatternSegments::new(c.kw),
-    };
     let shared = g.shared_bytes();
     if shared as usize > backend.max_shared_memory_per_block() {
         return Err(Error::MissingKernelVariant(format!(

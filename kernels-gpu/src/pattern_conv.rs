@@ -163,37 +163,26 @@ pub unsafe extern "ptx-kernel" fn pattern_pack_rows(
 }
 
 impl PatternGeometry {
+    /// The launch geometry of `conv` (dilation 1, one group) with tables padded to `padded`
+    /// output channels.
+    pub const fn new(conv: ConvGeometry, padded: u32) -> Self {
+        Self {
+            conv,
+            words: row_words(conv.w, conv.pw),
+            padded,
+            segments: PatternSegments::new(conv.kw),
+        }
+    }
+
     /// Table lookups per output pixel.
     pub const fn lookups(&self) -> u32 {
         self.conv.kh * self.conv.cin * self.segments.count
     }
 
-    /// The offset (in floats, within a `PATTERN_CHUNK`-wide table slice) of the table row that
-    /// lookup `j` of output pixel `(img, oy, ox)` adds: kernel row, channel and segment of `j`,
-    /// and the window's bits from the packed rows `bits`. Row 0 (all zeros) for a window row in
-    /// the padding.
-    #[inline(always)]
-    pub fn lookup_offset(&self, bits: &[u32], (img, oy, ox): (u32, u32, u32), j: u32) -> u32 {
-        let seg = self.segments;
-        let s = j % seg.count;
-        let c = (j / seg.count) % self.conv.cin;
-        let ky = j / (seg.count * self.conv.cin);
-        let iy = (oy * self.conv.sh + ky) as i32 - self.conv.ph as i32;
-        if iy < 0 || iy >= self.conv.h as i32 {
-            return 0;
-        }
-        let row = ((img * self.conv.cin + c) * self.conv.h + iy as u32) * self.words;
-        let window = self.window(&bits[row as usize..], ox * self.conv.sw);
-        // Selects, not indexing: a dynamic index into the by-value geometry would put it in
-        // local memory.
-        let pick = |v: [u32; 2]| if s == 0 { v[0] } else { v[1] };
-        let pattern = (window >> pick(seg.first)) & ((1 << pick(seg.bits)) - 1);
-        ((ky * self.conv.cin + c) * seg.block + pick(seg.offset) + pattern) * PATTERN_CHUNK
-    }
-
-    /// What [`lookup_offset`](Self::lookup_offset) derives from `j` alone, computed once per
-    /// CTA so the pixel loop does no division: `[ky, c·h + ky, offset of the segment's first
-    /// table row, first column | bits << 8]`.
+    /// What lookup `j` of every pixel shares, computed once per CTA so the pixel loop does no
+    /// division: lookup `j` is kernel row `ky`, channel `c` and segment `s` (`j = (ky·cin + c)·
+    /// segments + s`), and this is `[ky, c·h + ky, offset of the segment's first table row, first
+    /// column | bits << 8]`.
     #[inline(always)]
     pub fn plan(&self, j: u32) -> [u32; 4] {
         let seg = self.segments;
@@ -209,17 +198,29 @@ impl PatternGeometry {
         ]
     }
 
-    /// [`lookup_offset`](Self::lookup_offset) from `plan(j)`, for the pixel whose window rows
-    /// start at packed row `first_row = img·cin·h + oy·sh − ph` (as a signed value; `oy·sh − ph`
-    /// separately in `top`) and column `ox·sw`.
+    /// Where output pixel `(img, oy, ox)`'s windows start: packed row `img·cin·h + oy·sh − ph`
+    /// and input row `oy·sh − ph` (both signed: the top rows may be padding), padded column
+    /// `ox·sw`.
+    #[inline(always)]
+    pub const fn window_origin(&self, (img, oy, ox): (u32, u32, u32)) -> (i32, i32, u32) {
+        let top = (oy * self.conv.sh) as i32 - self.conv.ph as i32;
+        (
+            (img * self.conv.cin * self.conv.h) as i32 + top,
+            top,
+            ox * self.conv.sw,
+        )
+    }
+
+    /// The offset (in floats, within a `PATTERN_CHUNK`-wide table slice) of the table row that
+    /// lookup `plan(j)` of the pixel at `origin` ([`window_origin`](Self::window_origin)) adds,
+    /// reading the window's bits from the packed rows `bits`; row 0 (all zeros) for a window row
+    /// in the padding.
     #[inline(always)]
     pub fn planned_offset(
         &self,
         bits: &[u32],
         plan: [u32; 4],
-        first_row: i32,
-        top: i32,
-        column: u32,
+        (first_row, top, column): (i32, i32, u32),
     ) -> u32 {
         let iy = top + plan[0] as i32;
         if iy < 0 || iy >= self.conv.h as i32 {
@@ -364,15 +365,10 @@ impl PixelJob<'_> {
         let (quad, slot) = (self.quad, self.slot);
         let pixels = g.conv.n * g.conv.oh * g.conv.ow;
         let lookups = g.lookups();
-        // Per pixel: valid, first packed row of its windows, top input row, first column.
         let at = p.map(|p| {
-            let (img, oy, ox) = g.conv.pixel(if p < pixels { p } else { 0 });
-            let top = (oy * g.conv.sh) as i32 - g.conv.ph as i32;
             (
                 p < pixels,
-                (img * g.conv.cin * g.conv.h) as i32 + top,
-                top,
-                ox * g.conv.sw,
+                g.window_origin(g.conv.pixel(if p < pixels { p } else { 0 })),
             )
         });
         let mut acc = [self.bias; 2];
@@ -387,9 +383,9 @@ impl PixelJob<'_> {
             } else {
                 [0; 4]
             };
-            let o = at.map(|(valid, first_row, top, column)| {
+            let o = at.map(|(valid, origin)| {
                 if valid && j < lookups {
-                    g.planned_offset(self.bits, plan, first_row, top, column)
+                    g.planned_offset(self.bits, plan, origin)
                 } else {
                     0
                 }
@@ -494,23 +490,32 @@ mod tests {
 
     #[test]
     fn planned_offsets_equal_the_direct_ones() {
-        let g = PatternGeometry {
-            conv: geometry([2, 3, 9, 11, 40, 5, 6, 5, 7, 2, 2, 2, 3]),
-            words: row_words(11, 3),
-            padded: 64,
-            segments: PatternSegments::new(7),
+        // Lookup j of pixel (img, oy, ox), straight from its definition: kernel row, channel and
+        // segment of j, the window's bits, the segment's pattern row; row 0 in the padding.
+        let direct = |g: &PatternGeometry, bits: &[u32], (img, oy, ox): (u32, u32, u32), j: u32| {
+            let (seg, c) = (g.segments, &g.conv);
+            let s = (j % seg.count) as usize;
+            let ch = (j / seg.count) % c.cin;
+            let ky = j / (seg.count * c.cin);
+            let iy = (oy * c.sh + ky) as i32 - c.ph as i32;
+            if iy < 0 || iy >= c.h as i32 {
+                return 0;
+            }
+            let row = ((img * c.cin + ch) * c.h + iy as u32) * g.words;
+            let window = g.window(&bits[row as usize..], ox * c.sw);
+            let pattern = (window >> seg.first[s]) & ((1 << seg.bits[s]) - 1);
+            ((ky * c.cin + ch) * seg.block + seg.offset[s] + pattern) * PATTERN_CHUNK
         };
+        let g = PatternGeometry::new(geometry([2, 3, 9, 11, 40, 5, 6, 5, 7, 2, 2, 2, 3]), 64);
         let bits: Vec<u32> = (0..g.conv.n * g.conv.cin * g.conv.h * g.words)
             .map(|i| i.wrapping_mul(2_654_435_761))
             .collect();
         for p in 0..g.conv.n * g.conv.oh * g.conv.ow {
-            let (img, oy, ox) = g.conv.pixel(p);
-            let top = (oy * g.conv.sh) as i32 - g.conv.ph as i32;
-            let first_row = (img * g.conv.cin * g.conv.h) as i32 + top;
+            let at = g.conv.pixel(p);
             for j in 0..g.lookups() {
                 assert_eq!(
-                    g.planned_offset(&bits, g.plan(j), first_row, top, ox * g.conv.sw),
-                    g.lookup_offset(&bits, (img, oy, ox), j),
+                    g.planned_offset(&bits, g.plan(j), g.window_origin(at)),
+                    direct(&g, &bits, at, j),
                     "pixel {p} lookup {j}"
                 );
             }
@@ -519,12 +524,7 @@ mod tests {
 
     #[test]
     fn a_window_reads_the_padded_columns_of_its_output() {
-        let g = PatternGeometry {
-            conv: geometry([1, 1, 1, 40, 1, 1, 20, 1, 7, 1, 2, 0, 3]),
-            words: row_words(40, 3),
-            padded: 32,
-            segments: PatternSegments::new(7),
-        };
+        let g = PatternGeometry::new(geometry([1, 1, 1, 40, 1, 1, 20, 1, 7, 1, 2, 0, 3]), 32);
         // Columns 0, 5 and 33 fire.
         let mut row = vec![0u32; g.words as usize];
         for x in [0u32, 5, 33] {
