@@ -511,7 +511,8 @@ impl SparseConv2d {
                 ActiveInputs::new(&scan, img, (h, w), padded, stride, binary, &used)
             })
             .collect();
-        sparse_conv_cpu(&self.conv, &weights, &actives, (n, h, w), out.as_mut_ptr());
+        let images = (&actives[..], binary);
+        sparse_conv_cpu(&self.conv, &weights, images, (n, h, w), out.as_mut_ptr());
         // SAFETY: sparse_conv_cpu wrote every element of the [n, Cout, OH, OW] output.
         unsafe { out.set_len(len) };
         Tensor::new(out_shape, out)
@@ -703,7 +704,6 @@ struct ActiveInputs {
     /// fewest inputs first, at `order[order_starts[y·stride + r]..order_starts[y·stride + r + 1]]`.
     order: Vec<u32>,
     order_starts: Vec<u32>,
-    binary: bool,
 }
 
 impl ActiveInputs {
@@ -767,7 +767,6 @@ impl ActiveInputs {
             values,
             order,
             order_starts,
-            binary,
         }
     }
 }
@@ -828,7 +827,7 @@ fn band_shape(oh: usize, ow: usize, n: usize) -> (usize, usize) {
 fn sparse_conv_cpu(
     conv: &Conv2d,
     weights: &GatherWeights,
-    actives: &[ActiveInputs],
+    (actives, binary): (&[ActiveInputs], bool),
     (n, h, w): (usize, usize, usize),
     out: *mut f32,
 ) {
@@ -849,6 +848,7 @@ fn sparse_conv_cpu(
             weights,
             bias,
             images: &actives[band.images.clone()],
+            binary,
             oy0: band.oy0,
             rows: band.rows,
             start: band.start,
@@ -1057,6 +1057,8 @@ struct BandJob<'a> {
     bias: &'a [f32],
     /// The images this task computes, tap by tap, so each tap's weights serve all of them.
     images: &'a [ActiveInputs],
+    /// Every non-zero of the batch is 1: no values to multiply by.
+    binary: bool,
     oy0: usize,
     rows: usize,
     start: usize,
@@ -1072,7 +1074,7 @@ impl BandJob<'_> {
     /// Fills `buffer` `[rows·OW, width]`.
     #[inline(always)]
     fn run(&self, buffer: &mut [f32], width: usize) {
-        match (width, self.images.iter().all(|a| a.binary)) {
+        match (width, self.binary) {
             (64, true) => self.band::<64, true>(buffer),
             (64, false) => self.band::<64, false>(buffer),
             (32, true) => self.band::<32, true>(buffer),
