@@ -40,7 +40,7 @@ proptest! {
 
     #[test]
     fn sparse_conv_equals_dense(
-        n in 1usize..3, t in 1usize..3, cin in 1usize..70, cout in 1usize..40,
+        n in 1usize..3, t in 1usize..3, cin in 1usize..70, cout in 1usize..130,
         h in 1usize..12, w in 1usize..12,
         k in prop_oneof![Just(1usize), Just(2), Just(3), Just(5), Just(7)],
         stride in 1usize..3, pad in 0usize..3, dilation in 1usize..3,
@@ -69,7 +69,7 @@ proptest! {
 
     #[test]
     fn sparse_linear_equals_dense(
-        rows in 1usize..9, features in 1usize..300, outputs in 1usize..80,
+        rows in 1usize..9, features in 1usize..300, outputs in 1usize..130,
         with_bias: bool, integer: bool, density in density(), seed: u64,
     ) {
         let seed = seed % (1 << 60);

@@ -506,10 +506,7 @@ impl SparseConv2d {
         let used = UsedInputs::new(&self.conv, (h, w), self.conv.output_hw(h, w)?);
         let actives: Vec<ActiveInputs> = (scans, x.data().par_chunks(image.max(1)))
             .into_par_iter()
-            .map(|(scan, img)| {
-                let padded = weights.padded_outputs;
-                ActiveInputs::new(&scan, img, (h, w), padded, stride, binary, &used)
-            })
+            .map(|(scan, img)| ActiveInputs::new(&scan, img, (h, w), stride, binary, &used))
             .collect();
         let images = (&actives[..], binary);
         sparse_conv_cpu(&self.conv, &weights, images, (n, h, w), out.as_mut_ptr());
@@ -696,7 +693,7 @@ impl ActiveChannels {
 struct ActiveInputs {
     /// `[H·W + 1]`: pixel `p`'s inputs are `starts[p]..starts[p + 1]` of `rows` and `values`.
     starts: Vec<u32>,
-    /// Offset of each active channel's weight row within a tap: `c · padded_outputs`.
+    /// Each active channel `c`: its weight row within a tap.
     rows: Vec<u32>,
     /// The non-zero values, for integer-valued inputs; empty when every non-zero is 1.
     values: Vec<f32>,
@@ -714,7 +711,6 @@ impl ActiveInputs {
         scan: &ActiveChannels,
         image: &[f32],
         (h, w): (usize, usize),
-        padded: usize,
         stride: usize,
         binary: bool,
         used: &UsedInputs,
@@ -735,7 +731,7 @@ impl ActiveInputs {
                 while m != 0 {
                     let c = word * 64 + m.trailing_zeros() as usize;
                     m &= m - 1;
-                    rows.push((c * padded) as u32);
+                    rows.push(c as u32);
                     if !binary {
                         values.push(image[c * hw + p]);
                     }
@@ -1100,14 +1096,14 @@ impl BandJob<'_> {
             px.copy_from_slice(&bias);
         }
         let (stride, pad) = (g.stride.1, g.padding.1 as isize);
-        let taps_base = self.weights.data[self.start..].as_ptr();
+        let taps_base = self.weights.chunk(self.start).as_ptr();
         for ky in 0..kh {
             for kx in 0..kw {
                 // Input column ix feeds output column (ix + pad − kx·dil) / stride when that
                 // divides exactly: the pixels of one residue class modulo the stride.
                 let shift = pad - (kx * g.dilation.1) as isize;
                 let residue = (-shift).rem_euclid(stride as isize) as usize;
-                let tap = (ky * kw + kx) * g.cin * self.weights.padded_outputs;
+                let tap = (ky * kw + kx) * g.cin;
                 for (r, a) in
                     (0..self.images.len() * self.rows).map(|r| (r, &self.images[r / self.rows]))
                 {
@@ -1131,16 +1127,16 @@ impl BandJob<'_> {
                         let out = &mut out_row[ox as usize * CH..(ox as usize + 1) * CH];
                         let mut acc: [f32; CH] = out.try_into().expect("CH lanes");
                         for i in first..last {
-                            // SAFETY: every entry is c·padded for a channel c < Cin, so the row
-                            // tap + c·padded + start + CH stays inside the kh·kw·Cin rows.
+                            // SAFETY: every entry is a channel c < Cin, so row tap + c is one of
+                            // the chunk's kh·kw·Cin rows of CH lanes.
                             unsafe {
-                                let row = *a.rows.get_unchecked(i) as usize;
+                                let row = (tap + *a.rows.get_unchecked(i) as usize) * CH;
                                 let value = if BINARY {
                                     1.0
                                 } else {
                                     *a.values.get_unchecked(i)
                                 };
-                                accumulate::<CH, BINARY>(&mut acc, taps_base.add(tap + row), value);
+                                accumulate::<CH, BINARY>(&mut acc, taps_base.add(row), value);
                             }
                         }
                         out.copy_from_slice(&acc);

@@ -276,12 +276,10 @@ impl LinearRow<'_> {
     fn chunk<const CH: usize>(&self, out: &mut [f32], start: usize) {
         let mut acc = [0.0f32; CH];
         acc.copy_from_slice(&self.bias[start..start + CH]);
-        let base = self.weights.data[start..].as_ptr();
+        let base = self.weights.chunk(start).as_ptr();
         for &(f, value) in self.active {
-            // SAFETY: f < in_features rows and start + CH <= padded outputs.
-            unsafe {
-                accumulate::<CH, false>(&mut acc, base.add(f * self.weights.padded_outputs), value)
-            };
+            // SAFETY: f < in_features rows of CH lanes in this chunk.
+            unsafe { accumulate::<CH, false>(&mut acc, base.add(f * CH), value) };
         }
         out[start..start + CH].copy_from_slice(&acc);
     }

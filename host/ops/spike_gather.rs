@@ -5,7 +5,7 @@
 //! output dimension padded to a multiple of 8), so an active input contributes one contiguous,
 //! vectorised row: `acc[..] += value · W[input][..]`, or `acc[..] += W[input][..]` for binary
 //! spikes. Outputs are processed in chunks of 64/32/16/8 lanes so the accumulator fits in
-//! registers.
+//! registers, and each chunk's rows are stored together ([`GatherWeights`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -18,11 +18,19 @@ use crate::tensor::Tensor;
 /// Output lanes are padded to a multiple of this.
 pub const LANES: usize = 8;
 
-/// Weights transposed for gathering: row `r` holds the weights of input `r` for every output.
+/// Weights transposed for gathering: row `r` holds the weights of input `r` for every output,
+/// stored chunk-major.
+///
+/// The outputs are split into chunks of 64/32/16/8 lanes ([`GatherWeights::chunks`]), and each
+/// chunk's rows are contiguous (`[rows, width]`), so the rows a gather reads for one chunk fill
+/// whole cache lines and every cache set. Row-major `[rows, padded]` rows would leave a chunk of
+/// 64 lanes of a 512-output layer reading a quarter of each 2 KiB row: a quarter of the sets, and
+/// a tap's weights that should fit L2 spilling to L3.
 #[derive(Clone, Debug, Default)]
 pub struct GatherWeights {
-    /// `[rows, padded_outputs]`.
+    /// Chunk `(start, width)`'s rows at `start · rows + r · width`, for `r < rows`.
     pub data: Vec<f32>,
+    pub rows: usize,
     pub outputs: usize,
     pub padded_outputs: usize,
 }
@@ -38,17 +46,21 @@ impl GatherWeights {
     ) -> Self {
         let padded = outputs.div_ceil(LANES) * LANES;
         let mut data = vec![0.0f32; rows * padded];
-        // Blocks of 64 outputs keep both the reads and the writes within a few cache lines.
-        for o0 in (0..outputs).step_by(64) {
+        for (start, width) in output_chunks(padded) {
+            let chunk = &mut data[start * rows..(start + width) * rows];
             for k in 0..rows {
-                let dst = row_of(k) * padded;
-                for o in o0..(o0 + 64).min(outputs) {
-                    data[dst + o] = w[o * rows + k];
+                let dst = &mut chunk[row_of(k) * width..][..width];
+                for (lane, d) in dst.iter_mut().enumerate() {
+                    let o = start + lane;
+                    if o < outputs {
+                        *d = w[o * rows + k];
+                    }
                 }
             }
         }
         Self {
             data,
+            rows,
             outputs,
             padded_outputs: padded,
         }
@@ -56,16 +68,26 @@ impl GatherWeights {
 
     /// The output chunks `(start, width)` that cover the padded outputs, widest first.
     pub fn chunks(&self) -> Vec<(usize, usize)> {
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        for width in [64, 32, 16, 8] {
-            while self.padded_outputs - start >= width {
-                chunks.push((start, width));
-                start += width;
-            }
-        }
-        chunks
+        output_chunks(self.padded_outputs)
     }
+
+    /// The rows of the chunk that starts at output `start` (`[rows, width]`).
+    pub fn chunk(&self, start: usize) -> &[f32] {
+        &self.data[start * self.rows..]
+    }
+}
+
+/// Chunks of 64, then 32, 16 and 8 lanes covering `padded` (a multiple of 8) outputs.
+fn output_chunks(padded: usize) -> Vec<(usize, usize)> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for width in [64, 32, 16, 8] {
+        while padded - start >= width {
+            chunks.push((start, width));
+            start += width;
+        }
+    }
+    chunks
 }
 
 /// `acc += value · src[..CH]` (`acc += src[..CH]` for binary spikes).
@@ -109,13 +131,13 @@ impl GatherWeights {
         zero_rows: usize,
     ) -> Result<DeviceGatherWeights> {
         let padded = self.outputs.div_ceil(lanes) * lanes;
-        let rows = self.data.len() / self.padded_outputs.max(1);
-        let mut weights = vec![0.0f32; (rows + zero_rows) * padded];
-        for (dst, src) in weights
-            .chunks_exact_mut(padded)
-            .zip(self.data.chunks_exact(self.padded_outputs))
-        {
-            dst[..self.outputs].copy_from_slice(&src[..self.outputs]);
+        let mut weights = vec![0.0f32; (self.rows + zero_rows) * padded];
+        for (start, width) in self.chunks() {
+            let chunk = self.chunk(start);
+            for (r, dst) in weights.chunks_exact_mut(padded).take(self.rows).enumerate() {
+                let lanes = width.min(self.outputs.saturating_sub(start));
+                dst[start..start + lanes].copy_from_slice(&chunk[r * width..][..lanes]);
+            }
         }
         let mut padded_bias = vec![0.0f32; padded];
         if let Some(b) = bias {
@@ -189,5 +211,30 @@ impl DisjointWrites {
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_major_rows_hold_every_weight_once() {
+        // 75 outputs pad to 80: a chunk of 64 and one of 16, the last 5 lanes zero.
+        let (outputs, rows) = (75, 7);
+        let w: Vec<f32> = (0..outputs * rows).map(|i| i as f32 + 1.0).collect();
+        let g = GatherWeights::from_output_major(&w, outputs, rows, |k| (k * 3) % rows);
+        assert_eq!(g.chunks(), vec![(0, 64), (64, 16)]);
+        assert_eq!(g.data.len(), rows * 80);
+        for (start, width) in g.chunks() {
+            for k in 0..rows {
+                let row = &g.chunk(start)[(k * 3) % rows * width..][..width];
+                for (lane, &v) in row.iter().enumerate() {
+                    let o = start + lane;
+                    let want = if o < outputs { w[o * rows + k] } else { 0.0 };
+                    assert_eq!(v, want, "row {k} output {o}");
+                }
+            }
+        }
     }
 }
