@@ -203,14 +203,19 @@ impl DisjointWrites {
         *self.0.add(i) = value;
     }
 
-    /// Elements `start..start + len` as a slice.
+    /// Elements `start..start + len`, possibly not yet initialised, as a slice to write.
     ///
     /// # Safety
-    /// The range is in bounds and no other task touches it while the slice lives.
+    /// The range is in bounds (of the allocation) and no other task touches it while the slice
+    /// lives.
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice<'a>(&self, start: usize, len: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    pub(crate) unsafe fn slice_uninit<'a>(
+        &self,
+        start: usize,
+        len: usize,
+    ) -> &'a mut [std::mem::MaybeUninit<f32>] {
+        std::slice::from_raw_parts_mut(self.0.add(start).cast(), len)
     }
 }
 
