@@ -693,7 +693,8 @@ impl ActiveChannels {
 struct ActiveInputs {
     /// `[H·W + 1]`: pixel `p`'s inputs are `starts[p]..starts[p + 1]` of `rows` and `values`.
     starts: Vec<u32>,
-    /// Each active channel `c`: its weight row within a tap.
+    /// Each active channel `c` as `64·c`: its weight row's offset within a tap of a 64-lane chunk
+    /// (a narrower chunk shifts it right), so the common case adds it with no multiply.
     rows: Vec<u32>,
     /// The non-zero values, for integer-valued inputs; empty when every non-zero is 1.
     values: Vec<f32>,
@@ -731,7 +732,7 @@ impl ActiveInputs {
                 while m != 0 {
                     let c = word * 64 + m.trailing_zeros() as usize;
                     m &= m - 1;
-                    rows.push(c as u32);
+                    rows.push((c * 64) as u32);
                     if !binary {
                         values.push(image[c * hw + p]);
                     }
@@ -1097,13 +1098,14 @@ impl BandJob<'_> {
         }
         let (stride, pad) = (g.stride.1, g.padding.1 as isize);
         let taps_base = self.weights.chunk(self.start).as_ptr();
+        let shift_64 = (64 / CH).trailing_zeros();
         for ky in 0..kh {
             for kx in 0..kw {
                 // Input column ix feeds output column (ix + pad − kx·dil) / stride when that
                 // divides exactly: the pixels of one residue class modulo the stride.
                 let shift = pad - (kx * g.dilation.1) as isize;
                 let residue = (-shift).rem_euclid(stride as isize) as usize;
-                let tap = (ky * kw + kx) * g.cin;
+                let tap = (ky * kw + kx) * g.cin * CH;
                 for (r, a) in
                     (0..self.images.len() * self.rows).map(|r| (r, &self.images[r / self.rows]))
                 {
@@ -1118,8 +1120,14 @@ impl BandJob<'_> {
                         [a.order_starts[class] as usize..a.order_starts[class + 1] as usize];
                     let out_row = &mut buffer[r * g.ow * CH..(r + 1) * g.ow * CH];
                     for &ix in pixels {
-                        let ox = (ix as isize + shift) / stride as isize;
-                        if ix as isize + shift < 0 || ox as usize >= g.ow {
+                        let shifted = ix as isize + shift;
+                        // Strides are 1 or 2 in ResNets: no division for either.
+                        let ox = match stride {
+                            1 => shifted,
+                            2 => shifted >> 1,
+                            _ => shifted / stride as isize,
+                        };
+                        if shifted < 0 || ox as usize >= g.ow {
                             continue;
                         }
                         let p = iy * g.w + ix as usize;
@@ -1127,10 +1135,10 @@ impl BandJob<'_> {
                         let out = &mut out_row[ox as usize * CH..(ox as usize + 1) * CH];
                         let mut acc: [f32; CH] = out.try_into().expect("CH lanes");
                         for i in first..last {
-                            // SAFETY: every entry is a channel c < Cin, so row tap + c is one of
-                            // the chunk's kh·kw·Cin rows of CH lanes.
+                            // SAFETY: every entry is 64·c for a channel c < Cin, so row
+                            // tap + c·CH is one of the chunk's kh·kw·Cin rows of CH lanes.
                             unsafe {
-                                let row = (tap + *a.rows.get_unchecked(i) as usize) * CH;
+                                let row = tap + (*a.rows.get_unchecked(i) as usize >> shift_64);
                                 let value = if BINARY {
                                     1.0
                                 } else {
