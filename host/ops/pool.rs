@@ -141,8 +141,10 @@ impl Operator for MaxPool2d {
                         *m = max_nan(*m, v);
                     }
                 }
-                for (i, &v) in row_max.iter().enumerate() {
-                    phases[(i % sw) * phase_len + i / sw] = v;
+                for (r, phase) in phases.chunks_exact_mut(phase_len).enumerate() {
+                    for (p, &v) in phase.iter_mut().zip(row_max[r..].iter().step_by(sw)) {
+                        *p = v;
+                    }
                 }
                 yr.fill(f32::NEG_INFINITY);
                 for kx in 0..kw {
