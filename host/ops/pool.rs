@@ -126,33 +126,42 @@ impl Operator for MaxPool2d {
         let padded_w = ((ow.max(1) - 1) * sw + (kw - 1) * dw + 1).max(pw + w);
         pool_planes(x, (oh, ow), kh * kw, |xp, yp| {
             // Separable: the maximum over the window's rows for every column (a vectorisable pass
-            // over whole rows), then over each window's columns, read as `sw` phase arrays so
-            // every pass is contiguous (and vectorises) whatever the stride. Max is order-free,
-            // and a NaN anywhere in the window still wins.
+            // over whole rows), then over each window's columns. Max is order-free. A plane with a
+            // NaN takes `max_nan` throughout so the NaN wins its windows, as in PyTorch; a plane
+            // without (every spike map) takes plain comparisons, a quarter of the instructions.
+            let has_nan = xp.iter().fold(false, |seen, v| seen | v.is_nan());
             let mut row_max = vec![f32::NEG_INFINITY; padded_w];
-            let phase_len = padded_w.div_ceil(sw);
-            let mut phases = vec![f32::NEG_INFINITY; sw * phase_len];
             for (o_h, yr) in yp.chunks_mut(ow).enumerate() {
                 let (h0, h1) = dilated_window(o_h, sh, ph, kh, dh, h);
                 let inner = &mut row_max[pw..pw + w];
                 inner.fill(f32::NEG_INFINITY);
                 for ih in (h0..h1).step_by(dh) {
-                    for (m, &v) in inner.iter_mut().zip(&xp[ih * w..(ih + 1) * w]) {
-                        *m = max_nan(*m, v);
+                    let row = &xp[ih * w..(ih + 1) * w];
+                    if has_nan {
+                        for (m, &v) in inner.iter_mut().zip(row) {
+                            *m = max_nan(*m, v);
+                        }
+                    } else {
+                        for (m, &v) in inner.iter_mut().zip(row) {
+                            *m = if v > *m { v } else { *m };
+                        }
                     }
                 }
-                for (r, phase) in phases.chunks_exact_mut(phase_len).enumerate() {
-                    for (p, &v) in phase.iter_mut().zip(row_max[r..].iter().step_by(sw)) {
-                        *p = v;
+                let span = (kw - 1) * dw + 1;
+                for (ox, y) in yr.iter_mut().enumerate() {
+                    let window = &row_max[ox * sw..ox * sw + span];
+                    let mut m = f32::NEG_INFINITY;
+                    for kx in (0..span).step_by(dw) {
+                        let v = window[kx];
+                        m = if has_nan {
+                            max_nan(m, v)
+                        } else if v > m {
+                            v
+                        } else {
+                            m
+                        };
                     }
-                }
-                yr.fill(f32::NEG_INFINITY);
-                for kx in 0..kw {
-                    let at = kx * dw;
-                    let phase = &phases[(at % sw) * phase_len + at / sw..][..ow];
-                    for (y, &v) in yr.iter_mut().zip(phase) {
-                        *y = max_nan(*y, v);
-                    }
+                    *y = m;
                 }
             }
         })
