@@ -5,11 +5,14 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use sparseflow::device::Device;
 use sparseflow::graph::{Graph, Input};
 use sparseflow::model::{self, init, ModelConfig, NeuronConfig, NeuronKind};
+use sparseflow::ops::connect::Add;
 use sparseflow::ops::connect::ConnectFunction;
 use sparseflow::ops::conv2d::Conv2d;
-use sparseflow::ops::neuron::Firing;
+use sparseflow::ops::neuron::{Firing, LIFNode};
+use sparseflow::ops::pool::MaxPool2d;
 use sparseflow::ops::{Operator, ValueKind};
 use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
 use sparseflow::testing::random_uniform;
@@ -31,7 +34,7 @@ fn run_with_spikes(g: &Graph, x: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) 
     let mut spikes = BTreeMap::new();
     let out = g
         .forward_observed(x, &mut |r| {
-            if r.node.name.contains("sn") {
+            if r.node.name.contains("sn") || r.node.name == "maxpool" {
                 spikes.insert(r.node.name.clone(), r.output.clone());
             }
             Ok(())
@@ -78,10 +81,20 @@ fn optimized_zoo_models_compute_the_same_function() {
             };
             assert_eq!(e.decision, want, "{name} {conv}: {}", e.reason);
         }
+        // Every BatchNorm, and the max-pool into the stem's neuron (on the CPU).
         assert_eq!(
             report.count(Decision::Folded),
-            bns,
+            bns + 1,
             "{name}: every BatchNorm folded\n{report}"
+        );
+        assert!(report.entry("maxpool").unwrap().reason.contains("`sn1`"));
+        assert_eq!(
+            sparse
+                .node(sparse.find("sn1").unwrap())
+                .unwrap()
+                .op
+                .type_name(),
+            "NeuronMaxPool"
         );
         assert_eq!(
             report.entry("fc").unwrap().decision,
@@ -92,8 +105,16 @@ fn optimized_zoo_models_compute_the_same_function() {
         let x = random_image(&[2, 2, 3, 32, 32], 99);
         let (want, want_spikes) = run_with_spikes(&dense, &x);
         let (got, got_spikes) = run_with_spikes(&sparse, &x);
-        assert_eq!(got_spikes.len(), want_spikes.len());
-        for (layer, s) in &want_spikes {
+        // The fused `sn1` outputs what the dense model's max-pool does.
+        assert_eq!(
+            got_spikes["sn1"], want_spikes["maxpool"],
+            "{name} sn1 + maxpool"
+        );
+        assert_eq!(got_spikes.len() + 1, want_spikes.len());
+        for (layer, s) in want_spikes
+            .iter()
+            .filter(|(l, _)| !["sn1", "maxpool"].contains(&l.as_str()))
+        {
             let alive = 1.0 - s.zero_fraction();
             assert!(alive > 0.0, "{name} {layer} is silent");
             assert_eq!(&got_spikes[layer], s, "{name} {layer}: spikes changed");
@@ -265,4 +286,71 @@ fn on_cuda_convs_without_a_gpu_kernel_are_kept() {
     assert!(e.reason.contains("GPU has no kernel"), "{}", e.reason);
     let e = report.entry("conv5x5").unwrap();
     assert_eq!(e.decision, Decision::Replaced, "{report}");
+}
+
+/// input → conv → LIF → max-pool → conv, plus (optionally) a second reader of the spikes.
+fn neuron_pool_graph(second_reader: bool) -> Graph {
+    let mut g = Graph::new(Input {
+        dims: vec![None, None, Some(2), None, None],
+    });
+    let a = g.add("conv_a", conv(2, 4, 1), &[0]).unwrap();
+    let lif = LIFNode::new(2.0, true, Firing::default()).unwrap();
+    let s = g.add("sn", lif, &[a]).unwrap();
+    let p = g
+        .add(
+            "pool",
+            MaxPool2d::new((3, 3), (2, 2), (1, 1)).unwrap(),
+            &[s],
+        )
+        .unwrap();
+    let mut out = g.add("conv_b", conv(4, 3, 2), &[p]).unwrap();
+    if second_reader {
+        let pooled = g
+            .add(
+                "pool2",
+                MaxPool2d::new((2, 2), (2, 2), (0, 0)).unwrap(),
+                &[s],
+            )
+            .unwrap();
+        let c = g.add("conv_c", conv(4, 3, 3), &[pooled]).unwrap();
+        out = g.add("sum", Add, &[out, c]).unwrap();
+    }
+    g.set_output(out).unwrap();
+    g
+}
+
+#[test]
+fn a_neuron_read_only_by_a_max_pool_is_fused_with_it_on_the_cpu() {
+    let x = random_uniform(&[2, 1, 2, 12, 12], 0.0, 3.0, 4);
+    let want = neuron_pool_graph(false).forward(&x).unwrap();
+    let mut g = neuron_pool_graph(false);
+    let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
+    let e = report.entry("pool").unwrap();
+    assert_eq!(e.decision, Decision::Folded, "{report}");
+    assert!(g.find("pool").is_none());
+    assert_eq!(
+        g.node(g.find("sn").unwrap()).unwrap().op.type_name(),
+        "NeuronMaxPool"
+    );
+    let error = common::relative_error(&g.forward(&x).unwrap(), &want);
+    assert!(error <= 1e-5, "relative error {error:e}");
+
+    // Not when the spikes have another reader, when disabled, or for CUDA.
+    let mut g = neuron_pool_graph(true);
+    let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
+    assert!(report.entry("pool").is_none() && g.find("pool").is_some());
+    for options in [
+        OptimizeOptions {
+            fuse_neuron_pool: false,
+            ..OptimizeOptions::default()
+        },
+        OptimizeOptions {
+            device: Device::Cuda(0),
+            ..OptimizeOptions::default()
+        },
+    ] {
+        let mut g = neuron_pool_graph(false);
+        optimize(&mut g, &options).unwrap();
+        assert!(g.find("pool").is_some(), "{options:?}");
+    }
 }

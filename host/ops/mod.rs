@@ -20,6 +20,7 @@ pub mod conv2d;
 pub mod flatten;
 pub mod linear;
 pub mod neuron;
+pub mod neuron_pool;
 pub mod pattern_conv;
 pub mod pool;
 pub mod prescan;

@@ -147,21 +147,20 @@ impl Operator for MaxPool2d {
                         }
                     }
                 }
-                let span = (kw - 1) * dw + 1;
-                for (ox, y) in yr.iter_mut().enumerate() {
-                    let window = &row_max[ox * sw..ox * sw + span];
-                    let mut m = f32::NEG_INFINITY;
-                    for kx in (0..span).step_by(dw) {
-                        let v = window[kx];
-                        m = if has_nan {
-                            max_nan(m, v)
-                        } else if v > m {
-                            v
-                        } else {
-                            m
-                        };
+                // Column by column of the window, each a strided pass over all outputs: no
+                // dependency chain from one output to the next.
+                yr.fill(f32::NEG_INFINITY);
+                for kx in 0..kw {
+                    let column = row_max[kx * dw..].iter().step_by(sw);
+                    if has_nan {
+                        for (y, &v) in yr.iter_mut().zip(column) {
+                            *y = max_nan(*y, v);
+                        }
+                    } else {
+                        for (y, &v) in yr.iter_mut().zip(column) {
+                            *y = if v > *y { v } else { *y };
+                        }
                     }
-                    *y = m;
                 }
             }
         })

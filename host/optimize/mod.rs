@@ -8,7 +8,10 @@
 //! 3. **Replacement**: every `Conv2d` / `Linear` whose input is binary or integer-valued becomes
 //!    a [`SparseConv2d`] / [`SparseLinear`] with the same weights; the [`block_selector`] picks
 //!    each sparse conv's prescan block size.
-//! 4. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
+//! 4. On the CPU, **neuron + max-pool fusion**: a built-in neuron whose spikes only a
+//!    `MaxPool2d` reads becomes one [`NeuronMaxPool`] node (keeping the neuron's name, so its
+//!    parameters keep theirs), and the max-pool is reported as folded into it.
+//! 5. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
 //!    its sparse kernels against the dense engine and keeps the faster (the CPU path makes the
 //!    same choice per input from its density, `SparseConv2d::dense_above_density`).
 //!
@@ -32,6 +35,8 @@ use crate::graph::{Graph, Input, NodeId};
 use crate::ops::batch_norm::BatchNorm2d;
 use crate::ops::conv2d::Conv2d;
 use crate::ops::linear::Linear;
+use crate::ops::neuron_pool::NeuronMaxPool;
+use crate::ops::pool::MaxPool2d;
 use crate::ops::sparse_conv2d::{BlockChoice, CudaKernel, CudaTuning, SparseConv2d};
 use crate::ops::sparse_linear::SparseLinear;
 use crate::ops::ValueKind;
@@ -55,6 +60,8 @@ pub struct OptimizeOptions {
     pub replace_conv: bool,
     pub replace_linear: bool,
     pub fold_batchnorm: bool,
+    /// Fuse neuron + max-pool pairs (on the CPU only: on CUDA each is one kernel anyway).
+    pub fuse_neuron_pool: bool,
     /// The device the sparse operators are meant for: on CUDA, convolutions whose geometry has no
     /// GPU kernel variant are kept dense (and the report says so).
     pub device: Device,
@@ -74,6 +81,7 @@ impl Default for OptimizeOptions {
             replace_conv: true,
             replace_linear: true,
             fold_batchnorm: true,
+            fuse_neuron_pool: true,
             device: Device::Cpu,
             block_selector: BlockSelector::default(),
             block_overrides: BTreeMap::new(),
@@ -189,10 +197,55 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
             entries.insert(id, entry);
         }
     }
+    if options.fuse_neuron_pool && options.device == Device::Cpu {
+        fuse_neuron_pools(graph, &mut entries)?;
+    }
     Ok(OptimizeReport {
         entries: entries.into_values().collect(),
         notes,
     })
+}
+
+/// Fuses every `MaxPool2d` whose input is a built-in neuron read by nothing else into that
+/// neuron's node ([`NeuronMaxPool`]).
+fn fuse_neuron_pools(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEntry>) -> Result<()> {
+    let pools: Vec<NodeId> = graph
+        .nodes()
+        .filter(|(_, n)| n.op.as_any().is::<MaxPool2d>())
+        .map(|(id, _)| id)
+        .collect();
+    for id in pools {
+        let source = graph.node(id)?.inputs[0];
+        let neuron = graph.node(source)?;
+        if !NeuronMaxPool::fusable(neuron.op.as_ref())
+            || graph.consumers(source) != [id]
+            || graph.output_id() == source
+        {
+            continue;
+        }
+        let neuron_name = neuron.name.clone();
+        let pool_node = graph.remove_node(id)?;
+        let pool = pool_node
+            .op
+            .as_any()
+            .downcast_ref::<MaxPool2d>()
+            .expect("filtered above")
+            .clone();
+        // The neuron moves into the fused operator: swap a placeholder in to take it out.
+        let neuron = graph.replace_op(source, Box::new(Input { dims: Vec::new() }))?;
+        graph.replace_op(source, Box::new(NeuronMaxPool { neuron, pool }))?;
+        entries.insert(
+            id,
+            ReportEntry {
+                node: pool_node.name,
+                op: "MaxPool2d",
+                decision: Decision::Folded,
+                block: None,
+                reason: format!("into `{neuron_name}`: pooled while its spikes are in cache"),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Folds every BatchNorm2d that directly follows a convolution read only by it.
