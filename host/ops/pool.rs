@@ -631,7 +631,8 @@ where
         return Tensor::new(out_shape, out);
     }
     let (in_plane, out_plane) = (h * w, oh * ow);
-    if planes * out_plane * window < 1 << 16 {
+    // Small maps, and calls from inside a parallel task (`NeuronMaxPool`'s), stay on this thread.
+    if planes * out_plane * window < 1 << 16 || rayon::current_thread_index().is_some() {
         out.chunks_mut(out_plane)
             .zip(x.data().chunks(in_plane))
             .for_each(|(y, xp)| f(xp, y));
