@@ -147,6 +147,16 @@ impl Operator for MaxPool2d {
                         }
                     }
                 }
+                if !has_nan && kw == 3 && dw == 1 {
+                    // ResNet's 3-wide windows: three loads and two maxes per output.
+                    for (ox, y) in yr.iter_mut().enumerate() {
+                        let [a, b, c]: [f32; 3] =
+                            row_max[ox * sw..ox * sw + 3].try_into().expect("3 columns");
+                        let ab = if a > b { a } else { b };
+                        *y = if c > ab { c } else { ab };
+                    }
+                    continue;
+                }
                 // Column by column of the window, each a strided pass over all outputs: no
                 // dependency chain from one output to the next.
                 yr.fill(f32::NEG_INFINITY);
