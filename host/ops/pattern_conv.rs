@@ -132,9 +132,18 @@ impl RowBits {
             .zip(x.chunks_exact(w))
             .all(|(row, values)| {
                 let mut binary = true;
-                for (i, &v) in values.iter().enumerate() {
-                    binary &= v == 0.0 || v == 1.0;
-                    row[(pad + i) / 8] |= u8::from(v == 1.0) << ((pad + i) % 8);
+                // Eight values per step (one vector compare), their bits shifted into place.
+                for (k, chunk) in values.chunks(8).enumerate() {
+                    let mut bits = 0u16;
+                    for (j, &v) in chunk.iter().enumerate() {
+                        binary &= v == 0.0 || v == 1.0;
+                        bits |= u16::from(v == 1.0) << j;
+                    }
+                    let at = pad + 8 * k;
+                    let bits = bits << (at % 8);
+                    // The row's spare bytes keep at / 8 + 1 in bounds.
+                    row[at / 8] |= bits as u8;
+                    row[at / 8 + 1] |= (bits >> 8) as u8;
                 }
                 binary
             });
