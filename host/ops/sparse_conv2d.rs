@@ -988,8 +988,9 @@ unsafe fn transpose_8x8_blocks(
 ) -> (usize, usize) {
     use std::arch::x86_64::*;
     let (co_end, ox_end) = (cout / 8 * 8, ow / 8 * 8);
-    for ox in (0..ox_end).step_by(8) {
-        for co in (0..co_end).step_by(8) {
+    // Channel blocks outside: each output plane's run is then written in one go.
+    for co in (0..co_end).step_by(8) {
+        for ox in (0..ox_end).step_by(8) {
             let r: [__m256; 8] =
                 std::array::from_fn(|j| _mm256_loadu_ps(row.as_ptr().add((ox + j) * padded + co)));
             let t0 = _mm256_unpacklo_ps(r[0], r[1]);
