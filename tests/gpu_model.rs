@@ -20,6 +20,7 @@ use sparseflow::ops::conv2d::Conv2d;
 use sparseflow::ops::flatten::Flatten;
 use sparseflow::ops::linear::Linear;
 use sparseflow::ops::neuron::{as_spiking_neuron, Firing, IFNode, LIFNode, ParametricLIFNode};
+use sparseflow::ops::neuron_pool::NeuronMaxPool;
 use sparseflow::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 use sparseflow::ops::sparse_conv2d::CudaDispatch;
 use sparseflow::ops::Operator;
@@ -212,6 +213,20 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
     for pool in &pools {
         assert_bitwise(&backend, pool.as_ref(), &[&x]);
         assert_bitwise(&backend, pool.as_ref(), &[&with_nan]);
+    }
+
+    // The fused neuron + max-pool: its own kernel (3×3 and smaller windows) and the two
+    // operators' kernels in turn (wider or dilated windows).
+    for pool in [
+        MaxPool2d::new((3, 3), (2, 2), (1, 1)).unwrap(),
+        MaxPool2d::new((5, 5), (2, 2), (2, 2)).unwrap(),
+        MaxPool2d::new((3, 3), (1, 1), (1, 1))
+            .unwrap()
+            .with_dilation((2, 2))
+            .unwrap(),
+    ] {
+        let neuron = Box::new(LIFNode::new(1.7, true, firings[2]).unwrap());
+        assert_bitwise(&backend, &NeuronMaxPool { neuron, pool }, &[&x]);
     }
 
     let a = random_spikes(&[2, 3, 4, 7, 5], 0.4, 2);
@@ -417,7 +432,13 @@ fn gpu_dense_vs_optimized_divergence() {
         .unwrap();
         out
     };
-    for ((name, a), (_, b)) in spikes(&dense).iter().zip(&spikes(&sparse)) {
+    // The optimized model's stem neuron is fused with the max-pool: compare the neurons both have.
+    let optimized: std::collections::BTreeMap<String, Tensor> =
+        spikes(&sparse).into_iter().collect();
+    for (name, a) in spikes(&dense) {
+        let Some(b) = optimized.get(&name) else {
+            continue;
+        };
         let differ = a
             .data()
             .iter()
