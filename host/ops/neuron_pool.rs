@@ -12,10 +12,12 @@ use std::mem::MaybeUninit;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::neuron::Charge;
-use sparseflow_kernels::neuron_pool::{MAX_WINDOW, NEURON_POOL_THREADS};
+use sparseflow_kernels::neuron_pool::{
+    shared_bytes, MAX_STRIDE, MAX_WINDOW, NEURON_POOL_THREADS, TILE,
+};
 
 use crate::cuda::{ByValue, DeviceTensor};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::neuron::{cuda_neuron, cuda_reset, Firing, IFNode, LIFNode, ParametricLIFNode};
 use crate::ops::pool::MaxPool2d;
@@ -65,6 +67,14 @@ impl NeuronMaxPool {
             return Ok(());
         }
         let planes = len / steps / (window.oh * window.ow);
+        let blocks = window.oh.div_ceil(TILE) * window.ow.div_ceil(TILE);
+        let blocks = blocks.checked_mul(planes).ok_or_else(|| {
+            Error::Shape(format!(
+                "{}: {:?} is too large for one launch",
+                Self::TYPE_NAME,
+                x.shape()
+            ))
+        })?;
         let (hard, reset) = cuda_reset(&firing);
         let backend = x.backend();
         let function = backend.function("neuron_max_pool")?;
@@ -81,13 +91,14 @@ impl NeuronMaxPool {
             .arg(&firing.v_threshold)
             .arg(&reset)
             .arg(&hard);
-        // SAFETY: the arguments match `neuron_max_pool`'s signature; one thread per pooled output
-        // of one step, the window at most MAX_WINDOW wide with dilation 1 (checked by the caller).
+        // SAFETY: the arguments match `neuron_max_pool`'s signature and launch shape; the window
+        // is at most MAX_WINDOW wide, its stride at most MAX_STRIDE, with dilation 1 (checked by
+        // the caller).
         unsafe {
             launch.launch(LaunchConfig {
-                grid_dim: ((len / steps).div_ceil(NEURON_POOL_THREADS), 1, 1),
+                grid_dim: (blocks, 1, 1),
                 block_dim: (NEURON_POOL_THREADS, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: shared_bytes(&window.0),
             })?
         };
         Ok(())
@@ -148,11 +159,13 @@ impl Operator for NeuronMaxPool {
     }
 
     /// One kernel (`neuron_max_pool`) for a built-in neuron and a dilation-1 window of at most
-    /// 3 × 3; otherwise the two operators' own kernels one after the other.
+    /// 3 × 3 with strides up to 3; otherwise the two operators' own kernels one after the other.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>(Self::TYPE_NAME, inputs)?;
-        let (kernel, dilation) = (self.pool.kernel, self.pool.dilation);
-        let fits = kernel.0.max(kernel.1) <= MAX_WINDOW as usize && dilation == (1, 1);
+        let (kernel, stride) = (self.pool.kernel, self.pool.stride);
+        let fits = kernel.0.max(kernel.1) <= MAX_WINDOW as usize
+            && stride.0.max(stride.1) <= MAX_STRIDE as usize
+            && self.pool.dilation == (1, 1);
         match cuda_neuron(self.neuron.as_ref()) {
             Some(neuron) if fits && x.shape().len() >= 3 => {
                 let window = self.pool.cuda_window(x.shape())?;
@@ -263,8 +276,11 @@ mod tests {
                 .with_ceil_mode(true),
         ];
         let mut cases = 0;
-        for i in 0..3 * firings.len() {
-            let x = random_uniform(&[3, 2, 5, 13, 11], -1.0, 2.5, i as u64);
+        // One tile per plane, and several with ragged edges (40 × 35 outputs at stride 1).
+        for (i, shape) in
+            (0..3 * firings.len()).flat_map(|i| [(i, [3, 2, 5, 13, 11]), (i, [2, 1, 3, 40, 35])])
+        {
+            let x = random_uniform(&shape, -1.0, 2.5, i as u64);
             let dx = DeviceTensor::upload(&backend, &x).unwrap();
             for pool in &pools {
                 let fused = NeuronMaxPool {
