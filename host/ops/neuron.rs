@@ -153,7 +153,10 @@ fn multi_step_cuda(
     let backend = x.backend();
     let function = backend.function("neuron_multi_step")?;
     let (steps, per_step) = (steps as u32, per_step as u32);
-    let (hard, reset) = cuda_reset(firing);
+    let (hard, reset) = match firing.v_reset {
+        Some(r) => (1u32, r),
+        None => (0, 0.0),
+    };
     let mode = charge as u32;
     let mut launch = backend.stream().launch_builder(&function);
     launch
@@ -462,30 +465,6 @@ impl ParametricLIFNode {
     }
 }
 neuron_operator!(ParametricLIFNode, "ParametricLIFNode");
-
-/// A built-in neuron's GPU charge equation, its constant and its firing parameters.
-pub(crate) fn cuda_neuron(op: &dyn Operator) -> Option<(Charge, f32, Firing)> {
-    let any = op.as_any();
-    if let Some(n) = any.downcast_ref::<IFNode>() {
-        let (charge, k) = n.cuda_charge();
-        return Some((charge, k, n.firing));
-    }
-    if let Some(n) = any.downcast_ref::<LIFNode>() {
-        let (charge, k) = n.cuda_charge();
-        return Some((charge, k, n.firing));
-    }
-    let n = any.downcast_ref::<ParametricLIFNode>()?;
-    let (charge, k) = n.cuda_charge();
-    Some((charge, k, n.firing))
-}
-
-/// `(hard, v_reset)` as the neuron kernels take them.
-pub(crate) fn cuda_reset(firing: &Firing) -> (u32, f32) {
-    match firing.v_reset {
-        Some(r) => (1, r),
-        None => (0, 0.0),
-    }
-}
 
 /// The operator as a [`SpikingNeuron`] when it is one of the built-in neuron types.
 pub fn as_spiking_neuron(op: &dyn Operator) -> Option<&dyn SpikingNeuron> {

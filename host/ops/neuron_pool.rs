@@ -6,20 +6,14 @@
 //! to memory and read back; here each task runs the neuron over a few channel planes for all T
 //! steps and pools them while they are in cache, so only the input and the pooled output go
 //! through memory. The result is the two operators' own results, bit for bit: the task calls them.
-//! On the GPU one kernel does the same (`kernels-gpu/src/neuron_pool.rs`).
 use std::mem::MaybeUninit;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
-use sparseflow_kernels::neuron::Charge;
-use sparseflow_kernels::neuron_pool::{
-    shared_bytes, MAX_STRIDE, MAX_WINDOW, NEURON_POOL_THREADS, TILE,
-};
 
-use crate::cuda::{ByValue, DeviceTensor};
-use crate::error::{Error, Result};
+use crate::cuda::DeviceTensor;
+use crate::error::Result;
 use crate::impl_as_any;
-use crate::ops::neuron::{cuda_neuron, cuda_reset, Firing, IFNode, LIFNode, ParametricLIFNode};
+use crate::ops::neuron::{IFNode, LIFNode, ParametricLIFNode};
 use crate::ops::pool::MaxPool2d;
 use crate::ops::spike_gather::DisjointWrites;
 use crate::ops::{expect_inputs, Operator, ValueKind};
@@ -47,61 +41,6 @@ impl NeuronMaxPool {
             ParametricLIFNode::TYPE_NAME,
         ]
         .contains(&op.type_name())
-    }
-}
-
-impl NeuronMaxPool {
-    /// `neuron_max_pool` from `x` (`[T, ..., H, W]`, rank 3 or more) into `out`
-    /// (`[T, ..., OH, OW]`), every element of which it writes.
-    fn launch_fused(
-        &self,
-        x: &DeviceTensor,
-        (charge, k, firing): (Charge, f32, Firing),
-        out: &mut DeviceTensor,
-    ) -> Result<()> {
-        let window = self.pool.cuda_window(x.shape())?;
-        x.len_u32()?;
-        let len = out.len_u32()?;
-        let steps = x.shape()[0] as u32;
-        if len == 0 {
-            return Ok(());
-        }
-        let planes = len / steps / (window.oh * window.ow);
-        let blocks = window.oh.div_ceil(TILE) * window.ow.div_ceil(TILE);
-        let blocks = blocks.checked_mul(planes).ok_or_else(|| {
-            Error::Shape(format!(
-                "{}: {:?} is too large for one launch",
-                Self::TYPE_NAME,
-                x.shape()
-            ))
-        })?;
-        let (hard, reset) = cuda_reset(&firing);
-        let backend = x.backend();
-        let function = backend.function("neuron_max_pool")?;
-        let (window, mode) = (ByValue(window), charge as u32);
-        let mut launch = backend.stream().launch_builder(&function);
-        launch
-            .arg(x.slice())
-            .arg(out.slice_mut())
-            .arg(&steps)
-            .arg(&planes)
-            .arg(&window)
-            .arg(&mode)
-            .arg(&k)
-            .arg(&firing.v_threshold)
-            .arg(&reset)
-            .arg(&hard);
-        // SAFETY: the arguments match `neuron_max_pool`'s signature and launch shape; the window
-        // is at most MAX_WINDOW wide, its stride at most MAX_STRIDE, with dilation 1 (checked by
-        // the caller).
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (NEURON_POOL_THREADS, 1, 1),
-                shared_mem_bytes: shared_bytes(&window.0),
-            })?
-        };
-        Ok(())
     }
 }
 
@@ -158,26 +97,11 @@ impl Operator for NeuronMaxPool {
         Tensor::new(out_shape, out)
     }
 
-    /// One kernel (`neuron_max_pool`) for a built-in neuron and a dilation-1 window of at most
-    /// 3 × 3 with strides up to 3; otherwise the two operators' own kernels one after the other.
+    /// The two operators one after the other: on the GPU each is one kernel over the whole map.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>(Self::TYPE_NAME, inputs)?;
-        let (kernel, stride) = (self.pool.kernel, self.pool.stride);
-        let fits = kernel.0.max(kernel.1) <= MAX_WINDOW as usize
-            && stride.0.max(stride.1) <= MAX_STRIDE as usize
-            && self.pool.dilation == (1, 1);
-        match cuda_neuron(self.neuron.as_ref()) {
-            Some(neuron) if fits && x.shape().len() >= 3 => {
-                let window = self.pool.cuda_window(x.shape())?;
-                let mut shape = x.shape().to_vec();
-                shape.truncate(shape.len() - 2);
-                shape.extend([window.oh as usize, window.ow as usize]);
-                let mut out = DeviceTensor::uninit(x.backend(), shape)?;
-                self.launch_fused(x, neuron, &mut out)?;
-                Ok(out)
-            }
-            _ => self.pool.forward_cuda(&[&self.neuron.forward_cuda(&[x])?]),
-        }
+        let spikes = self.neuron.forward_cuda(&[x])?;
+        self.pool.forward_cuda(&[&spikes])
     }
 
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
@@ -208,7 +132,8 @@ impl Operator for NeuronMaxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{gpu_or_skip, random_uniform};
+    use crate::ops::neuron::Firing;
+    use crate::testing::random_uniform;
 
     fn lif() -> LIFNode {
         LIFNode::new(2.0, true, Firing::default()).unwrap()
@@ -241,74 +166,6 @@ mod tests {
             assert_eq!(got, want, "{shape:?}");
             assert!(got.data().contains(&1.0), "{shape:?}: some spikes");
         }
-    }
-
-    /// The fused kernel against the CPU's neuron then max-pool, every neuron type and reset, on
-    /// windows that do and do not divide the map, the output poisoned (NaN) before each launch
-    /// and every element compared bit for bit.
-    #[test]
-    fn gpu_fused_kernel_matches_cpu() {
-        let Some(backend) = gpu_or_skip("gpu_fused_kernel_matches_cpu") else {
-            return;
-        };
-        let firings = [
-            Firing::default(),
-            Firing {
-                v_threshold: 0.7,
-                v_reset: None,
-                detach_reset: false,
-            },
-        ];
-        let neuron = |i: usize| -> Box<dyn Operator> {
-            let f = firings[i / 3];
-            match i % 3 {
-                0 => Box::new(IFNode::new(f)),
-                1 => Box::new(LIFNode::new(1.7, f.v_reset.is_some(), f).unwrap()),
-                _ => Box::new(ParametricLIFNode::new(2.3, f.v_reset.is_none(), f).unwrap()),
-            }
-        };
-        let pools = [
-            MaxPool2d::new((3, 3), (2, 2), (1, 1)).unwrap(),
-            MaxPool2d::new((2, 2), (2, 2), (0, 0)).unwrap(),
-            MaxPool2d::new((3, 3), (1, 1), (1, 1)).unwrap(),
-            MaxPool2d::new((3, 2), (2, 3), (1, 0))
-                .unwrap()
-                .with_ceil_mode(true),
-        ];
-        let mut cases = 0;
-        // One tile per plane, and several with ragged edges (40 × 35 outputs at stride 1).
-        for (i, shape) in
-            (0..3 * firings.len()).flat_map(|i| [(i, [3, 2, 5, 13, 11]), (i, [2, 1, 3, 40, 35])])
-        {
-            let x = random_uniform(&shape, -1.0, 2.5, i as u64);
-            let dx = DeviceTensor::upload(&backend, &x).unwrap();
-            for pool in &pools {
-                let fused = NeuronMaxPool {
-                    neuron: neuron(i),
-                    pool: pool.clone(),
-                };
-                let params = cuda_neuron(fused.neuron.as_ref()).expect("a built-in neuron");
-                let want = fused.forward(&[&x]).unwrap();
-                let mut out = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
-                out.fill(f32::NAN).unwrap();
-                fused.launch_fused(&dx, params, &mut out).unwrap();
-                let got = out.download().unwrap();
-                for (e, (g, w)) in got.data().iter().zip(want.data()).enumerate() {
-                    assert_eq!(
-                        g.to_bits(),
-                        w.to_bits(),
-                        "{}: element {e}",
-                        fused.describe()
-                    );
-                }
-                assert!(want.data().contains(&1.0) && want.data().contains(&0.0));
-                cases += 1;
-            }
-        }
-        eprintln!(
-            "gpu_fused_kernel_matches_cpu: {cases} cases equal on {}",
-            backend.name()
-        );
     }
 
     #[test]

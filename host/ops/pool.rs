@@ -80,16 +80,6 @@ impl MaxPool2d {
     }
 
     /// The output `(Hout, Wout)` for an `h × w` input (PyTorch's `pooling_output_shape`).
-    /// The GPU kernels' window for an input of `shape` (`[..., H, W]`).
-    pub(crate) fn cuda_window(&self, shape: &[usize]) -> Result<PoolWindow> {
-        let (h, w) = plane_hw("MaxPool2d", shape)?;
-        let (oh, ow) = self.output_hw(h, w)?;
-        Ok(
-            pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding)
-                .with_dilation(self.dilation),
-        )
-    }
-
     pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         self.validate()?;
         window_output_hw(
@@ -116,7 +106,11 @@ impl Operator for MaxPool2d {
 
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("MaxPool2d", inputs)?;
-        launch_pool(x, "max_pool2d", self.cuda_window(x.shape())?, &[])
+        let (h, w) = plane_hw("MaxPool2d", x.shape())?;
+        let (oh, ow) = self.output_hw(h, w)?;
+        let window = pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding)
+            .with_dilation(self.dilation);
+        launch_pool(x, "max_pool2d", window, &[])
     }
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {

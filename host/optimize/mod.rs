@@ -8,9 +8,9 @@
 //! 3. **Replacement**: every `Conv2d` / `Linear` whose input is binary or integer-valued becomes
 //!    a [`SparseConv2d`] / [`SparseLinear`] with the same weights; the [`block_selector`] picks
 //!    each sparse conv's prescan block size.
-//! 4. **Neuron + max-pool fusion**: a built-in neuron whose spikes only a `MaxPool2d` reads
-//!    becomes one [`NeuronMaxPool`] node (keeping the neuron's name, so its parameters keep
-//!    theirs), and the max-pool is reported as folded into it.
+//! 4. On the CPU, **neuron + max-pool fusion**: a built-in neuron whose spikes only a
+//!    `MaxPool2d` reads becomes one [`NeuronMaxPool`] node (keeping the neuron's name, so its
+//!    parameters keep theirs), and the max-pool is reported as folded into it.
 //! 5. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
 //!    its sparse kernels against the dense engine and keeps the faster (the CPU path makes the
 //!    same choice per input from its density, `SparseConv2d::dense_above_density`).
@@ -60,7 +60,7 @@ pub struct OptimizeOptions {
     pub replace_conv: bool,
     pub replace_linear: bool,
     pub fold_batchnorm: bool,
-    /// Fuse neuron + max-pool pairs into [`NeuronMaxPool`] nodes.
+    /// Fuse neuron + max-pool pairs (on the CPU only: on CUDA each is one kernel anyway).
     pub fuse_neuron_pool: bool,
     /// The device the sparse operators are meant for: on CUDA, convolutions whose geometry has no
     /// GPU kernel variant are kept dense (and the report says so).
@@ -197,7 +197,7 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
             entries.insert(id, entry);
         }
     }
-    if options.fuse_neuron_pool {
+    if options.fuse_neuron_pool && options.device == Device::Cpu {
         fuse_neuron_pools(graph, &mut entries)?;
     }
     Ok(OptimizeReport {
@@ -241,7 +241,7 @@ fn fuse_neuron_pools(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEnt
                 op: "MaxPool2d",
                 decision: Decision::Folded,
                 block: None,
-                reason: format!("into `{neuron_name}`: pooled as its spikes are made"),
+                reason: format!("into `{neuron_name}`: pooled while its spikes are in cache"),
             },
         );
     }

@@ -25,7 +25,6 @@ mod gpu;
 #[cfg(not(target_arch = "nvptx64"))]
 pub const COMMITTED_PTX: &str = include_str!("../ptx/sparseflow_kernels.ptx");
 pub mod neuron;
-pub mod neuron_pool;
 pub mod pattern_conv;
 pub mod pool;
 pub mod prescan;
