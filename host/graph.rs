@@ -231,6 +231,35 @@ impl Graph {
         Ok(self.nodes[id].take().expect("checked above"))
     }
 
+    /// Removes `producer`, which only `consumer` reads, and feeds `consumer` from the producer's
+    /// inputs in its place (for fusing the producer's work into the consumer's operator).
+    pub fn absorb_input(&mut self, consumer: NodeId, producer: NodeId) -> Result<Node> {
+        let name = |g: &Self, id| g.node(id).map(|n| n.name.clone());
+        if self.consumers(producer) != [consumer]
+            || producer == self.output
+            || producer == self.input
+        {
+            return Err(Error::InvalidArgument(format!(
+                "`{}` is not read by `{}` alone",
+                name(self, producer)?,
+                name(self, consumer)?
+            )));
+        }
+        let sources = self.node(producer)?.inputs.clone();
+        let inputs = &mut self.node_mut(consumer)?.inputs;
+        *inputs = inputs
+            .iter()
+            .flat_map(|&i| {
+                if i == producer {
+                    sources.clone()
+                } else {
+                    vec![i]
+                }
+            })
+            .collect();
+        Ok(self.nodes[producer].take().expect("checked above"))
+    }
+
     /// Node ids in an order where every node comes after its inputs.
     pub fn topo_order(&self) -> Result<Vec<NodeId>> {
         let mut pending: BTreeMap<NodeId, usize> =
@@ -664,5 +693,22 @@ mod tests {
         assert_eq!(g.node(g.find("sum").unwrap()).unwrap().inputs, vec![1, 0]);
         assert!(g.remove_node(g.find("sum").unwrap()).is_err());
         assert!(g.summary().contains("IFNode"));
+    }
+
+    #[test]
+    fn a_producer_read_by_one_node_is_absorbed_into_it() {
+        let mut g = Graph::new(Input { dims: vec![None] });
+        let a = g.add("a", Flatten { start_dim: 0 }, &[0]).unwrap();
+        let b = g.add("b", Flatten { start_dim: 0 }, &[0]).unwrap();
+        let sum = g.add("sum", Add, &[a, b]).unwrap();
+        let out = g.add("out", Add, &[sum, a]).unwrap();
+        g.set_output(out).unwrap();
+        // `a` has two readers, and the output has none to be absorbed into.
+        assert!(g.absorb_input(sum, a).is_err());
+        assert!(g.absorb_input(sum, out).is_err());
+        let removed = g.absorb_input(out, sum).unwrap();
+        assert_eq!(removed.name, "sum");
+        assert_eq!(g.node(out).unwrap().inputs, vec![a, b, a]);
+        assert!(g.find("sum").is_none());
     }
 }

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use sparseflow::graph::Graph;
 use sparseflow::model::init::seeded_values;
+use sparseflow::ops::add_neuron::AddNeuron;
+use sparseflow::ops::connect::Add;
 use sparseflow::ops::neuron::as_spiking_neuron;
 use sparseflow::ops::neuron_pool::NeuronMaxPool;
 use sparseflow::ops::Operator;
@@ -62,13 +64,24 @@ fn check_against_fixture(f: &common::Fixture, graph: &Graph, label: &str) {
                     return Ok(());
                 };
                 seen += 1;
-                // The CPU optimize fuses the stem's neuron with its max-pool: its own spikes are
-                // then compared, and the node's output must be their pooling.
-                let fused = run.node.op.as_any().downcast_ref::<NeuronMaxPool>();
-                let op = fused.map_or(run.node.op.as_ref(), |f| f.neuron.as_ref());
+                // The CPU optimize fuses the stem's neuron with its max-pool, and each block's
+                // last neuron with the residual add before it: the neuron's own spikes are
+                // compared, on the sum for a fused add, and for a fused max-pool the node's output
+                // must be their pooling.
+                let any = run.node.op.as_any();
+                let (pooled, added) = (
+                    any.downcast_ref::<NeuronMaxPool>(),
+                    any.downcast_ref::<AddNeuron>(),
+                );
+                let op = match (pooled, added) {
+                    (Some(f), _) => f.neuron.as_ref(),
+                    (_, Some(f)) => f.neuron.as_ref(),
+                    _ => run.node.op.as_ref(),
+                };
                 let neuron = as_spiking_neuron(op).expect("spikes come from neurons");
-                let (spikes, charge) = neuron.forward_with_charge(run.inputs[0])?;
-                match fused {
+                let sum = added.map(|_| Add.forward(run.inputs)).transpose()?;
+                let (spikes, charge) = neuron.forward_with_charge(sum.as_ref().unwrap_or(run.inputs[0]))?;
+                match pooled {
                     Some(f) => assert_eq!(&f.pool.forward(&[&spikes])?, run.output),
                     None => assert_eq!(&spikes, run.output),
                 }

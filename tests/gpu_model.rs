@@ -14,6 +14,7 @@ use sparseflow::cuda::{set_poison_new_tensors, CudaBackend, DeviceTensor};
 use sparseflow::cudnn::DenseConvEngine;
 use sparseflow::graph::Graph;
 use sparseflow::model::{self, init, ModelConfig, NeuronConfig, NeuronKind};
+use sparseflow::ops::add_neuron::AddNeuron;
 use sparseflow::ops::batch_norm::BatchNorm2d;
 use sparseflow::ops::connect::{Add, ConnectFunction, SewConnect};
 use sparseflow::ops::conv2d::Conv2d;
@@ -227,6 +228,10 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
     let a = random_spikes(&[2, 3, 4, 7, 5], 0.4, 2);
     let b = random_spikes(&[2, 3, 4, 7, 5], 0.6, 3);
     assert_bitwise(&backend, &Add, &[&a, &b]);
+    // The CPU's fused add + neuron runs the two operators' kernels in turn on the GPU.
+    let (u, w) = (&x, &random_uniform(&[3, 2, 5, 9, 11], -1.0, 1.0, 4));
+    let neuron = Box::new(LIFNode::new(1.7, false, firings[1]).unwrap());
+    assert_bitwise(&backend, &AddNeuron { neuron }, &[u, w]);
     for function in [
         ConnectFunction::Add,
         ConnectFunction::And,

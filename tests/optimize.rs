@@ -81,12 +81,25 @@ fn optimized_zoo_models_compute_the_same_function() {
             };
             assert_eq!(e.decision, want, "{name} {conv}: {}", e.reason);
         }
-        // Every BatchNorm, and the max-pool into the stem's neuron (on the CPU).
+        // Every BatchNorm, the max-pool into the stem's neuron and (spiking ResNets) each
+        // residual add into the neuron after it (on the CPU).
+        let adds: Vec<&str> = dense
+            .nodes()
+            .filter(|(_, n)| n.op.type_name() == "Add")
+            .map(|(_, n)| n.name.as_str())
+            .collect();
         assert_eq!(
             report.count(Decision::Folded),
-            bns + 1,
+            bns + 1 + adds.len(),
             "{name}: every BatchNorm folded\n{report}"
         );
+        for add in &adds {
+            assert_eq!(
+                report.entry(add).unwrap().decision,
+                Decision::Folded,
+                "{name} {add}"
+            );
+        }
         assert!(report.entry("maxpool").unwrap().reason.contains("`sn1`"));
         assert_eq!(
             sparse
@@ -341,7 +354,7 @@ fn a_neuron_read_only_by_a_max_pool_is_fused_with_it_on_the_cpu() {
     assert!(report.entry("pool").is_none() && g.find("pool").is_some());
     for options in [
         OptimizeOptions {
-            fuse_neuron_pool: false,
+            fuse_neurons: false,
             ..OptimizeOptions::default()
         },
         OptimizeOptions {
@@ -353,4 +366,44 @@ fn a_neuron_read_only_by_a_max_pool_is_fused_with_it_on_the_cpu() {
         optimize(&mut g, &options).unwrap();
         assert!(g.find("pool").is_some(), "{options:?}");
     }
+}
+
+#[test]
+fn a_residual_add_read_only_by_a_neuron_is_fused_with_it() {
+    // input → conv_a → add(conv_a, input) → LIF → conv_b, and (optionally) a second reader of the
+    // sum.
+    let graph = |second_reader: bool| {
+        let mut g = Graph::new(Input {
+            dims: vec![None, None, Some(2), None, None],
+        });
+        let a = g.add("conv_a", conv(2, 2, 1), &[0]).unwrap();
+        let sum = g.add("add", Add, &[a, 0]).unwrap();
+        let lif = LIFNode::new(2.0, true, Firing::default()).unwrap();
+        let s = g.add("sn", lif, &[sum]).unwrap();
+        let mut out = g.add("conv_b", conv(2, 3, 2), &[s]).unwrap();
+        if second_reader {
+            out = g.add("sum2", Add, &[out, sum]).unwrap();
+        }
+        g.set_output(out).unwrap();
+        g
+    };
+    let x = random_uniform(&[2, 1, 2, 9, 9], 0.0, 1.5, 7);
+    let want = graph(false).forward(&x).unwrap();
+    let mut g = graph(false);
+    let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
+    assert_eq!(
+        report.entry("add").unwrap().decision,
+        Decision::Folded,
+        "{report}"
+    );
+    assert!(g.find("add").is_none());
+    let sn = g.node(g.find("sn").unwrap()).unwrap();
+    assert_eq!(sn.op.type_name(), "AddNeuron");
+    assert_eq!(sn.inputs, vec![g.find("conv_a").unwrap(), 0]);
+    let error = common::relative_error(&g.forward(&x).unwrap(), &want);
+    assert!(error <= 1e-5, "relative error {error:e}");
+
+    let mut g = graph(true);
+    let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
+    assert!(report.entry("add").is_none() && g.find("add").is_some());
 }

@@ -14,6 +14,7 @@ use crate::cuda::DeviceTensor;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+pub mod add_neuron;
 pub mod batch_norm;
 pub mod connect;
 pub mod conv2d;

@@ -8,9 +8,10 @@
 //! 3. **Replacement**: every `Conv2d` / `Linear` whose input is binary or integer-valued becomes
 //!    a [`SparseConv2d`] / [`SparseLinear`] with the same weights; the [`block_selector`] picks
 //!    each sparse conv's prescan block size.
-//! 4. On the CPU, **neuron + max-pool fusion**: a built-in neuron whose spikes only a
-//!    `MaxPool2d` reads becomes one [`NeuronMaxPool`] node (keeping the neuron's name, so its
-//!    parameters keep theirs), and the max-pool is reported as folded into it.
+//! 4. On the CPU, **neuron fusion**: a built-in neuron whose spikes only a `MaxPool2d` reads
+//!    becomes one [`NeuronMaxPool`] node, and one that alone reads a residual `Add` becomes one
+//!    [`AddNeuron`] node (both keep the neuron's name, so its parameters keep theirs); the
+//!    max-pool or the add is reported as folded into it.
 //! 5. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
 //!    its sparse kernels against the dense engine and keeps the faster (the CPU path makes the
 //!    same choice per input from its density, `SparseConv2d::dense_above_density`).
@@ -32,7 +33,9 @@ use crate::cuda::DeviceTensor;
 use crate::device::Device;
 use crate::error::Result;
 use crate::graph::{Graph, Input, NodeId};
+use crate::ops::add_neuron::AddNeuron;
 use crate::ops::batch_norm::BatchNorm2d;
+use crate::ops::connect::Add;
 use crate::ops::conv2d::Conv2d;
 use crate::ops::linear::Linear;
 use crate::ops::neuron_pool::NeuronMaxPool;
@@ -60,8 +63,9 @@ pub struct OptimizeOptions {
     pub replace_conv: bool,
     pub replace_linear: bool,
     pub fold_batchnorm: bool,
-    /// Fuse neuron + max-pool pairs (on the CPU only: on CUDA each is one kernel anyway).
-    pub fuse_neuron_pool: bool,
+    /// Fuse neuron + max-pool and add + neuron pairs (on the CPU only: on the GPU the fused
+    /// kernel tried was slower than the two memory-bound kernels apart).
+    pub fuse_neurons: bool,
     /// The device the sparse operators are meant for: on CUDA, convolutions whose geometry has no
     /// GPU kernel variant are kept dense (and the report says so).
     pub device: Device,
@@ -81,7 +85,7 @@ impl Default for OptimizeOptions {
             replace_conv: true,
             replace_linear: true,
             fold_batchnorm: true,
-            fuse_neuron_pool: true,
+            fuse_neurons: true,
             device: Device::Cpu,
             block_selector: BlockSelector::default(),
             block_overrides: BTreeMap::new(),
@@ -197,13 +201,49 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
             entries.insert(id, entry);
         }
     }
-    if options.fuse_neuron_pool && options.device == Device::Cpu {
+    if options.fuse_neurons && options.device == Device::Cpu {
         fuse_neuron_pools(graph, &mut entries)?;
+        fuse_add_neurons(graph, &mut entries)?;
     }
     Ok(OptimizeReport {
         entries: entries.into_values().collect(),
         notes,
     })
+}
+
+/// Fuses every residual `Add` that only a built-in neuron reads into that neuron's node
+/// ([`AddNeuron`]).
+fn fuse_add_neurons(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEntry>) -> Result<()> {
+    let neurons: Vec<NodeId> = graph
+        .nodes()
+        .filter(|(_, n)| NeuronMaxPool::fusable(n.op.as_ref()) && n.inputs.len() == 1)
+        .map(|(id, _)| id)
+        .collect();
+    for id in neurons {
+        let source = graph.node(id)?.inputs[0];
+        if !graph.node(source)?.op.as_any().is::<Add>()
+            || graph.consumers(source) != [id]
+            || graph.output_id() == source
+        {
+            continue;
+        }
+        let neuron_name = graph.node(id)?.name.clone();
+        let add = graph.absorb_input(id, source)?;
+        // The neuron moves into the fused operator: swap a placeholder in to take it out.
+        let neuron = graph.replace_op(id, Box::new(Input { dims: Vec::new() }))?;
+        graph.replace_op(id, Box::new(AddNeuron { neuron }))?;
+        entries.insert(
+            source,
+            ReportEntry {
+                node: add.name,
+                op: "Add",
+                decision: Decision::Folded,
+                block: None,
+                reason: format!("into `{neuron_name}`: summed as its neuron reads it"),
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Fuses every `MaxPool2d` whose input is a built-in neuron read by nothing else into that
