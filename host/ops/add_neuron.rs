@@ -5,8 +5,6 @@
 //! goes to memory and the neuron reads it back; here each task adds a range of neurons for all T
 //! steps into a buffer that stays in cache and runs the neuron on it. The result is the two
 //! operators' own, bit for bit: the task computes `a + b` as `Add` does and calls the neuron.
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 use crate::cuda::DeviceTensor;
@@ -80,10 +78,7 @@ impl Operator for AddNeuron {
                 for (t, step) in spikes.data().chunks_exact(count).enumerate() {
                     // SAFETY: task `task` alone writes neurons first..first + count of every
                     // step, which lie inside the `a.len()` elements allocated.
-                    let dst = unsafe { dst.slice_uninit(t * per_step + first, count) };
-                    for (d, &v) in dst.iter_mut().zip(step) {
-                        *d = MaybeUninit::new(v);
-                    }
+                    unsafe { dst.copy_from(t * per_step + first, step) };
                 }
                 Ok(())
             })?;

@@ -6,8 +6,6 @@
 //! to memory and read back; here each task runs the neuron over a few channel planes for all T
 //! steps and pools them while they are in cache, so only the input and the pooled output go
 //! through memory. The result is the two operators' own results, bit for bit: the task calls them.
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 use crate::cuda::DeviceTensor;
@@ -84,11 +82,7 @@ impl Operator for NeuronMaxPool {
                 for (t, step) in pooled.data().chunks_exact(count * out_plane).enumerate() {
                     // SAFETY: task `task` alone writes planes first..first + count of every step,
                     // which lie inside the `len` elements allocated.
-                    let dst =
-                        unsafe { dst.slice_uninit((t * planes + first) * out_plane, step.len()) };
-                    for (d, &v) in dst.iter_mut().zip(step) {
-                        *d = MaybeUninit::new(v);
-                    }
+                    unsafe { dst.copy_from((t * planes + first) * out_plane, step) };
                 }
                 Ok(())
             })?;

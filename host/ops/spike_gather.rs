@@ -203,6 +203,15 @@ impl DisjointWrites {
         *self.0.add(i) = value;
     }
 
+    /// Copies `values` to elements `start..start + values.len()`.
+    ///
+    /// # Safety
+    /// The range is in bounds (of the allocation) and no other task touches it meanwhile.
+    #[inline(always)]
+    pub(crate) unsafe fn copy_from(&self, start: usize, values: &[f32]) {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(start), values.len());
+    }
+
     /// Elements `start..start + len`, possibly not yet initialised, as a slice to write.
     ///
     /// # Safety
