@@ -1,16 +1,18 @@
 //! `AddNeuron`: a residual [`Add`] and the spiking neuron that alone reads the sum, as one
-//! operator, which `optimize` swaps in on the CPU (see `optimize::fuse_add_neurons`).
+//! operator, which `optimize` swaps in (see `optimize::fuse_add_neurons`).
 //!
 //! Every block of a spiking ResNet ends with `sn2(bn2(conv2(x)) + shortcut)`. Run apart, the sum
 //! goes to memory and the neuron reads it back; here each task adds a range of neurons for all T
 //! steps into a buffer that stays in cache and runs the neuron on it. The result is the two
 //! operators' own, bit for bit: the task computes `a + b` as `Add` does and calls the neuron.
+//! On the GPU one kernel (`neuron_multi_step_add`) adds as it reads, with the neuron's own steps.
 use rayon::prelude::*;
 
 use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::connect::Add;
+use crate::ops::neuron::forward_cuda_added;
 use crate::ops::spike_gather::DisjointWrites;
 use crate::ops::{expect_inputs, Operator, ValueKind};
 use crate::tensor::Tensor;
@@ -87,10 +89,14 @@ impl Operator for AddNeuron {
         Tensor::new(a.shape().to_vec(), out)
     }
 
-    /// The two operators' kernels one after the other.
+    /// One kernel for a built-in neuron (`neuron_multi_step_add`: the sum never written), else
+    /// the two operators' kernels one after the other.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
-        let sum = Add.forward_cuda(inputs)?;
-        self.neuron.forward_cuda(&[&sum])
+        let [a, b] = expect_inputs::<2, _>(Self::TYPE_NAME, inputs)?;
+        match forward_cuda_added(self.neuron.as_ref(), a, b) {
+            Some(spikes) => spikes,
+            None => self.neuron.forward_cuda(&[&Add.forward_cuda(inputs)?]),
+        }
     }
 
     fn params(&self) -> Vec<(&'static str, &Tensor)> {

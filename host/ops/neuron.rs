@@ -135,10 +135,18 @@ where
 fn multi_step_cuda(
     op: &str,
     x: &DeviceTensor,
+    addend: Option<&DeviceTensor>,
     firing: &Firing,
     charge: Charge,
     k: f32,
 ) -> Result<DeviceTensor> {
+    if let Some(y) = addend.filter(|y| y.shape() != x.shape()) {
+        return Err(Error::Shape(format!(
+            "{op}: input shapes differ: {:?} vs {:?}",
+            x.shape(),
+            y.shape()
+        )));
+    }
     let Some((&steps, rest)) = x.shape().split_first() else {
         return Err(Error::Shape(format!(
             "{op} needs a [T, ...] input, got a scalar"
@@ -151,7 +159,11 @@ fn multi_step_cuda(
         return Ok(spikes);
     }
     let backend = x.backend();
-    let function = backend.function("neuron_multi_step")?;
+    let entry = match addend {
+        Some(_) => "neuron_multi_step_add",
+        None => "neuron_multi_step",
+    };
+    let function = backend.function(entry)?;
     let (steps, per_step) = (steps as u32, per_step as u32);
     let (hard, reset) = match firing.v_reset {
         Some(r) => (1u32, r),
@@ -159,8 +171,11 @@ fn multi_step_cuda(
     };
     let mode = charge as u32;
     let mut launch = backend.stream().launch_builder(&function);
+    launch.arg(x.slice());
+    if let Some(y) = addend {
+        launch.arg(y.slice());
+    }
     launch
-        .arg(x.slice())
         .arg(spikes.slice_mut())
         .arg(&steps)
         .arg(&per_step)
@@ -169,7 +184,8 @@ fn multi_step_cuda(
         .arg(&firing.v_threshold)
         .arg(&reset)
         .arg(&hard);
-    // SAFETY: the arguments match `neuron_multi_step`'s signature; one thread per neuron.
+    // SAFETY: the arguments match the entry's signature (`neuron_multi_step`, or `_add` with
+    // `y` of x's shape, checked above); one thread per neuron.
     unsafe {
         launch.launch(LaunchConfig {
             grid_dim: (per_step.div_ceil(NEURON_THREADS), 1, 1),
@@ -274,7 +290,7 @@ macro_rules! neuron_operator {
             fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
                 let [x] = expect_inputs::<1, _>($name, inputs)?;
                 let (charge, k) = self.cuda_charge();
-                multi_step_cuda($name, x, &self.firing, charge, k)
+                multi_step_cuda($name, x, None, &self.firing, charge, k)
             }
             fn params(&self) -> Vec<(&'static str, &Tensor)> {
                 self.param_list()
@@ -465,6 +481,35 @@ impl ParametricLIFNode {
     }
 }
 neuron_operator!(ParametricLIFNode, "ParametricLIFNode");
+
+/// A built-in neuron over `x + y` on the GPU, in one kernel (the sum never written); `None`
+/// for another operator.
+pub(crate) fn forward_cuda_added(
+    op: &dyn Operator,
+    x: &DeviceTensor,
+    y: &DeviceTensor,
+) -> Option<Result<DeviceTensor>> {
+    let any = op.as_any();
+    let (charge, k, firing) = if let Some(n) = any.downcast_ref::<IFNode>() {
+        let (charge, k) = n.cuda_charge();
+        (charge, k, n.firing)
+    } else if let Some(n) = any.downcast_ref::<LIFNode>() {
+        let (charge, k) = n.cuda_charge();
+        (charge, k, n.firing)
+    } else {
+        let n = any.downcast_ref::<ParametricLIFNode>()?;
+        let (charge, k) = n.cuda_charge();
+        (charge, k, n.firing)
+    };
+    Some(multi_step_cuda(
+        op.type_name(),
+        x,
+        Some(y),
+        &firing,
+        charge,
+        k,
+    ))
+}
 
 /// The operator as a [`SpikingNeuron`] when it is one of the built-in neuron types.
 pub fn as_spiking_neuron(op: &dyn Operator) -> Option<&dyn SpikingNeuron> {

@@ -8,10 +8,10 @@
 //! 3. **Replacement**: every `Conv2d` / `Linear` whose input is binary or integer-valued becomes
 //!    a [`SparseConv2d`] / [`SparseLinear`] with the same weights; the [`block_selector`] picks
 //!    each sparse conv's prescan block size.
-//! 4. On the CPU, **neuron fusion**: a built-in neuron whose spikes only a `MaxPool2d` reads
-//!    becomes one [`NeuronMaxPool`] node, and one that alone reads a residual `Add` becomes one
-//!    [`AddNeuron`] node (both keep the neuron's name, so its parameters keep theirs); the
-//!    max-pool or the add is reported as folded into it.
+//! 4. **Neuron fusion**: a built-in neuron that alone reads a residual `Add` becomes one
+//!    [`AddNeuron`] node, and on the CPU one whose spikes only a `MaxPool2d` reads becomes one
+//!    [`NeuronMaxPool`] node (both keep the neuron's name, so its parameters keep theirs); the
+//!    add or the max-pool is reported as folded into it.
 //! 5. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
 //!    its sparse kernels against the dense engine and keeps the faster (the CPU path makes the
 //!    same choice per input from its density, `SparseConv2d::dense_above_density`).
@@ -63,8 +63,8 @@ pub struct OptimizeOptions {
     pub replace_conv: bool,
     pub replace_linear: bool,
     pub fold_batchnorm: bool,
-    /// Fuse neuron + max-pool and add + neuron pairs (on the CPU only: on the GPU the fused
-    /// kernel tried was slower than the two memory-bound kernels apart).
+    /// Fuse add + neuron pairs, and on the CPU neuron + max-pool pairs (on the GPU the fused
+    /// pooling kernel tried was slower than the two memory-bound kernels apart).
     pub fuse_neurons: bool,
     /// The device the sparse operators are meant for: on CUDA, convolutions whose geometry has no
     /// GPU kernel variant are kept dense (and the report says so).
@@ -201,8 +201,10 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
             entries.insert(id, entry);
         }
     }
-    if options.fuse_neurons && options.device == Device::Cpu {
-        fuse_neuron_pools(graph, &mut entries)?;
+    if options.fuse_neurons {
+        if options.device == Device::Cpu {
+            fuse_neuron_pools(graph, &mut entries)?;
+        }
         fuse_add_neurons(graph, &mut entries)?;
     }
     Ok(OptimizeReport {

@@ -47,16 +47,48 @@ pub fn fire(h: f32, v_threshold: f32, hard_reset: bool, v_reset: f32) -> (f32, f
     (spike, v)
 }
 
-/// `x` and `spikes` are `[steps, per_step]`. Hard reset when `hard_reset != 0` (the membrane
-/// starts at `v_reset`), soft reset otherwise (it starts at 0).
+/// The neuron over `x + y` (`AddNeuron`: a residual add fused into the neuron after it): the
+/// sum is formed as `Add` forms it and never written. Arguments as [`neuron_multi_step`]'s, `y`
+/// shaped as `x`.
 ///
 /// # Safety
-/// `x` and `spikes` hold `steps · per_step` floats; launch with `per_step` threads or more.
+/// As [`neuron_multi_step`]; `y` holds as many floats as `x`.
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn neuron_multi_step(
+pub unsafe extern "ptx-kernel" fn neuron_multi_step_add(
     x: *const f32,
+    y: *const f32,
+    spikes: *mut f32,
+    steps: u32,
+    per_step: u32,
+    mode: u32,
+    k: f32,
+    v_threshold: f32,
+    v_reset: f32,
+    hard_reset: u32,
+) {
+    step_neuron(
+        x,
+        Some(y),
+        spikes,
+        steps,
+        per_step,
+        mode,
+        k,
+        v_threshold,
+        v_reset,
+        hard_reset,
+    )
+}
+
+/// One thread's neuron through every step, on `x` or on `x + y`.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_neuron(
+    x: *const f32,
+    y: Option<*const f32>,
     spikes: *mut f32,
     steps: u32,
     per_step: u32,
@@ -76,10 +108,47 @@ pub unsafe extern "ptx-kernel" fn neuron_multi_step(
     let mut v = v_r;
     let mut idx = i as usize;
     for _ in 0..steps {
-        let h = charge(mode, v, *x.add(idx), k, v_r);
+        let input = match y {
+            Some(y) => *x.add(idx) + *y.add(idx),
+            None => *x.add(idx),
+        };
+        let h = charge(mode, v, input, k, v_r);
         let (s, next) = fire(h, v_threshold, hard, v_r);
         *spikes.add(idx) = s;
         v = next;
         idx += per_step as usize;
     }
+}
+
+/// `x` and `spikes` are `[steps, per_step]`. Hard reset when `hard_reset != 0` (the membrane
+/// starts at `v_reset`), soft reset otherwise (it starts at 0).
+///
+/// # Safety
+/// `x` and `spikes` hold `steps · per_step` floats; launch with `per_step` threads or more.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn neuron_multi_step(
+    x: *const f32,
+    spikes: *mut f32,
+    steps: u32,
+    per_step: u32,
+    mode: u32,
+    k: f32,
+    v_threshold: f32,
+    v_reset: f32,
+    hard_reset: u32,
+) {
+    step_neuron(
+        x,
+        None,
+        spikes,
+        steps,
+        per_step,
+        mode,
+        k,
+        v_threshold,
+        v_reset,
+        hard_reset,
+    )
 }
