@@ -312,7 +312,35 @@ macro_rules! neuron_operator {
                 Ok((s, h.expect("charge requested")))
             }
         }
+        impl BuiltinNeuron for $ty {
+            fn kernel_charge(&self) -> (Charge, f32) {
+                self.cuda_charge()
+            }
+            fn spiking(&self) -> &dyn SpikingNeuron {
+                self
+            }
+        }
     };
+}
+
+/// What the crate's own code needs of a built-in neuron beyond [`SpikingNeuron`].
+trait BuiltinNeuron: SpikingNeuron {
+    /// The GPU kernels' charge equation and its constant.
+    fn kernel_charge(&self) -> (Charge, f32);
+    fn spiking(&self) -> &dyn SpikingNeuron;
+}
+
+/// The operator when it is one of the built-in neuron types.
+fn as_builtin_neuron(op: &dyn Operator) -> Option<&dyn BuiltinNeuron> {
+    let any = op.as_any();
+    if let Some(n) = any.downcast_ref::<IFNode>() {
+        return Some(n);
+    }
+    if let Some(n) = any.downcast_ref::<LIFNode>() {
+        return Some(n);
+    }
+    any.downcast_ref::<ParametricLIFNode>()
+        .map(|n| n as &dyn BuiltinNeuron)
 }
 
 /// Integrate-and-fire: `H = V + X`.
@@ -489,23 +517,13 @@ pub(crate) fn forward_cuda_added(
     x: &DeviceTensor,
     y: &DeviceTensor,
 ) -> Option<Result<DeviceTensor>> {
-    let any = op.as_any();
-    let (charge, k, firing) = if let Some(n) = any.downcast_ref::<IFNode>() {
-        let (charge, k) = n.cuda_charge();
-        (charge, k, n.firing)
-    } else if let Some(n) = any.downcast_ref::<LIFNode>() {
-        let (charge, k) = n.cuda_charge();
-        (charge, k, n.firing)
-    } else {
-        let n = any.downcast_ref::<ParametricLIFNode>()?;
-        let (charge, k) = n.cuda_charge();
-        (charge, k, n.firing)
-    };
+    let neuron = as_builtin_neuron(op)?;
+    let (charge, k) = neuron.kernel_charge();
     Some(multi_step_cuda(
         op.type_name(),
         x,
         Some(y),
-        &firing,
+        neuron.firing(),
         charge,
         k,
     ))
@@ -513,15 +531,7 @@ pub(crate) fn forward_cuda_added(
 
 /// The operator as a [`SpikingNeuron`] when it is one of the built-in neuron types.
 pub fn as_spiking_neuron(op: &dyn Operator) -> Option<&dyn SpikingNeuron> {
-    let any = op.as_any();
-    if let Some(n) = any.downcast_ref::<IFNode>() {
-        return Some(n);
-    }
-    if let Some(n) = any.downcast_ref::<LIFNode>() {
-        return Some(n);
-    }
-    any.downcast_ref::<ParametricLIFNode>()
-        .map(|n| n as &dyn SpikingNeuron)
+    as_builtin_neuron(op).map(BuiltinNeuron::spiking)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::cuda::DeviceTensor;
 use crate::error::Result;
 use crate::impl_as_any;
-use crate::ops::neuron::{IFNode, LIFNode, ParametricLIFNode};
+use crate::ops::neuron::as_spiking_neuron;
 use crate::ops::pool::MaxPool2d;
 use crate::ops::spike_gather::DisjointWrites;
 use crate::ops::{expect_inputs, Operator, ValueKind};
@@ -30,15 +30,11 @@ pub struct NeuronMaxPool {
 impl NeuronMaxPool {
     pub const TYPE_NAME: &'static str = "NeuronMaxPool";
 
-    /// Whether `op` may run plane by plane: the built-in IF, LIF and PLIF neurons, whose every
-    /// element steps over T on its own. A user's registered neuron might not (per-channel state).
+    /// Whether `op` may run on a part of its input at a time: the built-in IF, LIF and PLIF
+    /// neurons, whose every element steps over T on its own. A user's registered neuron might not
+    /// (per-channel state).
     pub fn fusable(op: &dyn Operator) -> bool {
-        [
-            IFNode::TYPE_NAME,
-            LIFNode::TYPE_NAME,
-            ParametricLIFNode::TYPE_NAME,
-        ]
-        .contains(&op.type_name())
+        as_spiking_neuron(op).is_some()
     }
 }
 
@@ -126,7 +122,7 @@ impl Operator for NeuronMaxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::neuron::Firing;
+    use crate::ops::neuron::{Firing, LIFNode};
     use crate::testing::random_uniform;
 
     fn lif() -> LIFNode {
