@@ -205,6 +205,25 @@ impl Graph {
             .collect()
     }
 
+    /// Replaces a node's operator with `wrap(old operator)` (for fusing it into a larger one).
+    pub fn map_op(
+        &mut self,
+        id: NodeId,
+        wrap: impl FnOnce(Box<dyn Operator>) -> Box<dyn Operator>,
+    ) -> Result<()> {
+        let node = self.node_mut(id)?;
+        // A placeholder stands in while `wrap` owns the old operator.
+        let old = std::mem::replace(&mut node.op, Box::new(Input { dims: Vec::new() }));
+        node.op = wrap(old);
+        Ok(())
+    }
+
+    /// Whether `consumer` alone reads `producer`, which is not the graph's output: the producer's
+    /// work can then be fused into the consumer, or the consumer's into the producer.
+    pub fn read_only_by(&self, producer: NodeId, consumer: NodeId) -> bool {
+        self.consumers(producer) == [consumer] && producer != self.output
+    }
+
     /// Swaps a node's operator, returning the old one.
     pub fn replace_op(&mut self, id: NodeId, op: Box<dyn Operator>) -> Result<Box<dyn Operator>> {
         Ok(std::mem::replace(&mut self.node_mut(id)?.op, op))
@@ -235,10 +254,7 @@ impl Graph {
     /// inputs in its place (for fusing the producer's work into the consumer's operator).
     pub fn absorb_input(&mut self, consumer: NodeId, producer: NodeId) -> Result<Node> {
         let name = |g: &Self, id| g.node(id).map(|n| n.name.clone());
-        if self.consumers(producer) != [consumer]
-            || producer == self.output
-            || producer == self.input
-        {
+        if !self.read_only_by(producer, consumer) || producer == self.input {
             return Err(Error::InvalidArgument(format!(
                 "`{}` is not read by `{}` alone",
                 name(self, producer)?,

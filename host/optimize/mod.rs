@@ -223,27 +223,14 @@ fn fuse_add_neurons(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEntr
         .collect();
     for id in neurons {
         let source = graph.node(id)?.inputs[0];
-        if !graph.node(source)?.op.as_any().is::<Add>()
-            || graph.consumers(source) != [id]
-            || graph.output_id() == source
-        {
+        if !graph.node(source)?.op.as_any().is::<Add>() || !graph.read_only_by(source, id) {
             continue;
         }
         let neuron_name = graph.node(id)?.name.clone();
         let add = graph.absorb_input(id, source)?;
-        // The neuron moves into the fused operator: swap a placeholder in to take it out.
-        let neuron = graph.replace_op(id, Box::new(Input { dims: Vec::new() }))?;
-        graph.replace_op(id, Box::new(AddNeuron { neuron }))?;
-        entries.insert(
-            source,
-            ReportEntry {
-                node: add.name,
-                op: "Add",
-                decision: Decision::Folded,
-                block: None,
-                reason: format!("into `{neuron_name}`: summed as its neuron reads it"),
-            },
-        );
+        graph.map_op(id, |neuron| Box::new(AddNeuron { neuron }))?;
+        let reason = format!("into `{neuron_name}`: summed as its neuron reads it");
+        entries.insert(source, fused_entry(add.name, "Add", reason));
     }
     Ok(())
 }
@@ -259,10 +246,7 @@ fn fuse_neuron_pools(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEnt
     for id in pools {
         let source = graph.node(id)?.inputs[0];
         let neuron = graph.node(source)?;
-        if !NeuronMaxPool::fusable(neuron.op.as_ref())
-            || graph.consumers(source) != [id]
-            || graph.output_id() == source
-        {
+        if !NeuronMaxPool::fusable(neuron.op.as_ref()) || !graph.read_only_by(source, id) {
             continue;
         }
         let neuron_name = neuron.name.clone();
@@ -273,21 +257,22 @@ fn fuse_neuron_pools(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEnt
             .downcast_ref::<MaxPool2d>()
             .expect("filtered above")
             .clone();
-        // The neuron moves into the fused operator: swap a placeholder in to take it out.
-        let neuron = graph.replace_op(source, Box::new(Input { dims: Vec::new() }))?;
-        graph.replace_op(source, Box::new(NeuronMaxPool { neuron, pool }))?;
-        entries.insert(
-            id,
-            ReportEntry {
-                node: pool_node.name,
-                op: "MaxPool2d",
-                decision: Decision::Folded,
-                block: None,
-                reason: format!("into `{neuron_name}`: pooled while its spikes are in cache"),
-            },
-        );
+        graph.map_op(source, |neuron| Box::new(NeuronMaxPool { neuron, pool }))?;
+        let reason = format!("into `{neuron_name}`: pooled while its spikes are in cache");
+        entries.insert(id, fused_entry(pool_node.name, "MaxPool2d", reason));
     }
     Ok(())
+}
+
+/// The report's entry for a node fused into its neighbour.
+fn fused_entry(node: String, op: &'static str, reason: String) -> ReportEntry {
+    ReportEntry {
+        node,
+        op,
+        decision: Decision::Folded,
+        block: None,
+        reason,
+    }
 }
 
 /// Folds every BatchNorm2d that directly follows a convolution read only by it.
