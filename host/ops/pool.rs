@@ -136,16 +136,7 @@ impl Operator for MaxPool2d {
                 let inner = &mut row_max[pw..pw + w];
                 inner.fill(f32::NEG_INFINITY);
                 for ih in (h0..h1).step_by(dh) {
-                    let row = &xp[ih * w..(ih + 1) * w];
-                    if has_nan {
-                        for (m, &v) in inner.iter_mut().zip(row) {
-                            *m = max_nan(*m, v);
-                        }
-                    } else {
-                        for (m, &v) in inner.iter_mut().zip(row) {
-                            *m = if v > *m { v } else { *m };
-                        }
-                    }
+                    max_into(inner, &xp[ih * w..(ih + 1) * w], has_nan);
                 }
                 if !has_nan && kw == 3 && dw == 1 {
                     // ResNet's 3-wide windows: three loads and two maxes per output.
@@ -161,16 +152,7 @@ impl Operator for MaxPool2d {
                 // dependency chain from one output to the next.
                 yr.fill(f32::NEG_INFINITY);
                 for kx in 0..kw {
-                    let column = row_max[kx * dw..].iter().step_by(sw);
-                    if has_nan {
-                        for (y, &v) in yr.iter_mut().zip(column) {
-                            *y = max_nan(*y, v);
-                        }
-                    } else {
-                        for (y, &v) in yr.iter_mut().zip(column) {
-                            *y = if v > *y { v } else { *y };
-                        }
-                    }
+                    max_into(yr, row_max[kx * dw..].iter().step_by(sw), has_nan);
                 }
             }
         })
@@ -461,6 +443,21 @@ fn max_nan(m: f32, v: f32) -> f32 {
         v
     } else {
         m
+    }
+}
+
+/// `dst[i] = max(dst[i], src[i])`: NaN-propagating ([`max_nan`]) when `nan`, else with plain
+/// comparisons, which vectorise.
+#[inline(always)]
+fn max_into<'a>(dst: &mut [f32], src: impl IntoIterator<Item = &'a f32>, nan: bool) {
+    if nan {
+        for (m, &v) in dst.iter_mut().zip(src) {
+            *m = max_nan(*m, v);
+        }
+    } else {
+        for (m, &v) in dst.iter_mut().zip(src) {
+            *m = if v > *m { v } else { *m };
+        }
     }
 }
 
