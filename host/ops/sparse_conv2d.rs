@@ -29,8 +29,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{
-    conv_shared_bytes, mask_words, preferred_shapes, SparseConvVariant, CONV_THREADS, PACK_THREADS,
-    SPARSE_CONV_VARIANTS,
+    conv_shared_bytes, preferred_shapes, SparseConvVariant, CONV_THREADS, SPARSE_CONV_VARIANTS,
 };
 
 use crate::cuda::{allow_shared_memory, CudaBackend, DeviceCache, DeviceTensor, GpuTimer};
@@ -339,42 +338,18 @@ impl SparseConv2d {
             )));
         }
         let weights = self.device_weights(&backend, variant.pass() as usize)?;
-        let stream = backend.stream();
-        let words = mask_words(cin as u32) as usize;
         let hw = h * w;
         let to_u32 = |v: usize| {
             u32::try_from(v).map_err(|_| {
                 Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape()))
             })
         };
-        let (n32, cin32, hw32) = (to_u32(n)?, to_u32(cin)?, to_u32(hw)?);
-        to_u32(n * words * hw)?;
+        let (n32, cin32) = (to_u32(n)?, to_u32(cin)?);
         to_u32(n * cout.max(cin) * hw.max(oh * ow))?;
-        // SAFETY: the packing kernel writes every mask word.
-        let mut masks = unsafe { stream.alloc::<u32>((n * words * hw).max(1))? };
-        let mut non_binary = stream.alloc_zeros::<u32>(1)?;
         if n * hw == 0 || cout == 0 {
             return Ok(());
         }
-        let pack = backend.function("spike_mask_pack")?;
-        let blocks = ((n * words * hw) as u32).div_ceil(PACK_THREADS);
-        let mut launch = stream.launch_builder(&pack);
-        launch
-            .arg(x.slice())
-            .arg(&mut masks)
-            .arg(&mut non_binary)
-            .arg(&n32)
-            .arg(&cin32)
-            .arg(&hw32);
-        // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (PACK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })?
-        };
-
+        let stream = backend.stream();
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
         let conv = backend.function(variant.entry)?;
@@ -383,8 +358,6 @@ impl SparseConv2d {
         let mut launch = stream.launch_builder(&conv);
         launch
             .arg(x.slice())
-            .arg(&masks)
-            .arg(&non_binary)
             .arg(&weights.weights)
             .arg(&weights.bias)
             .arg(out.slice_mut())

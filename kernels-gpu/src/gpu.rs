@@ -313,3 +313,86 @@ pub unsafe fn load_shared_f32x4_at(addr: u32) -> (f32, f32, f32, f32) {
     );
     (a, b, c, d)
 }
+
+/// The shared-window address of the module's dynamic shared memory (for `ld.shared`/`st.shared`,
+/// which take 32-bit addresses and need no generic-to-shared conversion per access).
+#[inline(always)]
+pub fn dynamic_shared_base() -> u32 {
+    let out: u32;
+    unsafe {
+        asm!("mov.u32 {out}, SPARSEFLOW_DYNAMIC_SMEM;", out = out(reg32) out);
+    }
+    out
+}
+
+/// One `u32` at shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is a 4-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_u32(addr: u32) -> u32 {
+    let out: u32;
+    asm!("ld.shared.u32 {out}, [{addr}];", addr = in(reg32) addr, out = out(reg32) out);
+    out
+}
+
+/// One `f32` at shared-window address `addr`.
+///
+/// # Safety
+/// As [`load_shared_u32`].
+#[inline(always)]
+pub unsafe fn load_shared_f32(addr: u32) -> f32 {
+    f32::from_bits(load_shared_u32(addr))
+}
+
+/// Four consecutive `u32` at shared-window address `addr`, with one 16-byte shared load.
+///
+/// # Safety
+/// `addr` is a 16-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_u32x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+        addr = in(reg32) addr,
+        a = out(reg32) a,
+        b = out(reg32) b,
+        c = out(reg32) c,
+        d = out(reg32) d,
+    );
+    [a, b, c, d]
+}
+
+/// Stores one `u32` at shared-window address `addr`.
+///
+/// # Safety
+/// `addr` is a 4-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn store_shared_u32(addr: u32, value: u32) {
+    asm!("st.shared.u32 [{addr}], {v};", addr = in(reg32) addr, v = in(reg32) value);
+}
+
+/// Stores one `f32` at shared-window address `addr`.
+///
+/// # Safety
+/// As [`store_shared_u32`].
+#[inline(always)]
+pub unsafe fn store_shared_f32(addr: u32, value: f32) {
+    store_shared_u32(addr, value.to_bits());
+}
+
+/// One float from global memory that this CTA reads once: cached in L2 only (`.cg`), so a
+/// streamed input does not evict from L1 the weight rows the gather reuses.
+///
+/// # Safety
+/// `ptr` is 4-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_streaming_f32(ptr: *const f32) -> f32 {
+    let out: f32;
+    asm!(
+        "ld.global.cg.f32 {out}, [{ptr}];",
+        ptr = in(reg64) ptr,
+        out = out(reg32) out,
+    );
+    out
+}
