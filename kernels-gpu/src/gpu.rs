@@ -396,3 +396,19 @@ pub unsafe fn load_streaming_f32(ptr: *const f32) -> f32 {
     );
     out
 }
+
+/// Index of the lowest set bit of `m` (`m` non-zero): bit-reverse, then find the highest.
+#[inline(always)]
+pub fn lowest_set_bit(m: u32) -> u32 {
+    let out: u32;
+    unsafe {
+        asm!(
+            "{{ .reg .b32 %r;",
+            "brev.b32 %r, {m};",
+            "bfind.shiftamt.u32 {out}, %r; }}",
+            m = in(reg32) m,
+            out = out(reg32) out,
+        );
+    }
+    out
+}

@@ -284,12 +284,13 @@ unsafe fn gather_tile<
     };
     // The first round's items are the same for every pixel.
     let first_items = (place(hl), place(lanes + hl));
+    // Interior tiles (the common case) need no per-pixel bounds checks or votes.
+    let full = t.active && t.ty0 + B <= t.oh && t.tx0 + B <= t.ow;
     let mut p0 = warp * H;
     while p0 < bb {
         let p = p0 + half;
         let (py, px) = (p / B, p % B);
-        let mut acc = bias_v;
-        let valid = t.active && t.ty0 + py < t.oh && t.tx0 + px < t.ow;
+        let valid = full || (t.active && t.ty0 + py < t.oh && t.tx0 + px < t.ow);
         let pixel_window = 4 * (py * S * side + px * S);
         let pixel_input = py * S * w + px * S;
         let mask = |at: &Item| -> u32 {
@@ -299,7 +300,26 @@ unsafe fn gather_tile<
                 0
             }
         };
-        if (H == 1 && valid) || (H > 1 && gpu::warp_any(valid)) {
+        // Writes the rows of `m`'s set bits (item `at`) from list slot `slot` on, stopping at
+        // `end`; returns the next slot and the bits left.
+        let list_rows = |mut m: u32, at: &Item, mut slot: u32, end: u32| -> (u32, u32) {
+            while slot < end && m != 0 {
+                let bit = gpu::lowest_set_bit(m);
+                m &= m - 1;
+                gpu::store_shared_u32(offsets + 4 * slot, at.row + bit * cout_pad);
+                if !BINARY {
+                    let input = at.input.wrapping_add(pixel_input + bit * hw);
+                    gpu::store_shared_f32(values + 4 * slot, *t.image.add(input as usize));
+                }
+                slot += 1;
+            }
+            (slot, m)
+        };
+        let consume = |count: u32, acc: [f32; V]| {
+            consume_list::<V, H, BINARY>(offsets, values, count, hl, zero_offset, lane_weights, acc)
+        };
+        let mut acc = bias_v;
+        if full || (H == 1 && valid) || (H > 1 && gpu::warp_any(valid)) {
             // Rows listed for this pixel and not yet consumed (the same on its lanes).
             let mut count = 0u32;
             let mut base = 0;
@@ -316,41 +336,21 @@ unsafe fn gather_tile<
                     let inclusive = gpu::scan_add_u32(bits, lanes);
                     let total = gpu::shfl_u32(inclusive, half * lanes + lanes - 1);
                     let first = count + inclusive - bits;
-                    let end = (first + bits).min(cap);
-                    let mut slot = first;
+                    if !gpu::warp_any(count + total > cap) {
+                        // Every row fits: the common case.
+                        let (slot, _) = list_rows(ma, &a, first, u32::MAX);
+                        list_rows(mb, &b, slot, u32::MAX);
+                        count += total;
+                        break;
+                    }
                     // Rows past the list's end stay in the masks for the next turn.
-                    while slot < end && ma != 0 {
-                        let bit = ma.trailing_zeros();
-                        ma &= ma - 1;
-                        gpu::store_shared_u32(offsets + 4 * slot, a.row + bit * cout_pad);
-                        if !BINARY {
-                            let at = a.input.wrapping_add(pixel_input + bit * hw);
-                            gpu::store_shared_f32(values + 4 * slot, *t.image.add(at as usize));
-                        }
-                        slot += 1;
-                    }
-                    while slot < end && mb != 0 {
-                        let bit = mb.trailing_zeros();
-                        mb &= mb - 1;
-                        gpu::store_shared_u32(offsets + 4 * slot, b.row + bit * cout_pad);
-                        if !BINARY {
-                            let at = b.input.wrapping_add(pixel_input + bit * hw);
-                            gpu::store_shared_f32(values + 4 * slot, *t.image.add(at as usize));
-                        }
-                        slot += 1;
-                    }
+                    let end = (first + bits).min(cap);
+                    let (slot, rest) = list_rows(ma, &a, first, end);
+                    ma = rest;
+                    mb = list_rows(mb, &b, slot, end).1;
                     count = (count + total).min(cap);
-                    // A full list is consumed at once.
                     if gpu::warp_any(count == cap) {
-                        acc = consume_list::<V, H, BINARY>(
-                            offsets,
-                            values,
-                            count,
-                            hl,
-                            zero_offset,
-                            lane_weights,
-                            acc,
-                        );
+                        acc = consume(count, acc);
                         count = 0;
                     }
                     if !gpu::warp_any(ma != 0 || mb != 0) {
@@ -359,17 +359,8 @@ unsafe fn gather_tile<
                 }
                 base += 2 * lanes;
             }
-            if gpu::warp_any(count != 0) {
-                acc = consume_list::<V, H, BINARY>(
-                    offsets,
-                    values,
-                    count,
-                    hl,
-                    zero_offset,
-                    lane_weights,
-                    acc,
-                );
-            }
+            // With no rows the list is empty and the loop below does not run.
+            acc = consume(count, acc);
         }
         for (k, a) in acc.iter().enumerate() {
             gpu::store_shared_f32(
