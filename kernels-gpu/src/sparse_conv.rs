@@ -165,21 +165,48 @@ unsafe fn consume_list<const V: usize, const H: u32, const BINARY: bool>(
         j += lanes;
     }
     gpu::sync_warp();
-    let mut j = 0;
-    while j < padded {
-        let o = gpu::load_shared_u32x4(offsets + 4 * j);
-        let r0 = load_row::<V>(lane_weights.add(o[0] as usize));
-        let r1 = load_row::<V>(lane_weights.add(o[1] as usize));
-        let r2 = load_row::<V>(lane_weights.add(o[2] as usize));
-        let r3 = load_row::<V>(lane_weights.add(o[3] as usize));
-        if BINARY {
+    let row = |o: u32| load_row::<V>(lane_weights.add(o as usize));
+    if BINARY && V <= 4 {
+        // Software-pipelined: the next four rows are in flight while these are added (at 8
+        // channels per lane the second set of rows would cost too many registers).
+        if padded > 0 {
+            let o = gpu::load_shared_u32x4(offsets);
+            let (mut r0, mut r1, mut r2, mut r3) = (row(o[0]), row(o[1]), row(o[2]), row(o[3]));
+            let mut j = 4;
+            while j < padded {
+                let o = gpu::load_shared_u32x4(offsets + 4 * j);
+                let next = (row(o[0]), row(o[1]), row(o[2]), row(o[3]));
+                for k in 0..V {
+                    acc[k] += r0[k];
+                    acc[k] += r1[k];
+                    acc[k] += r2[k];
+                    acc[k] += r3[k];
+                }
+                (r0, r1, r2, r3) = next;
+                j += 4;
+            }
             for k in 0..V {
                 acc[k] += r0[k];
                 acc[k] += r1[k];
                 acc[k] += r2[k];
                 acc[k] += r3[k];
             }
-        } else {
+        }
+    } else {
+        let mut j = 0;
+        while j < padded {
+            let o = gpu::load_shared_u32x4(offsets + 4 * j);
+            let (r0, r1, r2, r3) = (row(o[0]), row(o[1]), row(o[2]), row(o[3]));
+            if BINARY {
+                for k in 0..V {
+                    acc[k] += r0[k];
+                    acc[k] += r1[k];
+                    acc[k] += r2[k];
+                    acc[k] += r3[k];
+                }
+                j += 4;
+                continue;
+            }
             let v = gpu::load_shared_u32x4(values + 4 * j).map(f32::from_bits);
             for k in 0..V {
                 acc[k] = gpu::fma_f32(v[0], r0[k], acc[k]);
@@ -187,8 +214,8 @@ unsafe fn consume_list<const V: usize, const H: u32, const BINARY: bool>(
                 acc[k] = gpu::fma_f32(v[2], r2[k], acc[k]);
                 acc[k] = gpu::fma_f32(v[3], r3[k], acc[k]);
             }
+            j += 4;
         }
-        j += 4;
     }
     // The lists are rewritten next; every lane must be done reading them.
     gpu::sync_warp();
