@@ -1,13 +1,14 @@
 //! The sparse convolution on the GPU: one kernel, `sparse_conv_k{K}_s{S}_b{B}_v{V}[h2]`, whose
 //! CTAs each run both stages for one `B × B` output tile of one image.
 //!
-//! - Stage 1, the prescan: the CTA reads its input window `[Cin, side, side]` once (cached in L2 only, so
-//!   the streamed input does not evict the weight rows the gather reuses) and bit-packs it into
-//!   per-pixel masks of active channels in shared memory, `[words][side²]` with
-//!   `words = ceil(Cin / 32)`; it also notes whether any non-zero is not exactly 1 (integer-valued
-//!   SEW inputs). A silent window writes the bias and stops. Doing this inside the compute kernel
-//!   instead of in a packing pass of its own saves reading the f32 input twice: the separate
-//!   pass cost 40 µs at 3×3 64→64 @56, batch 128, on the H100, a sixth of the layer.
+//! - Stage 1, the prescan: the CTA bit-packs its input window `[Cin, side, side]` into per-pixel
+//!   masks of active channels in shared memory, `[words][side²]` with `words = ceil(Cin / 32)`,
+//!   and notes whether any non-zero is not exactly 1 (integer-valued SEW inputs). A silent
+//!   window writes the bias and stops. Most layers read the f32 window themselves (cached in L2
+//!   only, so the streamed input does not evict the weight rows the gather reuses): a packing
+//!   pass of its own reads the f32 input a second time, 40 µs at 3×3 64→64 @56, batch 128, on
+//!   the H100, a sixth of the layer. Layers the host finds faster with that pass (stride 1 with
+//!   8 channels per lane, measured) get the masks from `spike_mask_pack` instead.
 //! - Stage 2, the gather: each warp owns `B²/8` output pixels with their accumulators in
 //!   registers. For each pixel its lanes take the pixel's (tap, mask word) items, two per lane,
 //!   and pop the set bits into a list of weight rows in shared memory (a prefix sum of the
@@ -27,6 +28,8 @@
 pub const COUT_PER_PASS: u32 = 64;
 /// Threads per CTA of the compute kernel (8 warps).
 pub const CONV_THREADS: u32 = 256;
+/// Threads per CTA of the packing kernel.
+pub const PACK_THREADS: u32 = 256;
 
 /// A compute-kernel entry point and the geometry it was instantiated for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +91,57 @@ pub const fn source(o: u32, k: u32, stride: u32, pad: u32, size: u32) -> Option<
 #[inline(always)]
 pub const fn mask_words(cin: u32) -> u32 {
     cin.div_ceil(32)
+}
+
+/// # Safety
+/// `input` holds `n·cin·hw` floats, `masks` `n·words·hw` u32, `non_binary` one u32 (zeroed by the
+/// host). Launch with `PACK_THREADS` threads and `ceil(n·words·hw / PACK_THREADS)` blocks.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn spike_mask_pack(
+    input: *const f32,
+    masks: *mut u32,
+    non_binary: *mut u32,
+    n: u32,
+    cin: u32,
+    hw: u32,
+) {
+    use crate::gpu;
+    let words = mask_words(cin);
+    let idx = gpu::block_x() * PACK_THREADS + gpu::thread_x();
+    let total = n * words * hw;
+    let mut odd = false;
+    if idx < total {
+        let pixel = idx % hw;
+        let word = (idx / hw) % words;
+        let img = idx / (hw * words);
+        let first = input.add(((img * cin + word * 32) * hw + pixel) as usize);
+        let channels = (cin - word * 32).min(32);
+        let mut m = 0u32;
+        let mut mark = |j: u32, v: f32| {
+            m |= ((v != 0.0) as u32) << j;
+            odd |= v != 0.0 && v != 1.0;
+        };
+        if channels == 32 {
+            // A full word: all 32 loads are issued before any is tested.
+            let mut v = [0.0f32; 32];
+            for (j, v) in v.iter_mut().enumerate() {
+                *v = *first.add(j * hw as usize);
+            }
+            for (j, &v) in v.iter().enumerate() {
+                mark(j as u32, v);
+            }
+        } else {
+            for j in 0..channels {
+                mark(j, *first.add((j * hw) as usize));
+            }
+        }
+        *masks.add(idx as usize) = m;
+    }
+    // Every thread reaches the vote (none returned early), so the warp is complete.
+    if gpu::warp_any(odd) && gpu::thread_x() % gpu::WARP_SIZE == 0 {
+        gpu::atomic_or_u32(non_binary, 1);
+    }
 }
 
 /// `V` consecutive weights of one row through the read-only cache (`V` is 2, 4 or 8; the row
@@ -401,7 +455,8 @@ unsafe fn gather_tile<
 
 /// # Safety
 /// `input` holds `n·cin·h·w` floats, `out` `n·cout·oh·ow`, weights and bias as in the module
-/// docs. Launch with grid `(tiles_x · tiles_y, n, cout_pad / (32·V))`, `CONV_THREADS` threads and
+/// docs; `masks` and `non_binary` are null (the kernel bit-packs its windows itself) or what
+/// `spike_mask_pack` wrote for `input`. Launch with grid `(tiles_x · tiles_y, n, cout_pad / (32·V))`, `CONV_THREADS` threads and
 /// `conv_shared_bytes(B, K, S, Cin, 32 / H · V)` bytes of dynamic shared memory; `cout_pad` is a
 /// multiple of `32·V`.
 ///
@@ -417,6 +472,8 @@ pub unsafe fn sparse_conv<
     const H: u32,
 >(
     input: *const f32,
+    masks: *const u32,
+    non_binary: *const u32,
     weights: *const f32,
     bias: *const f32,
     out: *mut f32,
@@ -445,10 +502,12 @@ pub unsafe fn sparse_conv<
     let window = lists + 4 * 2 * (CONV_THREADS / 32) * WARP_LIST_ENTRIES;
     let image = input.add((img * cin * hw) as usize);
 
-    // Stage 1: the window's masks, one thread per (mask word, window pixel); all 32 loads of a
-    // full word are issued before any is tested.
+    // Stage 1: the window's masks, one thread per (mask word, window pixel): from the packed
+    // masks when the host ran `spike_mask_pack`, else from the input, all 32 loads of a full
+    // word issued before any is tested.
     let wy0 = (ty0 * S) as i32 - pad as i32;
     let wx0 = (tx0 * S) as i32 - pad as i32;
+    let packed = !masks.is_null();
     let (mut any, mut odd) = (false, false);
     let mut i = tid;
     while i < words * side * side {
@@ -456,29 +515,37 @@ pub unsafe fn sparse_conv<
         let (y, x) = (wy0 + (r / side) as i32, wx0 + (r % side) as i32);
         let mut m = 0u32;
         if y >= 0 && x >= 0 && (y as u32) < h && (x as u32) < w {
-            let first = image.add((word * 32 * hw + y as u32 * w + x as u32) as usize);
-            let channels = (cin - word * 32).min(32);
-            let mut mark = |j: u32, v: f32| {
-                m |= ((v != 0.0) as u32) << j;
-                odd |= v != 0.0 && v != 1.0;
-            };
-            if channels == 32 {
-                let mut v = [0.0f32; 32];
-                for (j, v) in v.iter_mut().enumerate() {
-                    *v = gpu::load_streaming_f32(first.add(j * hw as usize));
-                }
-                for (j, &v) in v.iter().enumerate() {
-                    mark(j as u32, v);
-                }
+            let pixel = y as u32 * w + x as u32;
+            if packed {
+                m = *masks.add(((img * words + word) * hw + pixel) as usize);
             } else {
-                for j in 0..channels {
-                    mark(j, gpu::load_streaming_f32(first.add((j * hw) as usize)));
+                let first = image.add((word * 32 * hw + pixel) as usize);
+                let channels = (cin - word * 32).min(32);
+                let mut mark = |j: u32, v: f32| {
+                    m |= ((v != 0.0) as u32) << j;
+                    odd |= v != 0.0 && v != 1.0;
+                };
+                if channels == 32 {
+                    let mut v = [0.0f32; 32];
+                    for (j, v) in v.iter_mut().enumerate() {
+                        *v = gpu::load_streaming_f32(first.add(j * hw as usize));
+                    }
+                    for (j, &v) in v.iter().enumerate() {
+                        mark(j as u32, v);
+                    }
+                } else {
+                    for j in 0..channels {
+                        mark(j, gpu::load_streaming_f32(first.add((j * hw) as usize)));
+                    }
                 }
             }
         }
         gpu::store_shared_u32(window + 4 * i, m);
         any |= m != 0;
         i += CONV_THREADS;
+    }
+    if packed {
+        odd = *non_binary != 0;
     }
     let active = gpu::sync_threads_or(any) && ty0 < oh && tx0 < ow;
     let binary = !gpu::sync_threads_or(odd);
@@ -548,11 +615,12 @@ macro_rules! sparse_conv_variants {
             #[cfg(target_arch = "nvptx64")]
             #[no_mangle]
             pub unsafe extern "ptx-kernel" fn $entry(
-                input: *const f32, weights: *const f32, bias: *const f32, out: *mut f32,
+                input: *const f32, masks: *const u32, non_binary: *const u32,
+                weights: *const f32, bias: *const f32, out: *mut f32,
                 cin: u32, h: u32, w: u32, cout: u32, cout_pad: u32, oh: u32, ow: u32, tiles_x: u32,
             ) {
                 sparse_conv::<$k, $s, $b, $v, $h>(
-                    input, weights, bias, out,
+                    input, masks, non_binary, weights, bias, out,
                     cin, h, w, cout, cout_pad, oh, ow, tiles_x,
                 )
             }
