@@ -353,12 +353,12 @@ impl SparseConv2d {
         if n * hw == 0 || cout == 0 {
             return Ok(());
         }
-        // Stage 1 runs inside the compute kernel, except at stride 1 with 8 channels per lane,
-        // where a packing pass of its own measured no slower (H100, batch 128, 5% spikes, one
-        // process: 1×1 64→256 @56 0.424 against 0.494 ms; 3×3 256→256 @14 and 512→512 @7
-        // within 1.5%): those CTAs cover 256 output channels, fewer fit on a multiprocessor
-        // and each one's window read is exposed. Every other ResNet shape measured faster with
-        // the prescan inside (3×3 64→64 @56 0.252 against 0.299 ms).
+        // Stage 1 runs inside the compute kernel, except at stride 1 with 8 channels per lane
+        // (the wide 1×1 layers), where a packing pass of its own measured faster (H100, batch
+        // 128, 5% spikes, one process: 1×1 64→256 @56 0.424 against 0.494 ms): those CTAs
+        // cover 256 output channels, fewer fit on a multiprocessor and each one's window read
+        // is exposed. Every other ResNet shape measured faster with the prescan inside (3×3
+        // 64→64 @56 0.252 against 0.299 ms).
         let packed = variant.stride == 1 && variant.couts_per_lane == 8;
         let mut masks = None;
         if packed {
@@ -435,7 +435,7 @@ impl SparseConv2d {
             && c.groups == 1
             && c.stride.0 == c.stride.1;
         let block = self.gpu_tile(h) as u32;
-        preferred_shapes(c.out_channels() as u32)
+        preferred_shapes(c.out_channels() as u32, kh as u32)
             .iter()
             .find_map(|&(lanes, pixels)| {
                 SPARSE_CONV_VARIANTS.iter().copied().find(|v| {
