@@ -755,6 +755,21 @@ mod tests {
     }
 
     #[test]
+    fn wide_layers_prefer_the_measured_widths() {
+        // Every preferred shape list ends with the one that always fits.
+        for cout in [1, 64, 65, 128, 129, 512] {
+            for kernel in [1, 3] {
+                assert_eq!(preferred_shapes(cout, kernel).last(), Some(&(2, 1)));
+            }
+        }
+        assert_eq!(preferred_shapes(64, 3)[0], (4, 2));
+        assert_eq!(preferred_shapes(128, 1)[0], (4, 1));
+        // Beyond 128 channels 3×3 layers stay at 4 per lane, 1×1 layers take 8.
+        assert_eq!(preferred_shapes(512, 3)[0], (4, 1));
+        assert_eq!(preferred_shapes(256, 1)[0], (8, 1));
+    }
+
+    #[test]
     fn variants_are_distinct() {
         for (i, a) in SPARSE_CONV_VARIANTS.iter().enumerate() {
             for b in &SPARSE_CONV_VARIANTS[i + 1..] {
