@@ -236,7 +236,7 @@ fn block_sizes_follow_the_feature_map_and_overrides() {
     let report = optimize(&mut g, &options).unwrap();
     let block = |n: &str| report.entry(n).unwrap().block.clone().unwrap();
     assert_eq!(block("layer1.0.conv1"), "8"); // 56x56
-    assert_eq!(block("layer2.0.conv2"), "8"); // 28x28
+    assert_eq!(block("layer2.0.conv2"), "4"); // 28x28
     assert_eq!(block("layer3.1.conv1"), "4"); // 14x14
     assert_eq!(block("layer4.0.conv2"), "4"); // 7x7
     assert_eq!(block("layer4.1.conv2"), "8"); // overridden
