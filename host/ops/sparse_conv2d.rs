@@ -363,10 +363,10 @@ impl SparseConv2d {
         let mut masks = None;
         if packed {
             // SAFETY: the packing kernel writes every mask word.
-            let mut words_out = unsafe { stream.alloc::<u32>(n * words * hw)? };
+            let mut words_out = unsafe { stream.alloc::<u32>((n * words * hw).max(1))? };
             let mut non_binary = stream.alloc_zeros::<u32>(1)?;
             let pack = backend.function("spike_mask_pack")?;
-            let blocks = ((n * words * hw) as u32).div_ceil(PACK_THREADS);
+            let blocks = ((n * words * hw) as u32).div_ceil(PACK_THREADS).max(1);
             let mut launch = stream.launch_builder(&pack);
             launch
                 .arg(x.slice())
