@@ -302,15 +302,7 @@ pub fn shared_address(ptr: *const f32) -> u32 {
 /// `addr` is a 16-byte aligned address inside the CTA's shared memory.
 #[inline(always)]
 pub unsafe fn load_shared_f32x4_at(addr: u32) -> (f32, f32, f32, f32) {
-    let (a, b, c, d): (f32, f32, f32, f32);
-    asm!(
-        "ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
-        addr = in(reg32) addr,
-        a = out(reg32) a,
-        b = out(reg32) b,
-        c = out(reg32) c,
-        d = out(reg32) d,
-    );
+    let [a, b, c, d] = load_shared_u32x4(addr).map(f32::from_bits);
     (a, b, c, d)
 }
 

@@ -225,6 +225,16 @@ unsafe fn consume_list<const V: usize, const H: u32, const BINARY: bool>(
     }
     gpu::sync_warp();
     let row = |o: u32| load_row::<V>(lane_weights.add(o as usize));
+    // Binary spikes: each of the four rows is added as it is.
+    let add_rows =
+        |acc: &mut [f32; V], r0: &[f32; V], r1: &[f32; V], r2: &[f32; V], r3: &[f32; V]| {
+            for k in 0..V {
+                acc[k] += r0[k];
+                acc[k] += r1[k];
+                acc[k] += r2[k];
+                acc[k] += r3[k];
+            }
+        };
     if BINARY && V <= 4 {
         // Software-pipelined: the next four rows are in flight while these are added (at 8
         // channels per lane the second set of rows would cost too many registers).
@@ -235,21 +245,11 @@ unsafe fn consume_list<const V: usize, const H: u32, const BINARY: bool>(
             while j < padded {
                 let o = gpu::load_shared_u32x4(offsets + 4 * j);
                 let next = (row(o[0]), row(o[1]), row(o[2]), row(o[3]));
-                for k in 0..V {
-                    acc[k] += r0[k];
-                    acc[k] += r1[k];
-                    acc[k] += r2[k];
-                    acc[k] += r3[k];
-                }
+                add_rows(&mut acc, &r0, &r1, &r2, &r3);
                 (r0, r1, r2, r3) = next;
                 j += 4;
             }
-            for k in 0..V {
-                acc[k] += r0[k];
-                acc[k] += r1[k];
-                acc[k] += r2[k];
-                acc[k] += r3[k];
-            }
+            add_rows(&mut acc, &r0, &r1, &r2, &r3);
         }
     } else {
         let mut j = 0;
@@ -257,21 +257,15 @@ unsafe fn consume_list<const V: usize, const H: u32, const BINARY: bool>(
             let o = gpu::load_shared_u32x4(offsets + 4 * j);
             let (r0, r1, r2, r3) = (row(o[0]), row(o[1]), row(o[2]), row(o[3]));
             if BINARY {
+                add_rows(&mut acc, &r0, &r1, &r2, &r3);
+            } else {
+                let v = gpu::load_shared_u32x4(values + 4 * j).map(f32::from_bits);
                 for k in 0..V {
-                    acc[k] += r0[k];
-                    acc[k] += r1[k];
-                    acc[k] += r2[k];
-                    acc[k] += r3[k];
+                    acc[k] = gpu::fma_f32(v[0], r0[k], acc[k]);
+                    acc[k] = gpu::fma_f32(v[1], r1[k], acc[k]);
+                    acc[k] = gpu::fma_f32(v[2], r2[k], acc[k]);
+                    acc[k] = gpu::fma_f32(v[3], r3[k], acc[k]);
                 }
-                j += 4;
-                continue;
-            }
-            let v = gpu::load_shared_u32x4(values + 4 * j).map(f32::from_bits);
-            for k in 0..V {
-                acc[k] = gpu::fma_f32(v[0], r0[k], acc[k]);
-                acc[k] = gpu::fma_f32(v[1], r1[k], acc[k]);
-                acc[k] = gpu::fma_f32(v[2], r2[k], acc[k]);
-                acc[k] = gpu::fma_f32(v[3], r3[k], acc[k]);
             }
             j += 4;
         }
@@ -461,9 +455,9 @@ unsafe fn gather_tile<
 /// # Safety
 /// `input` holds `n·cin·h·w` floats, `out` `n·cout·oh·ow`, weights and bias as in the module
 /// docs; `masks` and `non_binary` are null (the kernel bit-packs its windows itself) or what
-/// `spike_mask_pack` wrote for `input`. Launch with grid `(tiles_x · tiles_y, n, cout_pad / (32·V))`, `CONV_THREADS` threads and
-/// `conv_shared_bytes(B, K, S, Cin, 32 / H · V)` bytes of dynamic shared memory; `cout_pad` is a
-/// multiple of `32·V`.
+/// `spike_mask_pack` wrote for `input`. Launch with grid `(tiles_x · tiles_y, n, cout_pad /
+/// (32·V))`, `CONV_THREADS` threads and `conv_shared_bytes(B, K, S, Cin, 32 / H · V)` bytes of
+/// dynamic shared memory; `cout_pad` is a multiple of `32·V`.
 ///
 /// A pixel's list mixes every tap, so all `K²·Cin` weight rows are in use at once.
 #[cfg(target_arch = "nvptx64")]
