@@ -55,13 +55,19 @@ impl SparseConvVariant {
 /// Entries of one warp's lists of active weight rows, shared by its `H` pixels.
 pub const WARP_LIST_ENTRIES: u32 = 128;
 
-/// Dynamic shared memory of the compute kernel computing `pass` output channels: the staged
-/// outputs `[pass][block² + 1]` (the +1 staggers banks), every warp's row lists (an offset and a
-/// value per entry) and the input window's masks `[words][side²]`.
+/// Byte offsets, from the start of the compute kernel's dynamic shared memory, of every warp's
+/// row lists and of the input window's masks, after the staged outputs `[pass][block² + 1]`
+/// (the +1 staggers banks); the lists hold an offset and a value per entry.
+pub const fn conv_shared_layout(block: u32, pass: u32) -> (u32, u32) {
+    let lists = pass * (block * block + 1) * 4;
+    (lists, lists + CONV_THREADS / 32 * WARP_LIST_ENTRIES * 8)
+}
+
+/// Dynamic shared memory of the compute kernel computing `pass` output channels: the layout of
+/// [`conv_shared_layout`], then the input window's masks `[words][side²]`.
 pub const fn conv_shared_bytes(block: u32, kernel: u32, stride: u32, cin: u32, pass: u32) -> u32 {
     let side = window_side(block, kernel, stride);
-    let lists = CONV_THREADS / 32 * WARP_LIST_ENTRIES * 8;
-    pass * (block * block + 1) * 4 + lists + mask_words(cin) * side * side * 4
+    conv_shared_layout(block, pass).1 + mask_words(cin) * side * side * 4
 }
 
 /// The `(V, H)` shapes a layer of `cout` output channels and `kernel × kernel` taps prefers, best
@@ -497,8 +503,8 @@ pub unsafe fn sparse_conv<
     let bb = B * B;
     let pass = 32 / H * V as u32;
     let stage = gpu::dynamic_shared_base();
-    let lists = stage + 4 * pass * (bb + 1);
-    let window = lists + 4 * 2 * (CONV_THREADS / 32) * WARP_LIST_ENTRIES;
+    let (lists, window) = conv_shared_layout(B, pass);
+    let (lists, window) = (stage + lists, stage + window);
     let image = input.add((img * cin * hw) as usize);
 
     // Stage 1: the window's masks, one thread per (mask word, window pixel): from the packed
