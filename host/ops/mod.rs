@@ -28,6 +28,7 @@ pub mod prescan;
 pub mod sparse_conv2d;
 pub mod sparse_linear;
 pub mod spike_gather;
+pub mod tensor_conv;
 
 /// What the values of a tensor are known to be, from the graph's structure alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

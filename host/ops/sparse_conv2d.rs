@@ -43,6 +43,7 @@ use crate::ops::pattern_conv::{
 use crate::ops::spike_gather::{
     accumulate, cached_upload, has_avx2, DeviceGatherWeights, DisjointWrites, GatherWeights,
 };
+use crate::ops::tensor_conv::{self, tensor_conv_cuda, TensorConvWeights};
 use crate::ops::{expect_inputs, Operator};
 use crate::optimize::block_selector::{BlockSelector, BlockSize};
 use crate::tensor::Tensor;
@@ -95,8 +96,10 @@ pub struct SparseConv2d {
     device: Mutex<Option<Arc<DeviceGatherWeights>>>,
     /// The pattern tables on the GPU, on first CUDA use of that path.
     device_patterns: DeviceCache<Option<DevicePatternTables>>,
+    /// The weights laid out for the tensor-core path, on first CUDA use of that path.
+    device_tensor: DeviceCache<TensorConvWeights>,
     /// Which path CUDA forwards take at the measured input shape, once
-    /// [`SparseConv2d::tune_cuda`] has timed both.
+    /// [`SparseConv2d::tune_cuda`] has timed them.
     cuda_dispatch: Mutex<Option<(Vec<usize>, CudaDispatch)>>,
 }
 
@@ -117,6 +120,9 @@ pub enum CudaDispatch {
     /// The dense engine (cuDNN or the Rust implicit GEMM): measured faster on this layer's input,
     /// e.g. after a max-pool or a SEW ADD, where the input is far from 95% zeros.
     Dense,
+    /// The spikes' dense product on the tensor cores at fp32 accuracy
+    /// ([`crate::ops::tensor_conv`]): measured faster than both on this layer's input.
+    TensorCore,
 }
 
 /// What [`SparseConv2d::tune_cuda`] measured.
@@ -124,6 +130,8 @@ pub enum CudaDispatch {
 pub struct CudaTuning {
     pub sparse_ms: Option<f64>,
     pub dense_ms: f64,
+    /// The tensor-core path (`None` where it does not apply: grouped convolutions).
+    pub tensor_ms: Option<f64>,
     pub choice: CudaDispatch,
 }
 
@@ -141,6 +149,7 @@ impl SparseConv2d {
             patterns: Mutex::new(None),
             device: Mutex::new(None),
             device_patterns: DeviceCache::default(),
+            device_tensor: DeviceCache::default(),
             cuda_dispatch: Mutex::new(None),
         };
         if op.conv.groups == 1 {
@@ -185,15 +194,32 @@ impl SparseConv2d {
             Err(Error::MissingKernelVariant(_)) => None,
             Err(e) => return Err(e),
         };
-        let choice = match sparse_ms {
-            Some(s) if s <= dense_ms => CudaDispatch::Sparse,
-            _ => CudaDispatch::Dense,
+        let tensor_ms = if tensor_conv::supports(&self.conv) {
+            Some(time(&|| {
+                let shape = self.conv.output_shape(x.shape())?;
+                let mut out = DeviceTensor::uninit(x.backend(), shape)?;
+                self.forward_cuda_tensor_into(x, &mut out)?;
+                Ok(out)
+            })?)
+        } else {
+            None
         };
+        let candidates = [
+            (Some(dense_ms), CudaDispatch::Dense),
+            (sparse_ms, CudaDispatch::Sparse),
+            (tensor_ms, CudaDispatch::TensorCore),
+        ];
+        let choice = candidates
+            .iter()
+            .filter_map(|&(ms, d)| ms.map(|ms| (ms, d)))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map_or(CudaDispatch::Dense, |(_, d)| d);
         *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((x.shape().to_vec(), choice));
         Ok(CudaTuning {
             sparse_ms,
             dense_ms,
+            tensor_ms,
             choice,
         })
     }
@@ -231,6 +257,7 @@ impl SparseConv2d {
         *self.patterns.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         *self.device.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         self.device_patterns.clear();
+        self.device_tensor.clear();
         *self
             .cuda_dispatch
             .get_mut()
@@ -284,6 +311,17 @@ impl SparseConv2d {
             Error::MissingKernelVariant(format!("pattern tables for {}", self.conv.describe()))
         })?;
         pattern_conv_cuda(&self.conv, tables, x, out)?;
+        *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
+        Ok(())
+    }
+
+    /// The tensor-core kernel into a preallocated output (see [`crate::ops::tensor_conv`]); any
+    /// one-group geometry.
+    pub fn forward_cuda_tensor_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
+        let start = Instant::now();
+        self.check_cuda_output(x, out)?;
+        let weights = TensorConvWeights::cached(&self.device_tensor, &self.conv, x.backend())?;
+        tensor_conv_cuda(&self.conv, &weights, x, out)?;
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
     }
@@ -1186,8 +1224,15 @@ impl Operator for SparseConv2d {
     /// after [`SparseConv2d::tune_cuda`], whichever it measured faster.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("SparseConv2d", inputs)?;
-        if self.cuda_dispatch_for(x.shape()) == Some(CudaDispatch::Dense) {
-            return self.conv.forward_cuda(x);
+        match self.cuda_dispatch_for(x.shape()) {
+            Some(CudaDispatch::Dense) => return self.conv.forward_cuda(x),
+            Some(CudaDispatch::TensorCore) => {
+                let shape = self.conv.output_shape(x.shape())?;
+                let mut out = DeviceTensor::uninit(x.backend(), shape)?;
+                self.forward_cuda_tensor_into(x, &mut out)?;
+                return Ok(out);
+            }
+            Some(CudaDispatch::Sparse) | None => {}
         }
         match self.forward_cuda(x) {
             // No compiled variant fits this geometry, shared memory or grid: the dense engine.
@@ -1216,6 +1261,7 @@ impl Operator for SparseConv2d {
         let dispatch = match self.cuda_dispatch() {
             Some(CudaDispatch::Dense) => " cuda=dense (tuned)",
             Some(CudaDispatch::Sparse) => " cuda=sparse (tuned)",
+            Some(CudaDispatch::TensorCore) => " cuda=tensor-core (tuned)",
             None => "",
         };
         format!(

@@ -404,3 +404,145 @@ pub fn lowest_set_bit(m: u32) -> u32 {
     }
     out
 }
+
+/// One float from global memory through the read-only data cache (L1).
+///
+/// # Safety
+/// `ptr` is 4-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_nc_f32(ptr: *const f32) -> f32 {
+    let out: f32;
+    asm!(
+        "ld.global.nc.f32 {out}, [{ptr}];",
+        ptr = in(reg64) ptr,
+        out = out(reg32) out,
+    );
+    out
+}
+
+/// Four consecutive `u32` from global memory through the read-only data cache.
+///
+/// # Safety
+/// `ptr` is 16-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_nc_u32x4(ptr: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{ptr}];",
+        a = out(reg32) a,
+        b = out(reg32) b,
+        c = out(reg32) c,
+        d = out(reg32) d,
+        ptr = in(reg64) ptr,
+    );
+    [a, b, c, d]
+}
+
+/// Stores four `u32` at shared-window address `addr` with one 16-byte shared store.
+///
+/// # Safety
+/// `addr` is a 16-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn store_shared_u32x4(addr: u32, [a, b, c, d]: [u32; 4]) {
+    asm!(
+        "st.shared.v4.u32 [{addr}], {{{a}, {b}, {c}, {d}}};",
+        addr = in(reg32) addr,
+        a = in(reg32) a,
+        b = in(reg32) b,
+        c = in(reg32) c,
+        d = in(reg32) d,
+    );
+}
+
+/// `lo` and `hi` rounded to half precision and packed (`lo` in the low 16 bits), and whether
+/// both converted exactly (false for NaN, for values out of half range and for any value with
+/// more than 11 significant bits).
+#[inline(always)]
+pub fn pack_f16x2_exact(lo: f32, hi: f32) -> (u32, bool) {
+    let (word, exact): (u32, u32);
+    unsafe {
+        asm!(
+            "{{ .reg .b16 %h_lo, %h_hi; .reg .f32 %f_lo, %f_hi; .reg .pred %p_lo, %p_both;",
+            "cvt.rn.f16x2.f32 {word}, {hi}, {lo};",
+            "mov.b32 {{%h_lo, %h_hi}}, {word};",
+            "cvt.f32.f16 %f_lo, %h_lo;",
+            "cvt.f32.f16 %f_hi, %h_hi;",
+            "setp.eq.f32 %p_lo, %f_lo, {lo};",
+            "setp.eq.and.f32 %p_both, %f_hi, {hi}, %p_lo;",
+            "selp.u32 {exact}, 1, 0, %p_both; }}",
+            lo = in(reg32) lo,
+            hi = in(reg32) hi,
+            word = out(reg32) word,
+            exact = out(reg32) exact,
+        );
+    }
+    (word, exact != 0)
+}
+
+/// `ldmatrix.x4`: four 8×8 half matrices from shared memory, lanes `8i..8i+8` giving the row
+/// addresses of matrix `i`; register `i` of each lane holds its two elements of matrix `i`, in
+/// the layout of an `mma` operand fragment.
+///
+/// # Safety
+/// Every lane's `addr` is a 16-byte aligned shared-window address of 16 readable bytes; the
+/// whole warp executes it.
+#[inline(always)]
+pub unsafe fn load_matrix_x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!(
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+        addr = in(reg32) addr,
+        a = out(reg32) a,
+        b = out(reg32) b,
+        c = out(reg32) c,
+        d = out(reg32) d,
+    );
+    [a, b, c, d]
+}
+
+/// `d = a · b + c` on the tensor cores: `a` a 16×16 half fragment (row major), `b` a 16×8 half
+/// fragment (column major), `c`/`d` 16×8 f32 fragments, in the layouts of PTX's
+/// `mma.m16n8k16`. The whole warp executes it.
+#[inline(always)]
+pub fn mma_m16n8k16_f16_f32(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let [mut d0, mut d1, mut d2, mut d3] = c;
+    unsafe {
+        asm!(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
+            a0 = in(reg32) a[0],
+            a1 = in(reg32) a[1],
+            a2 = in(reg32) a[2],
+            a3 = in(reg32) a[3],
+            b0 = in(reg32) b[0],
+            b1 = in(reg32) b[1],
+            d0 = inout(reg32) d0,
+            d1 = inout(reg32) d1,
+            d2 = inout(reg32) d2,
+            d3 = inout(reg32) d3,
+        );
+    }
+    [d0, d1, d2, d3]
+}
+
+/// Starts an asynchronous 16-byte copy from global to shared memory (`cp.async.cg`, L2 only);
+/// complete it with [`async_copy_wait_all`].
+///
+/// # Safety
+/// `dst` is a 16-byte aligned shared-window address and `src` 16-byte aligned global memory,
+/// valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn async_copy_16(dst: u32, src: *const u32) {
+    asm!(
+        "cp.async.cg.shared.global [{dst}], [{src}], 16;",
+        dst = in(reg32) dst,
+        src = in(reg64) src,
+    );
+}
+
+/// Commits this thread's started [`async_copy_16`]s and waits for all of them.
+#[inline(always)]
+pub fn async_copy_wait_all() {
+    unsafe {
+        asm!("cp.async.commit_group;", "cp.async.wait_group 0;");
+    }
+}

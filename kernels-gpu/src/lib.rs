@@ -29,6 +29,7 @@ pub mod pattern_conv;
 pub mod pool;
 pub mod prescan;
 pub mod sparse_conv;
+pub mod tensor_conv;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]

@@ -349,14 +349,15 @@ fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
         let speedup = row
             .dense
             .map_or("-".to_string(), |d| format!("{:.2}x", ms(d) / ms(n.time)));
-        let dense_dispatch = c
+        let choice = c
             .tuned
             .iter()
-            .any(|t| t.node == n.name && t.tuning.choice == CudaDispatch::Dense);
-        let op = if dense_dispatch {
-            format!("{} (dense)", n.op)
-        } else {
-            n.op.clone()
+            .find(|t| t.node == n.name)
+            .map(|t| t.tuning.choice);
+        let op = match choice {
+            Some(CudaDispatch::Dense) => format!("{} (dense)", n.op),
+            Some(CudaDispatch::TensorCore) => format!("{} (tc)", n.op),
+            _ => n.op.clone(),
         };
         println!(
             "{:26} {:18} {:22} {:6.2}% {:>12} {:>9} {:9.3} {:>8}",
@@ -371,14 +372,13 @@ fn print_table(a: &BenchArgs, c: &Comparison, reason: &str) {
         );
     }
     if !c.tuned.is_empty() {
-        let dense = c
-            .tuned
-            .iter()
-            .filter(|t| t.tuning.choice == CudaDispatch::Dense)
-            .count();
+        let count = |d: CudaDispatch| c.tuned.iter().filter(|t| t.tuning.choice == d).count();
         println!(
-            "\n(dense): {dense} of {} sparse convs run the dense engine: on a separate sample input \
-             it measured faster than the sparse kernels (optimize::tune_cuda)",
+            "\n(dense): {} and (tc): {} of {} sparse convs run the dense engine and the tensor-core \
+             kernel: on a separate sample input they measured faster than the sparse kernels \
+             (optimize::tune_cuda)",
+            count(CudaDispatch::Dense),
+            count(CudaDispatch::TensorCore),
             c.tuned.len()
         );
     }
@@ -445,5 +445,6 @@ fn to_json(a: &BenchArgs, c: &Comparison) -> serde_json::Value {
         "outputs_agree": c.agreement.acceptable(),
         "layers": layers,
         "tuned_dense": c.tuned.iter().filter(|t| t.tuning.choice == CudaDispatch::Dense).map(|t| t.node.clone()).collect::<Vec<_>>(),
+        "tuned_tensor_core": c.tuned.iter().filter(|t| t.tuning.choice == CudaDispatch::TensorCore).map(|t| t.node.clone()).collect::<Vec<_>>(),
     })
 }

@@ -351,6 +351,12 @@ mod cuda {
             sparse.forward_cuda_into(&dx, &mut out)
         })?;
         let got = out.download()?;
+        // The tensor-core path (dense product of the spikes at fp32 accuracy), for comparison.
+        out.fill(f32::NAN)?;
+        let tensor_ms = time_events(&backend, a.repeats, || {
+            sparse.forward_cuda_tensor_into(&dx, &mut out)
+        })?;
+        let tensor_got = out.download()?;
         let (n, h, w) = (input.shape()[0], input.shape()[2], input.shape()[3]);
         let baseline = |p: Precision| -> Result<Option<(f64, Tensor)>> {
             if !cudnn_baseline::available() {
@@ -379,7 +385,14 @@ mod cuda {
             None => dense.forward(&[input])?,
         };
         let err = got.relative_error(&reference)?;
-        let agree = err <= 1e-5 && got.data().iter().all(|v| v.is_finite());
+        let tensor_err = tensor_got.relative_error(&reference)?;
+        let agree = err <= 1e-5
+            && tensor_err <= 1e-5
+            && got
+                .data()
+                .iter()
+                .chain(tensor_got.data())
+                .all(|v| v.is_finite());
         let copy = copy_bandwidth(&backend)?;
         let written = 4.0 * out_shape.iter().product::<usize>() as f64;
         let write_bw = written / (sparse_ms * 1e-3);
@@ -394,6 +407,9 @@ mod cuda {
                     "element_sparsity": sparsity, "zero_block_ratio": zero_blocks, "block": block,
                     "sparse_ms": sparse_ms, "cudnn_fp32_ms": ms_of(&fp32), "cudnn_tf32_ms": ms_of(&tf32),
                     "speedup_vs_fp32": ratio(&fp32), "speedup_vs_tf32": ratio(&tf32),
+                    "tensor_core_ms": tensor_ms, "tensor_core_max_rel_error": tensor_err,
+                    "tensor_core_speedup_vs_fp32": ms_of(&fp32).map(|ms| ms / tensor_ms),
+                    "tensor_core_speedup_vs_tf32": ms_of(&tf32).map(|ms| ms / tensor_ms),
                     "output_write_tb_s": write_bw / 1e12, "copy_tb_s": copy / 1e12,
                     "write_fraction_of_copy_bw": write_bw / copy, "max_rel_error": err, "agree": agree,
                 })
@@ -426,7 +442,16 @@ mod cuda {
                     None => println!("{name}   unavailable (libcudnn not found)"),
                 }
             }
-            println!("outputs agree: {agree} (max error {err:.1e} of max |out|)");
+            let versus = |b: &Option<(f64, Tensor)>| {
+                b.as_ref()
+                    .map_or("-".into(), |(ms, _)| format!("{:.2}x", ms / tensor_ms))
+            };
+            println!(
+                "tensor cores {tensor_ms:8.4} ms (dense product of the spikes, fp32 accuracy): {} vs cuDNN fp32, {} vs tf32",
+                versus(&fp32),
+                versus(&tf32)
+            );
+            println!("outputs agree: {agree} (max error {err:.1e} sparse, {tensor_err:.1e} tensor cores, of max |out|)");
         }
         if !agree {
             return Err(Error::InvalidArgument(format!(

@@ -240,13 +240,12 @@ fn run(args: &RunArgs) -> Result<()> {
             // Measure each sparse conv against the dense engine on this input.
             let x = DeviceTensor::upload(&CudaBackend::get(ordinal)?, input)?;
             let tuned = tune_cuda(&graph, &x)?;
-            let dense = tuned
-                .iter()
-                .filter(|t| t.tuning.choice == CudaDispatch::Dense)
-                .count();
+            let count = |d: CudaDispatch| tuned.iter().filter(|t| t.tuning.choice == d).count();
             eprintln!(
-                "tune_cuda: {dense} of {} sparse convs run the dense engine (measured faster)",
-                tuned.len()
+                "tune_cuda: of {} sparse convs, {} run the dense engine and {} the tensor-core kernel (measured faster)",
+                tuned.len(),
+                count(CudaDispatch::Dense),
+                count(CudaDispatch::TensorCore)
             );
         }
     }

@@ -1,0 +1,317 @@
+//! The tensor-core path of [`SparseConv2d`](super::sparse_conv2d::SparseConv2d): spikes are
+//! exact in half precision, so a convolution of spikes runs on the tensor cores with the weights
+//! split into two halves each (`w · s = hi + lo`) and keeps fp32 accuracy (see
+//! `kernels-gpu/src/tensor_conv.rs`).
+//!
+//! It does not skip zeros: its time is the dense product's at tensor-core speed, whatever the
+//! density. The element gather wins where spikes are rare enough; this path wins on dense-ish
+//! spikes (after a max-pool, the stem's Poisson input, a SEW ADD). [`SparseConv2d::tune_cuda`]
+//! times both on the layer's input and keeps the faster.
+//!
+//! [`SparseConv2d::tune_cuda`]: super::sparse_conv2d::SparseConv2d::tune_cuda
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+use sparseflow_kernels::tensor_conv::{
+    fragment_entry, fragment_word, padded_cout, padded_k, tensor_conv_grid,
+    tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, TENSOR_CONV_THREADS,
+};
+
+use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
+use crate::error::{Error, Result};
+use crate::ops::conv2d::Conv2d;
+use crate::ops::Operator;
+
+/// The largest scaled weight: a power of two below half precision's maximum (65504), so that
+/// `hi` never overflows.
+const SCALED_MAX: f32 = 16384.0;
+
+/// One convolution's weights, laid out for [`tensor_conv_cuda`].
+#[derive(Debug)]
+pub struct TensorConvWeights {
+    /// `w · scale` as `hi + lo` half pairs in `mma` fragment order.
+    fragments: CudaSlice<u32>,
+    /// `w · scale` in f32, `[padded_cout, K]`, for stages whose input is not exactly half.
+    scaled: CudaSlice<f32>,
+    bias: Option<CudaSlice<f32>>,
+    scale: f32,
+}
+
+impl TensorConvWeights {
+    /// The copy in `cache` for `backend`, built from `conv`'s weights and bias when missing or
+    /// stale.
+    pub(crate) fn cached(
+        cache: &DeviceCache<Self>,
+        conv: &Conv2d,
+        backend: &CudaBackend,
+    ) -> Result<std::sync::Arc<Self>> {
+        let mut sources = vec![&conv.weight];
+        sources.extend(conv.bias.as_ref());
+        cache.get(backend, &sources, || Self::upload(conv, backend))
+    }
+
+    pub fn upload(conv: &Conv2d, backend: &CudaBackend) -> Result<Self> {
+        if !supports(conv) {
+            return Err(Error::MissingKernelVariant(format!(
+                "tensor_conv2d for {} (grouped)",
+                conv.describe()
+            )));
+        }
+        let weight = conv.weight.data();
+        let cout = conv.out_channels();
+        let k_dim = weight.len() / cout.max(1);
+        let scale = weight_scale(weight);
+        let mut scaled = vec![0.0f32; padded_cout(cout as u32) as usize * k_dim];
+        for (s, w) in scaled.iter_mut().zip(weight) {
+            *s = w * scale;
+        }
+        let stream = backend.stream();
+        Ok(Self {
+            fragments: stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale))?,
+            scaled: stream.clone_htod(&scaled)?,
+            bias: conv
+                .bias
+                .as_ref()
+                .map(|b| stream.clone_htod(b.data()))
+                .transpose()?,
+            scale,
+        })
+    }
+}
+
+/// Whether the tensor-core kernel computes `conv` (one group; any kernel, stride, padding and
+/// dilation).
+pub fn supports(conv: &Conv2d) -> bool {
+    conv.groups == 1
+}
+
+/// The power of two that brings the largest weight magnitude to at most [`SCALED_MAX`] (and
+/// small weights up, away from half precision's subnormals). 1 for all-zero or non-finite
+/// weights.
+pub fn weight_scale(weight: &[f32]) -> f32 {
+    let max = weight.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    if max == 0.0 || !max.is_finite() {
+        return 1.0;
+    }
+    let exponent = (SCALED_MAX / max).log2().floor().clamp(-100.0, 100.0);
+    let scale = 2f32.powi(exponent as i32);
+    if max * scale > SCALED_MAX {
+        scale / 2.0
+    } else {
+        scale
+    }
+}
+
+/// The half pair `(hi, lo)` with `hi + lo` equal to `v` to 22 bits.
+fn split(v: f32) -> (f16, f16) {
+    let hi = f16::from_f32(v);
+    (hi, f16::from_f32(v - hi.to_f32()))
+}
+
+/// `weight` (`[cout, K]`) times `scale`, split into half pairs and packed in `mma` fragment
+/// order (`sparseflow_kernels::tensor_conv::fragment_word`), zero-padded to whole stages and
+/// channel tiles.
+pub fn pack_fragments(weight: &[f32], cout: usize, k_dim: usize, scale: f32) -> Vec<u32> {
+    let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
+    let mut words = vec![0u32; (k_padded * cout_padded * 2) as usize];
+    for step in 0..k_padded / 16 {
+        for tile in 0..cout_padded / 8 {
+            for lane in 0..32 {
+                let at = fragment_word(step, tile, lane, cout_padded);
+                for register in 0..2 {
+                    for half in 0..2 {
+                        let (k, co) = fragment_entry(step, tile, lane, register, half);
+                        let (k, co) = (k as usize, co as usize);
+                        let w = if k < k_dim && co < cout {
+                            weight[co * k_dim + k] * scale
+                        } else {
+                            0.0
+                        };
+                        let (hi, lo) = split(w);
+                        let shift = 16 * half;
+                        words[at + register as usize] |= (hi.to_bits() as u32) << shift;
+                        words[at + 2 + register as usize] |= (lo.to_bits() as u32) << shift;
+                    }
+                }
+            }
+        }
+    }
+    debug_assert_eq!(FRAGMENT_WORDS, 4);
+    words
+}
+
+/// The convolution of `x` (`[..., Cin, H, W]` on the device) into `out` on the tensor cores.
+/// Exact-half inputs (spikes, small integers) take the tensor cores; a stage of 32 taps holding
+/// any other value is summed with f32 FMAs instead, so every input is computed to fp32 accuracy.
+pub(crate) fn tensor_conv_cuda(
+    conv: &Conv2d,
+    weights: &TensorConvWeights,
+    x: &DeviceTensor,
+    out: &mut DeviceTensor,
+) -> Result<()> {
+    let g = conv.kernel_geometry(x.shape())?;
+    out.len_u32()?;
+    if g.pixels() == 0 || g.cout == 0 {
+        return Ok(());
+    }
+    let backend = x.backend();
+    let shared = tensor_conv_shared_bytes(g.k_dim());
+    if g.kh * g.kw > MAX_TENSOR_TAPS || shared as usize > backend.max_shared_memory_per_block() {
+        return Err(Error::MissingKernelVariant(format!(
+            "tensor_conv2d for {}: {} taps, {shared} bytes of shared memory (at most {MAX_TENSOR_TAPS} taps and {} bytes)",
+            conv.describe(),
+            g.kh * g.kw,
+            backend.max_shared_memory_per_block()
+        )));
+    }
+    let function = backend.function("tensor_conv2d")?;
+    allow_shared_memory(&function, shared)?;
+    let stream = backend.stream();
+    let has_bias = weights.bias.is_some() as u32;
+    // Without a bias the kernel never reads the pointer; any valid one will do.
+    let bias = weights.bias.as_ref().unwrap_or(&weights.scaled);
+    let geometry = ByValue(g);
+    let mut launch = stream.launch_builder(&function);
+    launch
+        .arg(x.slice())
+        .arg(&weights.fragments)
+        .arg(&weights.scaled)
+        .arg(bias)
+        .arg(&has_bias)
+        .arg(out.slice_mut())
+        .arg(&geometry)
+        .arg(&weights.scale);
+    // SAFETY: the arguments match `tensor_conv2d`'s signature; the buffers hold what `g` implies
+    // (the weights were packed for this conv's `K` and `cout`).
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: tensor_conv_grid(&g),
+            block_dim: (TENSOR_CONV_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        })?
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::DeviceTensor;
+    use crate::testing::{gpu_or_skip, random_sparse, random_uniform};
+
+    /// Unpacking the fragments gives back every weight times the scale to 22 bits: the layout
+    /// and the split the kernel relies on, checked on the CPU.
+    #[test]
+    fn packed_fragments_hold_the_scaled_weights() {
+        let (cout, k_dim) = (70, 45);
+        let weight = random_uniform(&[cout, k_dim], -0.3, 0.3, 11);
+        let weight = weight.data();
+        let scale = weight_scale(weight);
+        let max = weight.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        assert!(max * scale <= SCALED_MAX && max * scale > SCALED_MAX / 2.0);
+        let words = pack_fragments(weight, cout, k_dim, scale);
+        let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
+        let half_at = |word: u32, half: u32| f16::from_bits((word >> (16 * half)) as u16).to_f32();
+        for step in 0..k_padded / 16 {
+            for tile in 0..cout_padded / 8 {
+                for lane in 0..32 {
+                    let at = fragment_word(step, tile, lane, cout_padded);
+                    for register in 0..2 {
+                        for half in 0..2 {
+                            let (k, co) = fragment_entry(step, tile, lane, register, half);
+                            let (k, co) = (k as usize, co as usize);
+                            let hi = half_at(words[at + register as usize], half);
+                            let lo = half_at(words[at + 2 + register as usize], half);
+                            let want = if k < k_dim && co < cout {
+                                weight[co * k_dim + k] as f64 * scale as f64
+                            } else {
+                                0.0
+                            };
+                            let got = hi as f64 + lo as f64;
+                            assert!(
+                                (got - want).abs() <= want.abs() * 2f64.powi(-21) + 1e-6,
+                                "k {k} co {co}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weight_scale_is_a_power_of_two_in_range() {
+        for max in [1e-30f32, 1e-3, 0.7, 1.0, 3.0, 16384.0, 1e30] {
+            let s = weight_scale(&[0.1 * max, -max]);
+            assert_eq!(s.log2().fract(), 0.0, "{max}");
+            assert!(max * s <= SCALED_MAX, "{max}");
+        }
+        assert_eq!(weight_scale(&[0.0; 4]), 1.0);
+    }
+
+    /// The kernel against the CPU dense reference on fresh random inputs: spikes at several
+    /// densities, SEW integers, and real values (the f32 fallback), for 3×3, strided, 1×1 and
+    /// stem-like 7×7 geometries with ragged channel and pixel counts; outputs poisoned first and
+    /// every element checked.
+    #[test]
+    fn gpu_tensor_conv_matches_cpu() {
+        let Some(backend) = gpu_or_skip("gpu_tensor_conv_matches_cpu") else {
+            return;
+        };
+        let mut seed = 0x7E45;
+        let mut checked = 0;
+        // (N, Cin, Cout, H, W, kernel, stride, padding)
+        for &(n, cin, cout, h, w, k, s, p) in &[
+            (2, 16, 64, 9, 13, 3, 1, 1),
+            (3, 64, 70, 20, 20, 3, 1, 1),
+            (1, 70, 130, 17, 11, 3, 2, 1),
+            (2, 3, 64, 30, 30, 7, 2, 3),
+            (2, 64, 256, 8, 8, 1, 1, 0),
+            (2, 128, 64, 9, 9, 1, 2, 0),
+            (1, 5, 3, 1, 1, 3, 1, 1),
+        ] {
+            for &(density, kind) in &[
+                (0.0, "binary"),
+                (0.05, "binary"),
+                (0.5, "binary"),
+                (1.0, "binary"),
+                (0.3, "integer"),
+                (1.0, "real"),
+            ] {
+                seed += 3;
+                let conv = Conv2d::new(
+                    random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+                    Some(random_uniform(&[cout], -1.0, 1.0, seed + 1)),
+                    (s, s),
+                    (p, p),
+                    (1, 1),
+                    1,
+                )
+                .unwrap();
+                let x = match kind {
+                    "real" => random_uniform(&[n, cin, h, w], -2.0, 2.0, seed + 2),
+                    _ => random_sparse(&[n, cin, h, w], density, kind == "integer", seed + 2),
+                };
+                let want = conv.forward(&[&x]).unwrap();
+                let weights = TensorConvWeights::upload(&conv, &backend).unwrap();
+                let dx = DeviceTensor::upload(&backend, &x).unwrap();
+                let mut out = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+                out.fill(f32::NAN).unwrap();
+                tensor_conv_cuda(&conv, &weights, &dx, &mut out).unwrap();
+                let got = out.download().unwrap();
+                let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * scale,
+                        "{n}x{cin}->{cout} {h}x{w} k{k} s{s} {kind} {density}: [{i}] {g} vs {e}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        println!(
+            "gpu_tensor_conv_matches_cpu: {checked} cases equal on {}",
+            backend.name()
+        );
+    }
+}

@@ -1,0 +1,399 @@
+//! Convolution of spikes on the tensor cores, at fp32 accuracy.
+//!
+//! Spikes are 0 or 1 and SEW sums small integers: half precision holds them exactly. The weights
+//! do not fit in a half, but their sum of two halves does to 22 bits: `w · s = hi + lo`, with a
+//! power-of-two scale `s` that keeps the largest weight in half range. So
+//! `Σ x · w = (Σ x · hi + Σ x · lo) / s` is two half-precision tensor-core products, exact but
+//! for the f32 accumulation and that 22-bit split: fp32 accuracy at tensor-core speed.
+//!
+//! The kernel is an implicit GEMM like [`crate::dense_conv`]: `out[p, co] = Σ_k X[p, k] · W[k,
+//! co]` over output pixels `p` and taps `k = (ci, r, s)`. A CTA of four warps owns 128 pixels and
+//! 64 output channels. Per stage of 32 taps, each thread gathers its pixel's 32 inputs from the
+//! NCHW tensor into shared memory as halves; each warp then feeds 32 pixels × 64 channels
+//! through `mma.m16n8k16`, its A fragments by `ldmatrix`, its B fragments (host-packed in
+//! fragment order, see [`fragment_entry`]) straight from L1.
+//!
+//! Any input is computed correctly: a stage where some input is not exactly a half (a
+//! direct-encoded image, a membrane potential) is restaged as f32 and summed with FMAs against
+//! the f32 weights. Spikes never take that path.
+
+use crate::dense_conv::ConvGeometry;
+
+/// Repeats `$body` with `$i` a constant from the list: the accumulator arrays stay in registers
+/// only when every index into them is a constant, and LLVM does not unroll these loops itself.
+#[cfg(target_arch = "nvptx64")]
+macro_rules! unroll {
+    ($i:ident in [$($n:literal),*] $body:block) => {
+        $({
+            #[allow(non_upper_case_globals)]
+            const $i: usize = $n;
+            $body
+        })*
+    };
+}
+
+/// Output pixels per CTA (one per thread when staging, 32 per warp in the GEMM).
+pub const TENSOR_TILE_P: u32 = 128;
+/// Output channels per CTA: eight `n8` fragments per warp.
+pub const TENSOR_TILE_M: u32 = 64;
+/// Taps staged per step: two `k16` fragments.
+pub const TENSOR_STAGE_K: u32 = 32;
+/// Threads per CTA: four warps.
+pub const TENSOR_CONV_THREADS: u32 = 128;
+/// Bytes between two pixels' staged rows: 32 halves and 16 bytes of padding, so that the eight
+/// rows one `ldmatrix` phase reads fall in distinct banks.
+pub const TENSOR_ROW_BYTES: u32 = TENSOR_STAGE_K * 2 + 16;
+/// Bytes of one stage's inputs: a row per pixel.
+pub const TENSOR_A_BYTES: u32 = TENSOR_TILE_P * TENSOR_ROW_BYTES;
+/// Bytes of one stage's weights: two `k16` steps × eight `n8` tiles × 32 lanes × 16 bytes.
+pub const TENSOR_B_BYTES: u32 = 2 * 8 * 32 * 16;
+/// One stage buffer: its inputs, then its weights (the f32 fallback reuses it whole).
+pub const TENSOR_BUFFER_BYTES: u32 = TENSOR_A_BYTES + TENSOR_B_BYTES;
+/// The most taps (`kh · kw`) a kernel may have: one bit each in a `u64`, bit 63 kept clear.
+pub const MAX_TENSOR_TAPS: u32 = 63;
+/// The tap-table entry of `k` past `K`: never inside.
+const NO_TAP: u32 = 63;
+
+/// Dynamic shared memory per CTA for a reduction of `k_dim`: two stage buffers and the tap table
+/// (8 bytes per padded `k`).
+pub const fn tensor_conv_shared_bytes(k_dim: u32) -> u32 {
+    2 * TENSOR_BUFFER_BYTES + 8 * padded_k(k_dim)
+}
+/// `u32` words per lane per (`k16` step, `n8` tile): the `hi` fragment's two registers, then
+/// `lo`'s.
+pub const FRAGMENT_WORDS: usize = 4;
+
+/// The reduction length rounded up to whole stages (the packed weights' padded `K`).
+pub const fn padded_k(k_dim: u32) -> u32 {
+    k_dim.div_ceil(TENSOR_STAGE_K) * TENSOR_STAGE_K
+}
+
+/// The output channel count rounded up to whole CTA tiles (the packed weights' padded `N`).
+pub const fn padded_cout(cout: u32) -> u32 {
+    cout.div_ceil(TENSOR_TILE_M) * TENSOR_TILE_M
+}
+
+/// The launch grid: pixel tiles × output-channel tiles.
+pub const fn tensor_conv_grid(g: &ConvGeometry) -> (u32, u32, u32) {
+    (
+        g.pixels().div_ceil(TENSOR_TILE_P),
+        g.cout.div_ceil(TENSOR_TILE_M),
+        1,
+    )
+}
+
+/// The `(k, co)` of the weight that half `half` (0 = low) of register `register` (0 or 1) of
+/// lane `lane`'s B fragment holds, for the `k16` step `step` and the `n8` tile `tile`: PTX's
+/// `mma.m16n8k16` layout (`k = 2 · (lane % 4) + half`, plus 8 for register 1; `co = lane / 4`).
+/// The packed weights are `[step][tile][lane][hi 0, hi 1, lo 0, lo 1]` words.
+pub const fn fragment_entry(
+    step: u32,
+    tile: u32,
+    lane: u32,
+    register: u32,
+    half: u32,
+) -> (u32, u32) {
+    let k = step * 16 + 2 * (lane % 4) + half + 8 * register;
+    (k, tile * 8 + lane / 4)
+}
+
+/// The index of the first of the four words of (`step`, `tile`, `lane`) in the packed weights.
+pub const fn fragment_word(step: u32, tile: u32, lane: u32, cout_padded: u32) -> usize {
+    ((step as usize * (cout_padded / 8) as usize + tile as usize) * 32 + lane as usize)
+        * FRAGMENT_WORDS
+}
+
+/// `out = conv(input, weight) + bias` (NCHW, one group), `fragments` the weights times `scale`
+/// split into half pairs and packed by [`fragment_word`], `weight` the f32 weights times `scale`
+/// `[padded_cout, K]` (zero rows past `cout`; read by stages whose input is not exactly half),
+/// `bias` read when `has_bias != 0`.
+///
+/// # Safety
+/// The buffers hold the elements `g` implies (`fragments`: `padded_k · padded_cout · 2` words);
+/// launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
+/// [`tensor_conv_shared_bytes`] of dynamic shared memory; `kh · kw` at most [`MAX_TENSOR_TAPS`].
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn tensor_conv2d(
+    input: *const f32,
+    fragments: *const u32,
+    weight: *const f32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    let tid = gpu::thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (row_in_tile, quad) = (lane / 4, lane % 4);
+    let p0 = gpu::block_x() * TENSOR_TILE_P;
+    let m0 = gpu::block_y() * TENSOR_TILE_M;
+    let k_dim = g.k_dim();
+    let k_padded = padded_k(k_dim);
+    let cout_padded = padded_cout(g.cout);
+    let pixels = g.pixels();
+    let shared = gpu::dynamic_shared_base();
+
+    // The pixel this thread stages.
+    // The tap table: for every `k`, the input's offset from the window's corner in the image
+    // and its tap `r · kw + s` (63, never valid, past `K`). Built once; the gather then costs a
+    // table read, a bit test and a load per input.
+    let table = shared + 2 * TENSOR_BUFFER_BYTES;
+    let taps = g.kh * g.kw;
+    let mut k = tid;
+    while k < k_padded {
+        let (offset, tap) = if k < k_dim {
+            let (ci, tap) = (k / taps, k % taps);
+            let (r, s) = (tap / g.kw, tap % g.kw);
+            ((ci * g.h + r * g.dh) * g.w + s * g.dw, tap)
+        } else {
+            (0, NO_TAP)
+        };
+        gpu::store_shared_u32(table + 8 * k, offset);
+        gpu::store_shared_u32(table + 8 * k + 4, tap);
+        k += TENSOR_CONV_THREADS;
+    }
+
+    // The pixel this thread stages, and which of its taps fall inside the image.
+    let p = p0 + tid;
+    let (img, oy, ox) = g.pixel(if p < pixels { p } else { 0 });
+    let iy0 = (oy * g.sh) as i32 - g.ph as i32;
+    let ix0 = (ox * g.sw) as i32 - g.pw as i32;
+    let mut inside = 0u64;
+    if p < pixels {
+        for r in 0..g.kh {
+            for s in 0..g.kw {
+                let iy = iy0 + (r * g.dh) as i32;
+                let ix = ix0 + (s * g.dw) as i32;
+                if (iy as u32) < g.h && (ix as u32) < g.w {
+                    inside |= 1 << (r * g.kw + s);
+                }
+            }
+        }
+    }
+    let pixel = PixelTaps {
+        corner: input.offset(
+            (img * g.cin * g.h * g.w) as isize + iy0 as isize * g.w as isize + ix0 as isize,
+        ),
+        inside,
+        table,
+    };
+    gpu::sync_threads();
+
+    let mut acc = [[[0.0f32; 4]; 8]; 2];
+    // Two stage buffers: while the warps multiply one, the next stage's loads are in flight.
+    let buffer = |stage: u32| shared + (stage % 2) * TENSOR_BUFFER_BYTES;
+    // ldmatrix: lanes 0-7 address rows 0-7 at k 0, 8-15 rows 8-15 at k 0, 16-31 the same at k 8.
+    let matrix_row = warp * 32 + lane % 16;
+    let matrix_col = (lane / 16) * 16;
+    let stages = k_padded / TENSOR_STAGE_K;
+    // This CTA's eight tiles of one k16 step are 4 KB in a row of the packed weights.
+    let cta_fragments = fragments.add(fragment_word(0, m0 / 8, 0, cout_padded));
+    let step_words = (cout_padded / 8 * 32) as usize * FRAGMENT_WORDS;
+    let copy_weights = |stage: u32| {
+        let dst = buffer(stage) + TENSOR_A_BYTES;
+        for step in 0..2u32 {
+            for chunk in [tid, tid + TENSOR_CONV_THREADS] {
+                let src = (stage * 2 + step) as usize * step_words + chunk as usize * 4;
+                gpu::async_copy_16(dst + step * 4096 + chunk * 16, cta_fragments.add(src));
+            }
+        }
+    };
+    let mut inputs = [0.0f32; 32];
+    pixel.load_stage(0, &mut inputs);
+    copy_weights(0);
+    for stage in 0..stages {
+        let k0 = stage * TENSOR_STAGE_K;
+        let base = buffer(stage);
+        let mut exact = true;
+        unroll!(q in [0, 1, 2, 3] {
+            let mut words = [0u32; 4];
+            unroll!(e in [0, 1, 2, 3] {
+                let (word, ok) =
+                    gpu::pack_f16x2_exact(inputs[8 * q + 2 * e], inputs[8 * q + 2 * e + 1]);
+                words[e] = word;
+                exact &= ok;
+            });
+            gpu::store_shared_u32x4(base + tid * TENSOR_ROW_BYTES + 16 * q as u32, words);
+        });
+        gpu::async_copy_wait_all();
+        let fallback = gpu::sync_threads_or(!exact);
+        if stage + 1 < stages {
+            pixel.load_stage(k0 + TENSOR_STAGE_K, &mut inputs);
+            copy_weights(stage + 1);
+        }
+        if !fallback {
+            // Each stage sums into fresh registers, added to the totals in f32: the tensor
+            // cores truncate when they accumulate, and over a long `K` that bias, not the
+            // weights' split, would be the largest error.
+            unroll!(m_tile in [0, 1] {
+                let mut partial = [[0.0f32; 4]; 8];
+                let row = matrix_row + 16 * m_tile as u32;
+                for step in 0..2 {
+                    let a = gpu::load_matrix_x4(
+                        base + step * 32 + matrix_col + row * TENSOR_ROW_BYTES,
+                    );
+                    let b_base = base + TENSOR_A_BYTES + step * 4096 + lane * 16;
+                    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                        let b = gpu::load_shared_u32x4(b_base + tile as u32 * 512);
+                        let c = gpu::mma_m16n8k16_f16_f32(a, [b[0], b[1]], partial[tile]);
+                        partial[tile] = gpu::mma_m16n8k16_f16_f32(a, [b[2], b[3]], c);
+                    });
+                }
+                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    unroll!(i in [0, 1, 2, 3] {
+                        acc[m_tile][tile][i] += partial[tile][i];
+                    });
+                });
+            });
+        } else {
+            // Some input of the stage is not a half: restage it as f32, `[k][pixel]`, in this
+            // stage's buffer (nothing reads it any more), and sum exactly.
+            for kk in 0..TENSOR_STAGE_K {
+                let x = pixel.input(k0 + kk);
+                gpu::store_shared_f32(base + (kk * TENSOR_TILE_P + tid) * 4, x);
+            }
+            gpu::sync_threads();
+            let k_end = if k0 + TENSOR_STAGE_K < k_dim {
+                k0 + TENSOR_STAGE_K
+            } else {
+                k_dim
+            };
+            for k in k0..k_end {
+                let mut x = [[0.0f32; 2]; 2];
+                unroll!(m_tile in [0, 1] {
+                    unroll!(half in [0, 1] {
+                        let pixel = warp * 32 + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
+                        x[m_tile][half] =
+                            gpu::load_shared_f32(base + ((k - k0) * TENSOR_TILE_P + pixel) * 4);
+                    });
+                });
+                let column = weight.add(((m0 + 2 * quad) * k_dim + k) as usize);
+                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    let w0 = *column.add(tile * 8 * k_dim as usize);
+                    let w1 = *column.add((tile * 8 + 1) * k_dim as usize);
+                    unroll!(m_tile in [0, 1] {
+                        let (c, x) = (&mut acc[m_tile][tile], x[m_tile]);
+                        c[0] = gpu::fma_f32(x[0], w0, c[0]);
+                        c[1] = gpu::fma_f32(x[0], w1, c[1]);
+                        c[2] = gpu::fma_f32(x[1], w0, c[2]);
+                        c[3] = gpu::fma_f32(x[1], w1, c[3]);
+                    });
+                });
+            }
+        }
+    }
+
+    let unscale = 1.0 / scale;
+    let plane_out = g.oh * g.ow;
+    unroll!(m_tile in [0, 1] {
+        unroll!(half in [0, 1] {
+            let p = p0 + warp * 32 + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
+            if p < pixels {
+                let (img, oy, ox) = g.pixel(p);
+                let base = img * g.cout * plane_out + oy * g.ow + ox;
+                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    unroll!(e in [0, 1] {
+                        let co = m0 + tile as u32 * 8 + 2 * quad + e as u32;
+                        if co < g.cout {
+                            let b = if has_bias != 0 { *bias.add(co as usize) } else { 0.0 };
+                            let value = acc[m_tile][tile][2 * half + e] * unscale + b;
+                            *out.add((base + co * plane_out) as usize) = value;
+                        }
+                    });
+                });
+            }
+        });
+    });
+}
+
+/// The inputs one output pixel's im2col row reads.
+#[cfg(target_arch = "nvptx64")]
+struct PixelTaps {
+    /// Where the pixel's window would start in its image (outside it in the padding: only
+    /// offsets of taps inside the image are added to it).
+    corner: *const f32,
+    /// Bit `r · kw + s` set when that tap falls inside the image.
+    inside: u64,
+    /// The CTA's tap table in shared memory.
+    table: u32,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl PixelTaps {
+    /// The input of tap `k` (zero in the padding and past `K`).
+    #[inline(always)]
+    unsafe fn input(&self, k: u32) -> f32 {
+        let offset = crate::gpu::load_shared_u32(self.table + 8 * k);
+        let tap = crate::gpu::load_shared_u32(self.table + 8 * k + 4);
+        self.input_at(offset, tap)
+    }
+
+    #[inline(always)]
+    unsafe fn input_at(&self, offset: u32, tap: u32) -> f32 {
+        if (self.inside >> tap) & 1 != 0 {
+            crate::gpu::load_nc_f32(self.corner.add(offset as usize))
+        } else {
+            0.0
+        }
+    }
+
+    /// The inputs of taps `k0..k0 + 32`, all loads issued before any is used.
+    #[inline(always)]
+    unsafe fn load_stage(&self, k0: u32, inputs: &mut [f32; 32]) {
+        unroll!(pair in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            let [o0, t0, o1, t1] =
+                crate::gpu::load_shared_u32x4(self.table + 8 * (k0 + 2 * pair as u32));
+            inputs[2 * pair] = self.input_at(o0, t0);
+            inputs[2 * pair + 1] = self.input_at(o1, t1);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packed layout covers every `(k, co)` of the padded weights exactly once per half
+    /// (hi and lo), so a product through it is the whole product.
+    #[test]
+    fn fragment_layout_covers_every_weight_once() {
+        let (k_padded, cout_padded) = (64u32, 128u32);
+        let mut seen = vec![0u32; (k_padded * cout_padded) as usize];
+        for step in 0..k_padded / 16 {
+            for tile in 0..cout_padded / 8 {
+                for lane in 0..32 {
+                    let first = fragment_word(step, tile, lane, cout_padded);
+                    assert_eq!(first % FRAGMENT_WORDS, 0);
+                    assert!(first + FRAGMENT_WORDS <= (k_padded * cout_padded * 2) as usize);
+                    for register in 0..2 {
+                        for half in 0..2 {
+                            let (k, co) = fragment_entry(step, tile, lane, register, half);
+                            assert!(k < k_padded && co < cout_padded);
+                            seen[(k * cout_padded + co) as usize] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+    }
+
+    /// The shared stage fits the fallback's f32 copy and keeps `ldmatrix` rows 16-byte aligned.
+    #[test]
+    fn stage_layout_is_aligned() {
+        assert_eq!(TENSOR_ROW_BYTES % 16, 0);
+        assert!(TENSOR_BUFFER_BYTES >= TENSOR_TILE_P * TENSOR_STAGE_K * 4);
+        assert_eq!(tensor_conv_shared_bytes(576) % 16, 0);
+        assert_eq!(
+            TENSOR_B_BYTES,
+            2 * TENSOR_TILE_M / 8 * 32 * FRAGMENT_WORDS as u32 * 4
+        );
+        assert_eq!(TENSOR_TILE_P, TENSOR_CONV_THREADS);
+        assert_eq!(padded_k(33), 64);
+        assert_eq!(padded_cout(65), 128);
+    }
+}
