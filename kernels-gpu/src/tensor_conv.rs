@@ -52,7 +52,7 @@ pub const TENSOR_BUFFER_BYTES: u32 = TENSOR_A_BYTES + TENSOR_B_BYTES;
 /// The most taps (`kh · kw`) a kernel may have: one bit each in a `u64`, bit 63 kept clear.
 pub const MAX_TENSOR_TAPS: u32 = 63;
 /// The tap-table entry of `k` past `K`: never inside.
-const NO_TAP: u32 = 63;
+pub const NO_TAP: u32 = 63;
 
 /// Dynamic shared memory per CTA for a reduction of `k_dim`: two stage buffers and the tap table
 /// (8 bytes per padded `k`).
