@@ -519,6 +519,7 @@ pub fn mma_m16n8k16_f16_f32(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
             d1 = inout(reg32) d1,
             d2 = inout(reg32) d2,
             d3 = inout(reg32) d3,
+            options(pure, nomem, nostack),
         );
     }
     [d0, d1, d2, d3]

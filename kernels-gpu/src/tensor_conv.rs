@@ -237,10 +237,18 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d(
                         base + step * 32 + matrix_col + row * TENSOR_ROW_BYTES,
                     );
                     let b_base = base + TENSOR_A_BYTES + step * 4096 + lane * 16;
+                    let mut b = [[0u32; 4]; 8];
                     unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        let b = gpu::load_shared_u32x4(b_base + tile as u32 * 512);
-                        let c = gpu::mma_m16n8k16_f16_f32(a, [b[0], b[1]], partial[tile]);
-                        partial[tile] = gpu::mma_m16n8k16_f16_f32(a, [b[2], b[3]], c);
+                        b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * 512);
+                    });
+                    // All `hi` products, then all `lo`: consecutive MMAs are independent.
+                    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                        partial[tile] =
+                            gpu::mma_m16n8k16_f16_f32(a, [b[tile][0], b[tile][1]], partial[tile]);
+                    });
+                    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                        partial[tile] =
+                            gpu::mma_m16n8k16_f16_f32(a, [b[tile][2], b[tile][3]], partial[tile]);
                     });
                 }
                 unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
@@ -385,14 +393,13 @@ mod tests {
     /// The shared stage fits the fallback's f32 copy and keeps `ldmatrix` rows 16-byte aligned.
     #[test]
     fn stage_layout_is_aligned() {
-        assert_eq!(TENSOR_ROW_BYTES % 16, 0);
-        assert!(TENSOR_BUFFER_BYTES >= TENSOR_TILE_P * TENSOR_STAGE_K * 4);
-        assert_eq!(tensor_conv_shared_bytes(576) % 16, 0);
-        assert_eq!(
-            TENSOR_B_BYTES,
-            2 * TENSOR_TILE_M / 8 * 32 * FRAGMENT_WORDS as u32 * 4
-        );
-        assert_eq!(TENSOR_TILE_P, TENSOR_CONV_THREADS);
+        const {
+            assert!(TENSOR_ROW_BYTES & 15 == 0);
+            assert!(TENSOR_BUFFER_BYTES >= TENSOR_TILE_P * TENSOR_STAGE_K * 4);
+            assert!(TENSOR_B_BYTES == 2 * TENSOR_TILE_M / 8 * 32 * FRAGMENT_WORDS as u32 * 4);
+            assert!(tensor_conv_shared_bytes(576) & 15 == 0);
+            assert!(TENSOR_TILE_P == TENSOR_CONV_THREADS);
+        }
         assert_eq!(padded_k(33), 64);
         assert_eq!(padded_cout(65), 128);
     }
