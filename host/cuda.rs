@@ -381,6 +381,12 @@ impl<T> DeviceCache<T> {
         *self.slot.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// Drops the device copy through a shared reference (an operator freeing the memory of a
+    /// path it measured and will not take).
+    pub fn evict(&self) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The device copy for `backend` made from `sources`, building it with `upload` when there is
     /// none yet or it is stale.
     pub fn get(

@@ -214,6 +214,10 @@ impl SparseConv2d {
             .filter_map(|&(ms, d)| ms.map(|ms| (ms, d)))
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map_or(CudaDispatch::Dense, |(_, d)| d);
+        if choice != CudaDispatch::TensorCore {
+            // Its weights (two halves and an f32 copy per weight) would only hold memory.
+            self.device_tensor.evict();
+        }
         *self.cuda_dispatch.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((x.shape().to_vec(), choice));
         Ok(CudaTuning {

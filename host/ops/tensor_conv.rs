@@ -13,8 +13,8 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use sparseflow_kernels::tensor_conv::{
-    fragment_entry, fragment_word, padded_cout, padded_k, tensor_conv_grid,
-    tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, TENSOR_CONV_THREADS,
+    fragment_halves, padded_cout, padded_k, tensor_conv_grid, tensor_conv_shared_bytes,
+    FRAGMENT_WORDS, MAX_TENSOR_TAPS, TENSOR_CONV_THREADS,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -114,29 +114,17 @@ fn split(v: f32) -> (f16, f16) {
 pub fn pack_fragments(weight: &[f32], cout: usize, k_dim: usize, scale: f32) -> Vec<u32> {
     let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
     let mut words = vec![0u32; (k_padded * cout_padded * 2) as usize];
-    for step in 0..k_padded / 16 {
-        for tile in 0..cout_padded / 8 {
-            for lane in 0..32 {
-                let at = fragment_word(step, tile, lane, cout_padded);
-                for register in 0..2 {
-                    for half in 0..2 {
-                        let (k, co) = fragment_entry(step, tile, lane, register, half);
-                        let (k, co) = (k as usize, co as usize);
-                        let w = if k < k_dim && co < cout {
-                            weight[co * k_dim + k] * scale
-                        } else {
-                            0.0
-                        };
-                        let (hi, lo) = split(w);
-                        let shift = 16 * half;
-                        words[at + register as usize] |= (hi.to_bits() as u32) << shift;
-                        words[at + 2 + register as usize] |= (lo.to_bits() as u32) << shift;
-                    }
-                }
-            }
-        }
+    for (word, shift, k, co) in fragment_halves(k_padded, cout_padded) {
+        let (k, co) = (k as usize, co as usize);
+        let w = if k < k_dim && co < cout {
+            weight[co * k_dim + k] * scale
+        } else {
+            0.0
+        };
+        let (hi, lo) = split(w);
+        words[word] |= (hi.to_bits() as u32) << shift;
+        words[word + FRAGMENT_WORDS / 2] |= (lo.to_bits() as u32) << shift;
     }
-    debug_assert_eq!(FRAGMENT_WORDS, 4);
     words
 }
 
@@ -211,31 +199,21 @@ mod tests {
         assert!(max * scale <= SCALED_MAX && max * scale > SCALED_MAX / 2.0);
         let words = pack_fragments(weight, cout, k_dim, scale);
         let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
-        let half_at = |word: u32, half: u32| f16::from_bits((word >> (16 * half)) as u16).to_f32();
-        for step in 0..k_padded / 16 {
-            for tile in 0..cout_padded / 8 {
-                for lane in 0..32 {
-                    let at = fragment_word(step, tile, lane, cout_padded);
-                    for register in 0..2 {
-                        for half in 0..2 {
-                            let (k, co) = fragment_entry(step, tile, lane, register, half);
-                            let (k, co) = (k as usize, co as usize);
-                            let hi = half_at(words[at + register as usize], half);
-                            let lo = half_at(words[at + 2 + register as usize], half);
-                            let want = if k < k_dim && co < cout {
-                                weight[co * k_dim + k] as f64 * scale as f64
-                            } else {
-                                0.0
-                            };
-                            let got = hi as f64 + lo as f64;
-                            assert!(
-                                (got - want).abs() <= want.abs() * 2f64.powi(-21) + 1e-6,
-                                "k {k} co {co}: {got} vs {want}"
-                            );
-                        }
-                    }
-                }
-            }
+        let half_at = |word: u32, shift: u32| f16::from_bits((word >> shift) as u16).to_f32();
+        for (word, shift, k, co) in fragment_halves(k_padded, cout_padded) {
+            let (k, co) = (k as usize, co as usize);
+            let hi = half_at(words[word], shift);
+            let lo = half_at(words[word + FRAGMENT_WORDS / 2], shift);
+            let want = if k < k_dim && co < cout {
+                weight[co * k_dim + k] as f64 * scale as f64
+            } else {
+                0.0
+            };
+            let got = hi as f64 + lo as f64;
+            assert!(
+                (got - want).abs() <= want.abs() * 2f64.powi(-21) + 1e-6,
+                "k {k} co {co}: {got} vs {want}"
+            );
         }
     }
 

@@ -103,6 +103,27 @@ pub const fn fragment_word(step: u32, tile: u32, lane: u32, cout_padded: u32) ->
         * FRAGMENT_WORDS
 }
 
+/// Every half of the packed weights: `(word, shift, k, co)`, the index of the `hi` word that
+/// holds it (its `lo` twin is two words later), its bit offset there, and the weight `(k, co)`
+/// it carries. The host packs through this and the tests unpack through it.
+pub fn fragment_halves(
+    k_padded: u32,
+    cout_padded: u32,
+) -> impl Iterator<Item = (usize, u32, u32, u32)> {
+    (0..k_padded / 16).flat_map(move |step| {
+        (0..cout_padded / 8).flat_map(move |tile| {
+            (0..32).flat_map(move |lane| {
+                let at = fragment_word(step, tile, lane, cout_padded);
+                (0..4).map(move |i| {
+                    let (register, half) = (i / 2, i % 2);
+                    let (k, co) = fragment_entry(step, tile, lane, register, half);
+                    (at + register as usize, 16 * half, k, co)
+                })
+            })
+        })
+    })
+}
+
 /// `out = conv(input, weight) + bias` (NCHW, one group), `fragments` the weights times `scale`
 /// split into half pairs and packed by [`fragment_word`], `weight` the f32 weights times `scale`
 /// `[padded_cout, K]` (zero rows past `cout`; read by stages whose input is not exactly half),
@@ -371,21 +392,11 @@ mod tests {
     fn fragment_layout_covers_every_weight_once() {
         let (k_padded, cout_padded) = (64u32, 128u32);
         let mut seen = vec![0u32; (k_padded * cout_padded) as usize];
-        for step in 0..k_padded / 16 {
-            for tile in 0..cout_padded / 8 {
-                for lane in 0..32 {
-                    let first = fragment_word(step, tile, lane, cout_padded);
-                    assert_eq!(first % FRAGMENT_WORDS, 0);
-                    assert!(first + FRAGMENT_WORDS <= (k_padded * cout_padded * 2) as usize);
-                    for register in 0..2 {
-                        for half in 0..2 {
-                            let (k, co) = fragment_entry(step, tile, lane, register, half);
-                            assert!(k < k_padded && co < cout_padded);
-                            seen[(k * cout_padded + co) as usize] += 1;
-                        }
-                    }
-                }
-            }
+        for (word, shift, k, co) in fragment_halves(k_padded, cout_padded) {
+            assert!(word % FRAGMENT_WORDS < 2 && shift % 16 == 0 && shift < 32);
+            assert!(word + 2 < (k_padded * cout_padded * 2) as usize);
+            assert!(k < k_padded && co < cout_padded);
+            seen[(k * cout_padded + co) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n == 1));
     }
