@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, tensor_conv_grid, tensor_conv_shared_bytes,
-    FRAGMENT_WORDS, MAX_TENSOR_TAPS, TENSOR_CONV_THREADS,
+    FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS, TENSOR_CONV_THREADS,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -152,7 +152,12 @@ pub(crate) fn tensor_conv_cuda(
             backend.max_shared_memory_per_block()
         )));
     }
-    let function = backend.function("tensor_conv2d")?;
+    let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
+        "tensor_conv2d"
+    } else {
+        "tensor_conv2d_wide"
+    };
+    let function = backend.function(entry)?;
     allow_shared_memory(&function, shared)?;
     let stream = backend.stream();
     let has_bias = weights.bias.is_some() as u32;
@@ -169,7 +174,7 @@ pub(crate) fn tensor_conv_cuda(
         .arg(out.slice_mut())
         .arg(&geometry)
         .arg(&weights.scale);
-    // SAFETY: the arguments match `tensor_conv2d`'s signature; the buffers hold what `g` implies
+    // SAFETY: the arguments match the signature of both entries; the buffers hold what `g` implies
     // (the weights were packed for this conv's `K` and `cout`).
     unsafe {
         launch.launch(LaunchConfig {

@@ -51,6 +51,8 @@ pub const TENSOR_B_BYTES: u32 = 2 * 8 * 32 * 16;
 pub const TENSOR_BUFFER_BYTES: u32 = TENSOR_A_BYTES + TENSOR_B_BYTES;
 /// The most taps (`kh · kw`) a kernel may have: one bit each in a `u64`, bit 63 kept clear.
 pub const MAX_TENSOR_TAPS: u32 = 63;
+/// The most taps `tensor_conv2d` takes (a `u32` mask; more take `tensor_conv2d_wide`).
+pub const NARROW_TENSOR_TAPS: u32 = 32;
 /// The tap-table entry of `k` past `K`: never inside.
 pub const NO_TAP: u32 = 63;
 
@@ -132,11 +134,50 @@ pub fn fragment_halves(
 /// # Safety
 /// The buffers hold the elements `g` implies (`fragments`: `padded_k · padded_cout · 2` words);
 /// launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
-/// [`tensor_conv_shared_bytes`] of dynamic shared memory; `kh · kw` at most [`MAX_TENSOR_TAPS`].
+/// [`tensor_conv_shared_bytes`] of dynamic shared memory; `kh · kw` at most
+/// [`NARROW_TENSOR_TAPS`] (`tensor_conv2d_wide`: at most [`MAX_TENSOR_TAPS`]).
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "ptx-kernel" fn tensor_conv2d(
+    input: *const f32,
+    fragments: *const u32,
+    weight: *const f32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: ConvGeometry,
+    scale: f32,
+) {
+    tensor_conv::<false>(input, fragments, weight, bias, has_bias, out, g, scale)
+}
+
+/// [`tensor_conv2d`] for kernels of more than [`NARROW_TENSOR_TAPS`] taps (the 7×7 stem).
+///
+/// # Safety
+/// As [`tensor_conv2d`].
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn tensor_conv2d_wide(
+    input: *const f32,
+    fragments: *const u32,
+    weight: *const f32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: ConvGeometry,
+    scale: f32,
+) {
+    tensor_conv::<true>(input, fragments, weight, bias, has_bias, out, g, scale)
+}
+
+/// The kernel; `WIDE` keeps a 64-bit tap mask per pixel and tap indices in the table, else a
+/// 32-bit mask and each tap's bit (one AND to test).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tensor_conv<const WIDE: bool>(
     input: *const f32,
     fragments: *const u32,
     weight: *const f32,
@@ -158,10 +199,9 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d(
     let pixels = g.pixels();
     let shared = gpu::dynamic_shared_base();
 
-    // The pixel this thread stages.
     // The tap table: for every `k`, the input's offset from the window's corner in the image
-    // and its tap `r · kw + s` (63, never valid, past `K`). Built once; the gather then costs a
-    // table read, a bit test and a load per input.
+    // and its tap `r · kw + s` (`WIDE`; 63, never inside, past `K`) or that tap's bit (0 past
+    // `K`). Built once; the gather then costs a table read, a bit test and a load per input.
     let table = shared + 2 * TENSOR_BUFFER_BYTES;
     let taps = g.kh * g.kw;
     let mut k = tid;
@@ -169,9 +209,10 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d(
         let (offset, tap) = if k < k_dim {
             let (ci, tap) = (k / taps, k % taps);
             let (r, s) = (tap / g.kw, tap % g.kw);
+            let tap = if WIDE { tap } else { 1 << tap };
             ((ci * g.h + r * g.dh) * g.w + s * g.dw, tap)
         } else {
-            (0, NO_TAP)
+            (0, if WIDE { NO_TAP } else { 0 })
         };
         gpu::store_shared_u32(table + 8 * k, offset);
         gpu::store_shared_u32(table + 8 * k + 4, tap);
@@ -195,7 +236,7 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d(
             }
         }
     }
-    let pixel = PixelTaps {
+    let pixel = PixelTaps::<WIDE> {
         corner: input.offset(
             (img * g.cin * g.h * g.w) as isize + iy0 as isize * g.w as isize + ix0 as isize,
         ),
@@ -341,7 +382,7 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d(
 
 /// The inputs one output pixel's im2col row reads.
 #[cfg(target_arch = "nvptx64")]
-struct PixelTaps {
+struct PixelTaps<const WIDE: bool> {
     /// Where the pixel's window would start in its image (outside it in the padding: only
     /// offsets of taps inside the image are added to it).
     corner: *const f32,
@@ -352,7 +393,7 @@ struct PixelTaps {
 }
 
 #[cfg(target_arch = "nvptx64")]
-impl PixelTaps {
+impl<const WIDE: bool> PixelTaps<WIDE> {
     /// The input of tap `k` (zero in the padding and past `K`).
     #[inline(always)]
     unsafe fn input(&self, k: u32) -> f32 {
@@ -363,7 +404,12 @@ impl PixelTaps {
 
     #[inline(always)]
     unsafe fn input_at(&self, offset: u32, tap: u32) -> f32 {
-        if (self.inside >> tap) & 1 != 0 {
+        let inside = if WIDE {
+            (self.inside >> tap) & 1 != 0
+        } else {
+            self.inside as u32 & tap != 0
+        };
+        if inside {
             crate::gpu::load_nc_f32(self.corner.add(offset as usize))
         } else {
             0.0
