@@ -9,9 +9,11 @@
 //! The kernel is an implicit GEMM like [`crate::dense_conv`]: `out[p, co] = Σ_k X[p, k] · W[k,
 //! co]` over output pixels `p` and taps `k = (ci, r, s)`. A CTA of four warps owns 128 pixels and
 //! 64 output channels. Per stage of 32 taps, each thread gathers its pixel's 32 inputs from the
-//! NCHW tensor into shared memory as halves; each warp then feeds 32 pixels × 64 channels
-//! through `mma.m16n8k16`, its A fragments by `ldmatrix`, its B fragments (host-packed in
-//! fragment order, see [`fragment_entry`]) straight from L1.
+//! NCHW tensor into shared memory as halves (the next stage's loads in flight while the warps
+//! multiply this one); each warp then feeds 32 pixels × 64 channels through `mma.m16n8k16`, its
+//! A fragments by `ldmatrix`, its B fragments (host-packed in fragment order, see
+//! [`fragment_entry`]) copied to shared memory by `cp.async`. Each stage sums into fresh
+//! registers that are added to the totals in f32 (the tensor cores truncate as they accumulate).
 //!
 //! Any input is computed correctly: a stage where some input is not exactly a half (a
 //! direct-encoded image, a membrane potential) is restaged as f32 and summed with FMAs against
