@@ -1,5 +1,6 @@
 //! Helpers shared by the unit tests, integration tests and benchmarks: GPU availability with the
-//! skip / require policy, and reproducible random spike tensors.
+//! skip / require policy, reproducible random spike tensors, and the GPU kernels' element-wise
+//! comparison with the CPU reference.
 use std::io::Write;
 use std::sync::Arc;
 
@@ -76,4 +77,15 @@ pub fn random_sparse(shape: &[usize], density: f64, integer: bool, seed: u64) ->
         })
         .collect();
     Tensor::new(shape.to_vec(), data).expect("shape and data agree by construction")
+}
+
+/// Asserts that every element of `got` (a GPU kernel's output) is within 1e-5 of `want` (the CPU
+/// reference), relative to the larger of `want`'s largest magnitude and 1e-3; `what` names the
+/// case in a failure.
+pub fn assert_close_elementwise(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes");
+    let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
+        assert!((g - e).abs() <= 1e-5 * scale, "{what}: [{i}] {g} vs {e}");
+    }
 }

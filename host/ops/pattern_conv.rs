@@ -440,7 +440,7 @@ mod tests {
     use crate::ops::conv2d::Conv2d;
     use crate::ops::sparse_conv2d::{BlockChoice, SparseConv2d};
     use crate::ops::Operator;
-    use crate::testing::{gpu_or_skip, random_sparse, random_uniform};
+    use crate::testing::{assert_close_elementwise, gpu_or_skip, random_sparse, random_uniform};
 
     /// The GPU pattern kernels against the CPU dense conv, on fresh random inputs: binary spikes
     /// of several densities (the table path), integer and arbitrary values (the multiply-add
@@ -496,13 +496,11 @@ mod tests {
                 out.fill(f32::NAN).unwrap();
                 sparse.forward_cuda_pattern(&dx, &mut out).unwrap();
                 let got = out.download().unwrap();
-                let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 1e-5 * scale,
-                        "{n}x{cin}->{cout} {h}x{w} k{k} s{s} p{p} {input}: [{i}] {g} vs {e}"
-                    );
-                }
+                assert_close_elementwise(
+                    &got,
+                    &want,
+                    &format!("{n}x{cin}->{cout} {h}x{w} k{k} s{s} p{p} {input}"),
+                );
                 checked += 1;
             }
         }

@@ -1281,7 +1281,7 @@ impl Operator for SparseConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{gpu_or_skip, random_sparse, random_uniform};
+    use crate::testing::{assert_close_elementwise, gpu_or_skip, random_sparse, random_uniform};
 
     /// The vectorised mask scan (taken on this CPU when it has AVX2) against the portable one:
     /// the same masks and the same binary flag, down to a single non-binary value.
@@ -1359,14 +1359,14 @@ mod tests {
                         out.fill(f32::NAN).unwrap();
                         sparse.forward_cuda_variant(&dx, &mut out, *v).unwrap();
                         let got = out.download().unwrap();
-                        let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                        for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
-                            assert!(
-                                (g - e).abs() <= 1e-5 * scale,
-                                "{} {n}x{cin}->{cout} {h}x{w} density {density} integer {integer}: [{i}] {g} vs {e}",
+                        assert_close_elementwise(
+                            &got,
+                            &want,
+                            &format!(
+                                "{} {n}x{cin}->{cout} {h}x{w} density {density} integer {integer}",
                                 v.entry
-                            );
-                        }
+                            ),
+                        );
                         checked += 1;
                     }
                 }

@@ -323,7 +323,7 @@ impl Operator for SparseLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{gpu_or_skip, SplitMix64};
+    use crate::testing::{assert_close_elementwise, gpu_or_skip, SplitMix64};
 
     /// The GPU kernel against the CPU dense layer on fresh random inputs, binary and integer,
     /// output poisoned (NaN) before the launch, every element checked.
@@ -366,13 +366,11 @@ mod tests {
                     .forward_cuda_into(&DeviceTensor::upload(&backend, &x).unwrap(), &mut out)
                     .unwrap();
                 let got = out.download().unwrap();
-                let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                for (g, e) in got.data().iter().zip(want.data()) {
-                    assert!(
-                        (g - e).abs() <= 1e-5 * scale,
-                        "{rows}x{features}->{outputs} density {density}: {g} vs {e}"
-                    );
-                }
+                assert_close_elementwise(
+                    &got,
+                    &want,
+                    &format!("{rows}x{features}->{outputs} density {density}"),
+                );
             }
         }
     }

@@ -190,7 +190,7 @@ pub(crate) fn tensor_conv_cuda(
 mod tests {
     use super::*;
     use crate::cuda::DeviceTensor;
-    use crate::testing::{gpu_or_skip, random_sparse, random_uniform};
+    use crate::testing::{assert_close_elementwise, gpu_or_skip, random_sparse, random_uniform};
 
     /// Unpacking the fragments gives back every weight times the scale to 22 bits: the layout
     /// and the split the kernel relies on, checked on the CPU.
@@ -282,13 +282,11 @@ mod tests {
                 out.fill(f32::NAN).unwrap();
                 tensor_conv_cuda(&conv, &weights, &dx, &mut out).unwrap();
                 let got = out.download().unwrap();
-                let scale = want.data().iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-                for (i, (g, e)) in got.data().iter().zip(want.data()).enumerate() {
-                    assert!(
-                        (g - e).abs() <= 1e-5 * scale,
-                        "{n}x{cin}->{cout} {h}x{w} k{k} s{s} {kind} {density}: [{i}] {g} vs {e}"
-                    );
-                }
+                assert_close_elementwise(
+                    &got,
+                    &want,
+                    &format!("{n}x{cin}->{cout} {h}x{w} k{k} s{s} {kind} {density}"),
+                );
                 checked += 1;
             }
         }
