@@ -195,12 +195,7 @@ impl SparseConv2d {
             Err(e) => return Err(e),
         };
         let tensor_ms = if tensor_conv::supports(&self.conv) {
-            Some(time(&|| {
-                let shape = self.conv.output_shape(x.shape())?;
-                let mut out = DeviceTensor::uninit(x.backend(), shape)?;
-                self.forward_cuda_tensor_into(x, &mut out)?;
-                Ok(out)
-            })?)
+            Some(time(&|| self.forward_cuda_tensor(x))?)
         } else {
             None
         };
@@ -317,6 +312,14 @@ impl SparseConv2d {
         pattern_conv_cuda(&self.conv, tables, x, out)?;
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
+    }
+
+    /// The tensor-core kernel (see [`crate::ops::tensor_conv`]) into a new device tensor.
+    pub fn forward_cuda_tensor(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
+        let shape = self.conv.output_shape(x.shape())?;
+        let mut out = DeviceTensor::uninit(x.backend(), shape)?;
+        self.forward_cuda_tensor_into(x, &mut out)?;
+        Ok(out)
     }
 
     /// The tensor-core kernel into a preallocated output (see [`crate::ops::tensor_conv`]); any
@@ -1230,12 +1233,7 @@ impl Operator for SparseConv2d {
         let [x] = expect_inputs::<1, _>("SparseConv2d", inputs)?;
         match self.cuda_dispatch_for(x.shape()) {
             Some(CudaDispatch::Dense) => return self.conv.forward_cuda(x),
-            Some(CudaDispatch::TensorCore) => {
-                let shape = self.conv.output_shape(x.shape())?;
-                let mut out = DeviceTensor::uninit(x.backend(), shape)?;
-                self.forward_cuda_tensor_into(x, &mut out)?;
-                return Ok(out);
-            }
+            Some(CudaDispatch::TensorCore) => return self.forward_cuda_tensor(x),
             Some(CudaDispatch::Sparse) | None => {}
         }
         match self.forward_cuda(x) {
