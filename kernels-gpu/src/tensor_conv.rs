@@ -47,8 +47,12 @@ pub const TENSOR_CONV_THREADS: u32 = 128;
 pub const TENSOR_ROW_BYTES: u32 = TENSOR_STAGE_K * 2 + 16;
 /// Bytes of one stage's inputs: a row per pixel.
 pub const TENSOR_A_BYTES: u32 = TENSOR_TILE_P * TENSOR_ROW_BYTES;
-/// Bytes of one stage's weights: two `k16` steps × eight `n8` tiles × 32 lanes × 16 bytes.
-pub const TENSOR_B_BYTES: u32 = 2 * 8 * 32 * 16;
+/// Bytes of one `n8` tile's weight fragments for one `k16` step: 32 lanes × 16 bytes.
+pub const TENSOR_TILE_FRAGMENT_BYTES: u32 = 32 * FRAGMENT_WORDS as u32 * 4;
+/// Bytes of one `k16` step's weights for the CTA's eight `n8` tiles.
+pub const TENSOR_STEP_FRAGMENT_BYTES: u32 = TENSOR_TILE_M / 8 * TENSOR_TILE_FRAGMENT_BYTES;
+/// Bytes of one stage's weights: two `k16` steps.
+pub const TENSOR_B_BYTES: u32 = 2 * TENSOR_STEP_FRAGMENT_BYTES;
 /// One stage buffer: its inputs, then its weights (the f32 fallback reuses it whole).
 pub const TENSOR_BUFFER_BYTES: u32 = TENSOR_A_BYTES + TENSOR_B_BYTES;
 /// The most taps (`kh · kw`) a kernel may have: one bit each in a `u64`, bit 63 kept clear.
@@ -128,50 +132,47 @@ pub fn fragment_halves(
     })
 }
 
-/// `out = conv(input, weight) + bias` (NCHW, one group), `fragments` the weights times `scale`
-/// split into half pairs and packed by [`fragment_word`], `weight` the f32 weights times `scale`
-/// `[padded_cout, K]` (zero rows past `cout`; read by stages whose input is not exactly half),
-/// `bias` read when `has_bias != 0`.
-///
-/// # Safety
-/// The buffers hold the elements `g` implies (`fragments`: `padded_k · padded_cout · 2` words);
-/// launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
-/// [`tensor_conv_shared_bytes`] of dynamic shared memory; `kh · kw` at most
-/// [`NARROW_TENSOR_TAPS`] (`tensor_conv2d_wide`: at most [`MAX_TENSOR_TAPS`]).
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn tensor_conv2d(
-    input: *const f32,
-    fragments: *const u32,
-    weight: *const f32,
-    bias: *const f32,
-    has_bias: u32,
-    out: *mut f32,
-    g: ConvGeometry,
-    scale: f32,
-) {
-    tensor_conv::<false>(input, fragments, weight, bias, has_bias, out, g, scale)
+/// The entry points: `$entry` runs [`tensor_conv`] with 64-bit tap masks when `$wide`.
+macro_rules! tensor_conv_entries {
+    ($($(#[$doc:meta])* $entry:ident => wide $wide:literal;)+) => {
+        $(
+            $(#[$doc])*
+            #[cfg(target_arch = "nvptx64")]
+            #[no_mangle]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe extern "ptx-kernel" fn $entry(
+                input: *const f32,
+                fragments: *const u32,
+                weight: *const f32,
+                bias: *const f32,
+                has_bias: u32,
+                out: *mut f32,
+                g: ConvGeometry,
+                scale: f32,
+            ) {
+                tensor_conv::<$wide>(input, fragments, weight, bias, has_bias, out, g, scale)
+            }
+        )+
+    };
 }
 
-/// [`tensor_conv2d`] for kernels of more than [`NARROW_TENSOR_TAPS`] taps (the 7×7 stem).
-///
-/// # Safety
-/// As [`tensor_conv2d`].
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn tensor_conv2d_wide(
-    input: *const f32,
-    fragments: *const u32,
-    weight: *const f32,
-    bias: *const f32,
-    has_bias: u32,
-    out: *mut f32,
-    g: ConvGeometry,
-    scale: f32,
-) {
-    tensor_conv::<true>(input, fragments, weight, bias, has_bias, out, g, scale)
+tensor_conv_entries! {
+    /// `out = conv(input, weight) + bias` (NCHW, one group), `fragments` the weights times `scale`
+    /// split into half pairs and packed by [`fragment_word`], `weight` the f32 weights times `scale`
+    /// `[padded_cout, K]` (zero rows past `cout`; read by stages whose input is not exactly half),
+    /// `bias` read when `has_bias != 0`.
+    ///
+    /// # Safety
+    /// The buffers hold the elements `g` implies (`fragments`: `padded_k · padded_cout · 2` words);
+    /// launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
+    /// [`tensor_conv_shared_bytes`] of dynamic shared memory; `kh · kw` at most
+    /// [`NARROW_TENSOR_TAPS`] (`tensor_conv2d_wide`: at most [`MAX_TENSOR_TAPS`]).
+    tensor_conv2d => wide false;
+    /// [`tensor_conv2d`] for kernels of more than [`NARROW_TENSOR_TAPS`] taps (the 7×7 stem).
+    ///
+    /// # Safety
+    /// As [`tensor_conv2d`].
+    tensor_conv2d_wide => wide true;
 }
 
 /// The kernel; `WIDE` keeps a 64-bit tap mask per pixel and tap indices in the table, else a
@@ -262,7 +263,10 @@ unsafe fn tensor_conv<const WIDE: bool>(
         for step in 0..2u32 {
             for chunk in [tid, tid + TENSOR_CONV_THREADS] {
                 let src = (stage * 2 + step) as usize * step_words + chunk as usize * 4;
-                gpu::async_copy_16(dst + step * 4096 + chunk * 16, cta_fragments.add(src));
+                gpu::async_copy_16(
+                    dst + step * TENSOR_STEP_FRAGMENT_BYTES + chunk * 16,
+                    cta_fragments.add(src),
+                );
             }
         }
     };
@@ -300,10 +304,10 @@ unsafe fn tensor_conv<const WIDE: bool>(
                     let a = gpu::load_matrix_x4(
                         base + step * 32 + matrix_col + row * TENSOR_ROW_BYTES,
                     );
-                    let b_base = base + TENSOR_A_BYTES + step * 4096 + lane * 16;
+                    let b_base = base + TENSOR_A_BYTES + step * TENSOR_STEP_FRAGMENT_BYTES + lane * 16;
                     let mut b = [[0u32; 4]; 8];
                     unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * 512);
+                        b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * TENSOR_TILE_FRAGMENT_BYTES);
                     });
                     // All `hi` products, then all `lo`: consecutive MMAs are independent.
                     unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
@@ -455,7 +459,9 @@ mod tests {
         const {
             assert!(TENSOR_ROW_BYTES & 15 == 0);
             assert!(TENSOR_BUFFER_BYTES >= TENSOR_TILE_P * TENSOR_STAGE_K * 4);
-            assert!(TENSOR_B_BYTES == 2 * TENSOR_TILE_M / 8 * 32 * FRAGMENT_WORDS as u32 * 4);
+            assert!(TENSOR_B_BYTES == 2 * 8 * 32 * 16);
+            // Each thread copies two 16-byte chunks of every step (copy_weights).
+            assert!(TENSOR_STEP_FRAGMENT_BYTES == 2 * TENSOR_CONV_THREADS * 16);
             assert!(tensor_conv_shared_bytes(576) & 15 == 0);
             assert!(TENSOR_TILE_P == TENSOR_CONV_THREADS);
         }
