@@ -210,7 +210,7 @@ fn step<F: Fn(f32, f32) -> f32, const HARD: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::ops::spike_gather::has_avx2() {
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
         unsafe fn avx2<F: Fn(f32, f32) -> f32, const HARD: bool>(
             charge: &F,
             spikes: &mut [MaybeUninit<f32>],

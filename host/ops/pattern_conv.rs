@@ -245,7 +245,7 @@ struct PatternJob<'a> {
 
 impl PatternJob<'_> {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn run_avx2(&self, band: &Band, bias: &[f32], buffer: &mut [f32]) {
         self.run(band, bias, buffer)
     }

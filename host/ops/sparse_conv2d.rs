@@ -671,48 +671,69 @@ impl ActiveChannels {
         Self::scan_portable(image, cin, h, w)
     }
 
-    /// The same as [`Self::scan_portable`], 32 elements per step with compare + movemask.
+    /// The same as [`Self::scan_portable`], with no branch per non-zero: each channel plane is
+    /// compared 8 pixels at a time into one byte of bits, stored at `[pixel group][channel]`;
+    /// then each group's bytes (64 channels per word) are transposed into its 8 pixels' words,
+    /// bit by bit with a shift and a movemask.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn scan_avx2(image: &[f32], cin: usize, h: usize, w: usize) -> Self {
         use std::arch::x86_64::*;
         let hw = h * w;
-        if hw % 32 != 0 {
-            return Self::scan_portable(image, cin, h, w);
-        }
         let words = cin.div_ceil(64).max(1);
-        let mut masks = vec![0u64; hw * words];
+        let groups = hw.div_ceil(8);
+        let stride = words * 64;
+        // `[groups][words·64]`: bit j of byte c is pixel 8·group + j of channel c.
+        let mut bytes = vec![0u8; groups * stride];
         let (zero, one) = (_mm256_setzero_ps(), _mm256_set1_ps(1.0));
         // Lanes of some non-zero other than 1, tested once at the end.
         let mut non_binary = _mm256_setzero_ps();
-        // After the two packs below, 32-bit group j of the bytes holds elements 4j..4j+4 of
-        // vector j / 2 (lane-wise packing); this puts them back in element order.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for (c, plane) in image.chunks_exact(hw).enumerate() {
-            let (word, bit) = (c / 64, 1u64 << (c % 64));
-            for (block, values) in plane.chunks_exact(32).enumerate() {
-                let mut is_nz = [_mm256_setzero_si256(); 4];
-                for (k, lanes) in is_nz.iter_mut().enumerate() {
-                    let v = _mm256_loadu_ps(values.as_ptr().add(8 * k));
-                    let nz = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero);
-                    let not_one = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, one);
-                    non_binary = _mm256_or_ps(non_binary, _mm256_and_ps(nz, not_one));
-                    *lanes = _mm256_castps_si256(nz);
-                }
-                // All-ones lanes stay -1 through the signed-saturating packs: one byte each.
-                let bytes = _mm256_packs_epi16(
-                    _mm256_packs_epi32(is_nz[0], is_nz[1]),
-                    _mm256_packs_epi32(is_nz[2], is_nz[3]),
-                );
-                let bytes = _mm256_permutevar8x32_epi32(bytes, order);
-                let mut nz = _mm256_movemask_epi8(bytes) as u32;
-                while nz != 0 {
-                    let p = block * 32 + nz.trailing_zeros() as usize;
-                    nz &= nz - 1;
-                    *masks.get_unchecked_mut(p * words + word) |= bit;
-                }
+        let mut classify = |v: __m256| {
+            let nz = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero);
+            let not_one = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, one);
+            non_binary = _mm256_or_ps(non_binary, _mm256_and_ps(nz, not_one));
+            _mm256_movemask_ps(nz) as u8
+        };
+        for (c, plane) in image.chunks_exact(hw.max(1)).enumerate() {
+            let whole = plane.chunks_exact(8);
+            let tail = whole.remainder();
+            for (g, values) in whole.enumerate() {
+                *bytes.get_unchecked_mut(g * stride + c) =
+                    classify(_mm256_loadu_ps(values.as_ptr()));
+            }
+            if !tail.is_empty() {
+                let mut padded = [0.0f32; 8];
+                padded[..tail.len()].copy_from_slice(tail);
+                bytes[(groups - 1) * stride + c] = classify(_mm256_loadu_ps(padded.as_ptr()));
             }
         }
+        let mut masks = vec![0u64; groups * 8 * words];
+        for (g, group) in bytes.chunks_exact(stride).enumerate() {
+            for (word, channels) in group.chunks_exact(64).enumerate() {
+                let lo = _mm256_loadu_si256(channels.as_ptr().cast());
+                let hi = _mm256_loadu_si256(channels.as_ptr().add(32).cast());
+                // Shifting 16-bit lanes left by 7 − j moves bit j of both bytes to their sign
+                // bits (the low byte's high bits land below the high byte's sign bit).
+                macro_rules! pixel {
+                    ($j:literal) => {{
+                        let l = _mm256_slli_epi16::<{ 7 - $j }>(lo);
+                        let h = _mm256_slli_epi16::<{ 7 - $j }>(hi);
+                        let m = _mm256_movemask_epi8(l) as u32 as u64
+                            | (_mm256_movemask_epi8(h) as u32 as u64) << 32;
+                        *masks.get_unchecked_mut((g * 8 + $j) * words + word) = m;
+                    }};
+                }
+                pixel!(0);
+                pixel!(1);
+                pixel!(2);
+                pixel!(3);
+                pixel!(4);
+                pixel!(5);
+                pixel!(6);
+                pixel!(7);
+            }
+        }
+        masks.truncate(hw * words);
         Self {
             words,
             masks,
@@ -775,11 +796,47 @@ struct ActiveInputs {
     order_starts: Vec<u32>,
 }
 
+/// Entries a pixel's mask word writes before testing whether it holds more: a 5% spike word of
+/// 64 channels holds about 3, so the unrolled stores almost always finish it, with no branch on
+/// the count (whose misprediction dominated the list building).
+const UNROLLED_BITS: usize = 8;
+
 impl ActiveInputs {
     /// `binary`: whether every image of the batch is; when not, the values are kept. Pixels no
     /// output reads (`used`, e.g. the odd rows and columns under a strided 1×1 conv) get no
     /// entries.
     fn new(
+        scan: &ActiveChannels,
+        image: &[f32],
+        hw: (usize, usize),
+        stride: usize,
+        binary: bool,
+        used: &UsedInputs,
+    ) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the features were detected.
+            return unsafe { Self::new_avx2(scan, image, hw, stride, binary, used) };
+        }
+        Self::build(scan, image, hw, stride, binary, used)
+    }
+
+    /// [`Self::build`] with hardware `popcnt` and `tzcnt`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn new_avx2(
+        scan: &ActiveChannels,
+        image: &[f32],
+        hw: (usize, usize),
+        stride: usize,
+        binary: bool,
+        used: &UsedInputs,
+    ) -> Self {
+        Self::build(scan, image, hw, stride, binary, used)
+    }
+
+    #[inline(always)]
+    fn build(
         scan: &ActiveChannels,
         image: &[f32],
         (h, w): (usize, usize),
@@ -789,28 +846,42 @@ impl ActiveInputs {
     ) -> Self {
         let hw = h * w;
         let words = scan.words;
+        let total: usize = scan.masks.iter().map(|m| m.count_ones() as usize).sum();
         let mut starts = Vec::with_capacity(hw + 1);
-        let mut rows = Vec::new();
+        // Slack for the unrolled stores past the last entry.
+        let mut rows = vec![0u32; total + UNROLLED_BITS];
         let mut values = Vec::new();
+        let mut len = 0usize;
         starts.push(0u32);
-        for p in 0..hw {
-            if !(used.rows[p / w] && used.cols[p % w]) {
-                starts.push(rows.len() as u32);
-                continue;
-            }
-            for (word, &mask) in scan.masks[p * words..(p + 1) * words].iter().enumerate() {
-                let mut m = mask;
-                while m != 0 {
-                    let c = word * 64 + m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    rows.push((c * 64) as u32);
+        for (p, (y, x)) in (0..h).flat_map(|y| (0..w).map(move |x| (y, x))).enumerate() {
+            if used.rows[y] && used.cols[x] {
+                for (word, &mask) in scan.masks[p * words..(p + 1) * words].iter().enumerate() {
+                    let first_row = (word * 64) as u32;
                     if !binary {
-                        values.push(image[c * hw + p]);
+                        let mut m = mask;
+                        while m != 0 {
+                            let c = word * 64 + m.trailing_zeros() as usize;
+                            m &= m - 1;
+                            values.push(image[c * hw + p]);
+                        }
                     }
+                    let count = mask.count_ones() as usize;
+                    let mut m = mask;
+                    // `rows` holds `total + UNROLLED_BITS` entries, so every block of stores
+                    // that starts below `len + count <= total` fits.
+                    for at in (len..len + count.max(1)).step_by(UNROLLED_BITS) {
+                        // Bits past the last write slack entries that the next word overwrites.
+                        for slot in &mut rows[at..at + UNROLLED_BITS] {
+                            *slot = (first_row + m.trailing_zeros()) * 64;
+                            m &= m.wrapping_sub(1);
+                        }
+                    }
+                    len += count;
                 }
             }
-            starts.push(rows.len() as u32);
+            starts.push(len as u32);
         }
+        rows.truncate(len);
         let mut order = Vec::new();
         let mut order_starts = Vec::with_capacity(h * stride + 1);
         order_starts.push(0u32);
@@ -1036,7 +1107,7 @@ unsafe fn write_row_nchw(
 
 /// The 8×8-block part of [`write_row_nchw`]; returns how many channels and pixels it covered.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
 unsafe fn transpose_8x8_blocks(
     row: &[f32],
     padded: usize,
@@ -1131,7 +1202,7 @@ struct BandJob<'a> {
 
 impl BandJob<'_> {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn run_avx2(&self, buffer: &mut [f32], width: usize) {
         self.run(buffer, width)
     }

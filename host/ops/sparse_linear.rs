@@ -255,7 +255,7 @@ struct LinearRow<'a> {
 
 impl LinearRow<'_> {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
         self.run(out)
     }

@@ -173,12 +173,14 @@ pub fn cached_upload(
     Ok(w)
 }
 
-/// True when the CPU can run the AVX2+FMA builds of the sparse kernels (their accumulators then
-/// live in ymm registers).
+/// True when the CPU can run the AVX2 builds of the sparse kernels: AVX2 and FMA (their
+/// accumulators then live in ymm registers), plus POPCNT and BMI1/2, which every AVX2 CPU has
+/// and without which `count_ones` and `trailing_zeros` are bit-twiddling loops.
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2") && has!("fma") && has!("popcnt") && has!("bmi1") && has!("bmi2")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
