@@ -12,9 +12,11 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
+use sparseflow_kernels::sparse_conv::{mask_words, PACK_THREADS};
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, tensor_conv_grid, tensor_conv_shared_bytes,
     FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS, TENSOR_CONV_THREADS,
+    TENSOR_SPIKES_SHARED_BYTES,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -31,6 +33,9 @@ const SCALED_MAX: f32 = 16384.0;
 pub struct TensorConvWeights {
     /// `w · scale` as `hi + lo` half pairs in `mma` fragment order.
     fragments: CudaSlice<u32>,
+    /// The same in tap-major order (`k = tap · Cin + ci`), for `tensor_conv2d_spikes`; present
+    /// when `Cin` is a multiple of 32.
+    spike_fragments: Option<CudaSlice<u32>>,
     /// `w · scale` in f32, `[padded_cout, K]`, for stages whose input is not exactly half.
     scaled: CudaSlice<f32>,
     bias: Option<CudaSlice<f32>>,
@@ -66,8 +71,20 @@ impl TensorConvWeights {
             *s = w * scale;
         }
         let stream = backend.stream();
+        let (cin, taps) = (
+            conv.in_channels(),
+            conv.kernel_size().0 * conv.kernel_size().1,
+        );
+        let spike_fragments = if spike_path_supports(conv) {
+            // Tap-major column `tap · Cin + ci` is PyTorch's `ci · taps + tap`.
+            let column = |k: usize| k % cin * taps + k / cin;
+            Some(stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale, column))?)
+        } else {
+            None
+        };
         Ok(Self {
-            fragments: stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale))?,
+            fragments: stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale, |k| k))?,
+            spike_fragments,
             scaled: stream.clone_htod(&scaled)?,
             bias: conv
                 .bias
@@ -83,6 +100,13 @@ impl TensorConvWeights {
 /// dilation).
 pub fn supports(conv: &Conv2d) -> bool {
     conv.groups == 1
+}
+
+/// Whether binary inputs of `conv` take the spike kernel (`tensor_conv2d_spikes`): whole words
+/// of 32 input channels, at most [`MAX_TENSOR_TAPS`] taps.
+pub fn spike_path_supports(conv: &Conv2d) -> bool {
+    let (kh, kw) = conv.kernel_size();
+    supports(conv) && conv.in_channels() % 32 == 0 && kh * kw <= MAX_TENSOR_TAPS as usize
 }
 
 /// The power of two that brings the largest weight magnitude to at most [`SCALED_MAX`] (and
@@ -110,14 +134,20 @@ fn split(v: f32) -> (f16, f16) {
 
 /// `weight` (`[cout, K]`) times `scale`, split into half pairs and packed in `mma` fragment
 /// order (`sparseflow_kernels::tensor_conv::fragment_word`), zero-padded to whole stages and
-/// channel tiles.
-pub fn pack_fragments(weight: &[f32], cout: usize, k_dim: usize, scale: f32) -> Vec<u32> {
+/// channel tiles; the kernel's reduction index `k` reads weight column `column(k)`.
+pub fn pack_fragments(
+    weight: &[f32],
+    cout: usize,
+    k_dim: usize,
+    scale: f32,
+    column: impl Fn(usize) -> usize,
+) -> Vec<u32> {
     let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
     let mut words = vec![0u32; (k_padded * cout_padded * 2) as usize];
     for (word, shift, k, co) in fragment_halves(k_padded, cout_padded) {
         let (k, co) = (k as usize, co as usize);
         let w = if k < k_dim && co < cout {
-            weight[co * k_dim + k] * scale
+            weight[co * k_dim + column(k)] * scale
         } else {
             0.0
         };
@@ -152,6 +182,68 @@ pub(crate) fn tensor_conv_cuda(
             backend.max_shared_memory_per_block()
         )));
     }
+    let stream = backend.stream();
+    let has_bias = weights.bias.is_some() as u32;
+    // Without a bias the kernel never reads the pointer; any valid one will do.
+    let bias = weights.bias.as_ref().unwrap_or(&weights.scaled);
+    let geometry = ByValue(g);
+    let grid_dim = tensor_conv_grid(&g);
+
+    // Binary spikes take the spike kernel on channel masks; the f32 kernel launched after it
+    // then runs only if the packing pass found another value.
+    let mut non_binary = None;
+    let mut masks = None;
+    if let Some(spike_fragments) = &weights.spike_fragments {
+        let (words, hw) = (mask_words(g.cin) as usize, (g.h * g.w) as usize);
+        let total = g.n as usize * words * hw;
+        // Fewer words than input elements, which the kernels index in u32.
+        x.len_u32()?;
+        // SAFETY: the packing kernel writes every mask word before anything reads it.
+        let mut packed = unsafe { stream.alloc::<u32>(total.max(1))? };
+        let mut flag = stream.alloc_zeros::<u32>(1)?;
+        let pack = backend.function("spike_mask_pack")?;
+        let hw32 = hw as u32;
+        let mut launch = stream.launch_builder(&pack);
+        launch
+            .arg(x.slice())
+            .arg(&mut packed)
+            .arg(&mut flag)
+            .arg(&g.n)
+            .arg(&g.cin)
+            .arg(&hw32);
+        // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: ((total as u32).div_ceil(PACK_THREADS).max(1), 1, 1),
+                block_dim: (PACK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+        let spikes = backend.function("tensor_conv2d_spikes")?;
+        allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
+        let mut launch = stream.launch_builder(&spikes);
+        launch
+            .arg(&packed)
+            .arg(&flag)
+            .arg(spike_fragments)
+            .arg(bias)
+            .arg(&has_bias)
+            .arg(out.slice_mut())
+            .arg(&geometry)
+            .arg(&weights.scale);
+        // SAFETY: the arguments match the signature; Cin is a multiple of 32 (the fragments
+        // exist only then) and the fragments were packed for this conv's taps and channels.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim,
+                block_dim: (TENSOR_CONV_THREADS, 1, 1),
+                shared_mem_bytes: TENSOR_SPIKES_SHARED_BYTES,
+            })?
+        };
+        masks = Some(packed);
+        non_binary = Some(flag);
+    }
+
     let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
         "tensor_conv2d"
     } else {
@@ -159,11 +251,7 @@ pub(crate) fn tensor_conv_cuda(
     };
     let function = backend.function(entry)?;
     allow_shared_memory(&function, shared)?;
-    let stream = backend.stream();
-    let has_bias = weights.bias.is_some() as u32;
-    // Without a bias the kernel never reads the pointer; any valid one will do.
-    let bias = weights.bias.as_ref().unwrap_or(&weights.scaled);
-    let geometry = ByValue(g);
+    let always = 0u64;
     let mut launch = stream.launch_builder(&function);
     launch
         .arg(x.slice())
@@ -174,15 +262,22 @@ pub(crate) fn tensor_conv_cuda(
         .arg(out.slice_mut())
         .arg(&geometry)
         .arg(&weights.scale);
+    match &non_binary {
+        Some(flag) => launch.arg(flag),
+        // A null `only_if`: run.
+        None => launch.arg(&always),
+    };
     // SAFETY: the arguments match the signature of both entries; the buffers hold what `g` implies
     // (the weights were packed for this conv's `K` and `cout`).
     unsafe {
         launch.launch(LaunchConfig {
-            grid_dim: tensor_conv_grid(&g),
+            grid_dim,
             block_dim: (TENSOR_CONV_THREADS, 1, 1),
             shared_mem_bytes: shared,
         })?
     };
+    // Freed in stream order, after the kernels that read them.
+    drop((masks, non_binary));
     Ok(())
 }
 
@@ -202,7 +297,7 @@ mod tests {
         let scale = weight_scale(weight);
         let max = weight.iter().fold(0.0f32, |m, w| m.max(w.abs()));
         assert!(max * scale <= SCALED_MAX && max * scale > SCALED_MAX / 2.0);
-        let words = pack_fragments(weight, cout, k_dim, scale);
+        let words = pack_fragments(weight, cout, k_dim, scale, |k| k);
         let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
         let half_at = |word: u32, shift: u32| f16::from_bits((word >> shift) as u16).to_f32();
         for (word, shift, k, co) in fragment_halves(k_padded, cout_padded) {
@@ -232,10 +327,10 @@ mod tests {
         assert_eq!(weight_scale(&[0.0; 4]), 1.0);
     }
 
-    /// The kernel against the CPU dense reference on fresh random inputs: spikes at several
-    /// densities, SEW integers, and real values (the f32 fallback), for 3×3, strided, 1×1 and
-    /// stem-like 7×7 geometries with ragged channel and pixel counts; outputs poisoned first and
-    /// every element checked.
+    /// The kernels against the CPU dense reference on fresh random inputs: spikes at several
+    /// densities (the spike kernel where Cin is a multiple of 32), SEW integers, and real values
+    /// (the f32 kernel, with its f32 fallback), for 3×3, strided, 1×1 and 7×7 geometries with
+    /// ragged channel and pixel counts; outputs poisoned first and every element checked.
     #[test]
     fn gpu_tensor_conv_matches_cpu() {
         let Some(backend) = gpu_or_skip("gpu_tensor_conv_matches_cpu") else {
@@ -251,6 +346,8 @@ mod tests {
             (2, 3, 64, 30, 30, 7, 2, 3),
             (2, 64, 256, 8, 8, 1, 1, 0),
             (2, 128, 64, 9, 9, 1, 2, 0),
+            (2, 32, 70, 15, 13, 3, 2, 1),
+            (1, 64, 64, 12, 12, 7, 2, 3),
             (1, 5, 3, 1, 1, 3, 1, 1),
         ] {
             for &(density, kind) in &[

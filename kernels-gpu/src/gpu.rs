@@ -420,6 +420,21 @@ pub unsafe fn load_nc_f32(ptr: *const f32) -> f32 {
     out
 }
 
+/// One `u32` from global memory through the read-only data cache (L1).
+///
+/// # Safety
+/// `ptr` is 4-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_nc_u32(ptr: *const u32) -> u32 {
+    let out: u32;
+    asm!(
+        "ld.global.nc.u32 {out}, [{ptr}];",
+        ptr = in(reg64) ptr,
+        out = out(reg32) out,
+    );
+    out
+}
+
 /// Four consecutive `u32` from global memory through the read-only data cache.
 ///
 /// # Safety

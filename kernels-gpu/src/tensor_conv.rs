@@ -149,7 +149,12 @@ macro_rules! tensor_conv_entries {
                 out: *mut f32,
                 g: ConvGeometry,
                 scale: f32,
+                only_if: *const u32,
             ) {
+                // After `tensor_conv2d_spikes`: its input was not binary, so this kernel runs.
+                if !only_if.is_null() && *only_if == 0 {
+                    return;
+                }
                 tensor_conv::<$wide>(input, fragments, weight, bias, has_bias, out, g, scale)
             }
         )+
@@ -160,7 +165,8 @@ tensor_conv_entries! {
     /// `out = conv(input, weight) + bias` (NCHW, one group), `fragments` the weights times `scale`
     /// split into half pairs and packed by [`fragment_word`], `weight` the f32 weights times `scale`
     /// `[padded_cout, K]` (zero rows past `cout`; read by stages whose input is not exactly half),
-    /// `bias` read when `has_bias != 0`.
+    /// `bias` read when `has_bias != 0`. With `only_if` non-null, it does nothing unless
+    /// `*only_if` is non-zero (the non-binary flag of the spike path's packing pass).
     ///
     /// # Safety
     /// The buffers hold the elements `g` implies (`fragments`: `padded_k · padded_cout · 2` words);
@@ -259,16 +265,12 @@ unsafe fn tensor_conv<const WIDE: bool>(
     let cta_fragments = fragments.add(fragment_word(0, m0 / 8, 0, cout_padded));
     let step_words = (cout_padded / 8 * 32) as usize * FRAGMENT_WORDS;
     let copy_weights = |stage: u32| {
-        let dst = buffer(stage) + TENSOR_A_BYTES;
-        for step in 0..2u32 {
-            for chunk in [tid, tid + TENSOR_CONV_THREADS] {
-                let src = (stage * 2 + step) as usize * step_words + chunk as usize * 4;
-                gpu::async_copy_16(
-                    dst + step * TENSOR_STEP_FRAGMENT_BYTES + chunk * 16,
-                    cta_fragments.add(src),
-                );
-            }
-        }
+        copy_stage_weights(
+            buffer(stage) + TENSOR_A_BYTES,
+            cta_fragments,
+            stage,
+            step_words,
+        )
     };
     let mut inputs = [0.0f32; 32];
     pixel.load_stage(0, &mut inputs);
@@ -363,6 +365,229 @@ unsafe fn tensor_conv<const WIDE: bool>(
         }
     }
 
+    store_tile(&acc, bias, has_bias, out, &g, scale);
+}
+
+/// Starts the `cp.async` copies of stage `stage`'s weight fragments (two `k16` steps of the
+/// CTA's eight `n8` tiles) to `dst` in shared memory; each thread copies two 16-byte chunks.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn copy_stage_weights(dst: u32, cta_fragments: *const u32, stage: u32, step_words: usize) {
+    let tid = crate::gpu::thread_x();
+    for step in 0..2u32 {
+        for chunk in [tid, tid + TENSOR_CONV_THREADS] {
+            let src = (stage * 2 + step) as usize * step_words + chunk as usize * 4;
+            crate::gpu::async_copy_16(
+                dst + step * TENSOR_STEP_FRAGMENT_BYTES + chunk * 16,
+                cta_fragments.add(src),
+            );
+        }
+    }
+}
+
+/// Dynamic shared memory of `tensor_conv2d_spikes`: two stages of weights.
+pub const TENSOR_SPIKES_SHARED_BYTES: u32 = 2 * TENSOR_B_BYTES;
+
+/// The `mma` A-fragment register holding, as halves, bits `shift` and `shift + 1` of `mask`:
+/// 1.0 (`0x3C00`) where a bit is set, in the low half for the lower bit. The multiply by
+/// `0x8001` copies bit 1 to bit 16 (no carries: only two bits are kept before it).
+#[inline(always)]
+pub const fn spike_pair(mask: u32, shift: u32) -> u32 {
+    ((((mask >> shift) & 3) * 0x8001) & 0x1_0001) * 0x3C00
+}
+
+/// `out = conv(spikes, weight) + bias` on the tensor cores, the spikes given as the channel
+/// masks of `spike_mask_pack` (`masks`: `[n][Cin / 32][H·W]`, bit `j` of word `w` is channel
+/// `32·w + j`). No input is gathered or converted: each lane builds its A fragments from the
+/// mask words of its four pixels, so a stage costs four loads and a few integer operations per
+/// lane against 64 MMAs per warp. `fragments` holds the weights in tap-major order (`k = tap ·
+/// Cin + ci`, see the host's packing), stages of 32 channels of one tap.
+///
+/// When the packing pass found a non-binary input (`*non_binary != 0`), it does nothing: the
+/// f32 kernel launched after it (`only_if = non_binary`) computes the output.
+///
+/// # Safety
+/// `Cin` is a multiple of 32 and `kh · kw · Cin / 32` stages fit `fragments`; the buffers hold
+/// what `g` implies; launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
+/// [`TENSOR_SPIKES_SHARED_BYTES`] of dynamic shared memory.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
+    masks: *const u32,
+    non_binary: *const u32,
+    fragments: *const u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    if *non_binary != 0 {
+        return;
+    }
+    let tid = gpu::thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let quad = lane % 4;
+    let m0 = gpu::block_y() * TENSOR_TILE_M;
+    let cout_padded = padded_cout(g.cout);
+    let shared = gpu::dynamic_shared_base();
+    let pixels = PixelMasks::new(
+        masks,
+        &g,
+        gpu::block_x() * TENSOR_TILE_P + warp * 32 + lane / 4,
+    );
+
+    let words = g.cin / 32;
+    let stages = g.kh * g.kw * words;
+    let buffer = |stage: u32| shared + (stage % 2) * TENSOR_B_BYTES;
+    let cta_fragments = fragments.add(fragment_word(0, m0 / 8, 0, cout_padded));
+    let step_words = (cout_padded / 8 * 32) as usize * FRAGMENT_WORDS;
+
+    let mut acc = [[[0.0f32; 4]; 8]; 2];
+    // The stage's tap row, column and channel word, stepped word-fastest.
+    let (mut r, mut s, mut word) = (0u32, 0u32, 0u32);
+    let mut now = pixels.load(r, s, word);
+    copy_stage_weights(buffer(0), cta_fragments, 0, step_words);
+    for stage in 0..stages {
+        gpu::async_copy_wait_all();
+        // This stage's weights are visible, and every warp is done with the other buffer.
+        gpu::sync_threads();
+        word += 1;
+        if word == words {
+            word = 0;
+            s += 1;
+            if s == g.kw {
+                s = 0;
+                r += 1;
+            }
+        }
+        let next = if stage + 1 < stages {
+            copy_stage_weights(buffer(stage + 1), cta_fragments, stage + 1, step_words);
+            pixels.load(r, s, word)
+        } else {
+            [0; 4]
+        };
+        let base = buffer(stage);
+        // Fresh partial sums per stage, added in f32 (see `tensor_conv`).
+        unroll!(m_tile in [0, 1] {
+            let mut partial = [[0.0f32; 4]; 8];
+            let (upper, lower) = (now[2 * m_tile], now[2 * m_tile + 1]);
+            unroll!(step in [0, 1] {
+                let shift = 16 * step as u32 + 2 * quad;
+                let a = [
+                    spike_pair(upper, shift),
+                    spike_pair(lower, shift),
+                    spike_pair(upper, shift + 8),
+                    spike_pair(lower, shift + 8),
+                ];
+                let b_base = base + step as u32 * TENSOR_STEP_FRAGMENT_BYTES + lane * 16;
+                let mut b = [[0u32; 4]; 8];
+                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * TENSOR_TILE_FRAGMENT_BYTES);
+                });
+                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    partial[tile] =
+                        gpu::mma_m16n8k16_f16_f32(a, [b[tile][0], b[tile][1]], partial[tile]);
+                });
+                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    partial[tile] =
+                        gpu::mma_m16n8k16_f16_f32(a, [b[tile][2], b[tile][3]], partial[tile]);
+                });
+            });
+            unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                unroll!(i in [0, 1, 2, 3] {
+                    acc[m_tile][tile][i] += partial[tile][i];
+                });
+            });
+        });
+        now = next;
+    }
+    store_tile(&acc, bias, has_bias, out, &g, scale);
+}
+
+/// The four output pixels whose A-fragment rows a lane of `tensor_conv2d_spikes` builds: pixel
+/// `i` is row `lane / 4 + 8 · (i % 2)` of the warp's `m16` tile `i / 2`.
+#[cfg(target_arch = "nvptx64")]
+struct PixelMasks {
+    masks: *const u32,
+    /// Each pixel's window corner (input row and column of tap (0, 0)); far outside the image
+    /// for pixels past the batch.
+    corner_y: [i32; 4],
+    corner_x: [i32; 4],
+    /// Each pixel's image's first mask word.
+    image: [u32; 4],
+    h: u32,
+    w: u32,
+    dh: u32,
+    dw: u32,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl PixelMasks {
+    /// `first` is pixel 0's index in the batch.
+    #[inline(always)]
+    unsafe fn new(masks: *const u32, g: &ConvGeometry, first: u32) -> Self {
+        let mut this = Self {
+            masks,
+            corner_y: [i32::MIN / 2; 4],
+            corner_x: [0; 4],
+            image: [0; 4],
+            h: g.h,
+            w: g.w,
+            dh: g.dh,
+            dw: g.dw,
+        };
+        unroll!(i in [0, 1, 2, 3] {
+            let p = first + (i as u32 / 2) * 16 + 8 * (i as u32 % 2);
+            if p < g.pixels() {
+                let (img, oy, ox) = g.pixel(p);
+                this.corner_y[i] = (oy * g.sh) as i32 - g.ph as i32;
+                this.corner_x[i] = (ox * g.sw) as i32 - g.pw as i32;
+                this.image[i] = img * (g.cin / 32) * g.h * g.w;
+            }
+        });
+        this
+    }
+
+    /// The mask words of channel word `word` at tap `(r, s)` of the four pixels (0 in the
+    /// padding).
+    #[inline(always)]
+    unsafe fn load(&self, r: u32, s: u32, word: u32) -> [u32; 4] {
+        let mut m = [0u32; 4];
+        let plane = self.h * self.w;
+        unroll!(i in [0, 1, 2, 3] {
+            let iy = self.corner_y[i] + (r * self.dh) as i32;
+            let ix = self.corner_x[i] + (s * self.dw) as i32;
+            if (iy as u32) < self.h && (ix as u32) < self.w {
+                let at = self.image[i] + word * plane + iy as u32 * self.w + ix as u32;
+                m[i] = crate::gpu::load_nc_u32(self.masks.add(at as usize));
+            }
+        });
+        m
+    }
+}
+
+/// Writes a CTA's `[2][8][4]` accumulator fragments per warp, divided by `scale` and plus the
+/// bias, to the NCHW output (pixels past the batch and channels past `cout` skipped).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn store_tile(
+    acc: &[[[f32; 4]; 8]; 2],
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: &ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    let tid = gpu::thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (row_in_tile, quad) = (lane / 4, lane % 4);
+    let p0 = gpu::block_x() * TENSOR_TILE_P;
+    let m0 = gpu::block_y() * TENSOR_TILE_M;
+    let pixels = g.pixels();
     let unscale = 1.0 / scale;
     let plane_out = g.oh * g.ow;
     unroll!(m_tile in [0, 1] {
@@ -451,6 +676,25 @@ mod tests {
             seen[(k * cout_padded + co) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n == 1));
+    }
+
+    /// Each A-fragment register holds the two mask bits as half-precision 0.0 / 1.0.
+    #[test]
+    fn spike_pairs_are_halves_of_the_mask_bits() {
+        for mask in [0u32, 1, 2, 3, 0xFFFF_FFFF, 0xA5A5_5A5A, 0x8000_0001] {
+            for shift in 0..31 {
+                let word = spike_pair(mask, shift);
+                let half = |bit: u32| {
+                    if mask >> (shift + bit) & 1 != 0 {
+                        0x3C00
+                    } else {
+                        0
+                    }
+                };
+                assert_eq!(word & 0xFFFF, half(0), "{mask:#x} >> {shift}");
+                assert_eq!(word >> 16, half(1), "{mask:#x} >> {shift}");
+            }
+        }
     }
 
     /// The shared stage fits the fallback's f32 copy and keeps `ldmatrix` rows 16-byte aligned.
