@@ -14,9 +14,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use sparseflow_kernels::sparse_conv::{mask_words, PACK_THREADS};
 use sparseflow_kernels::tensor_conv::{
-    fragment_halves, padded_cout, padded_k, tensor_conv_grid, tensor_conv_shared_bytes,
-    FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS, TENSOR_CONV_THREADS,
-    TENSOR_SPIKES_SHARED_BYTES,
+    fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
+    tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
+    TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -76,8 +76,14 @@ impl TensorConvWeights {
             conv.kernel_size().0 * conv.kernel_size().1,
         );
         let spike_fragments = if spike_path_supports(conv) {
-            // Tap-major column `tap · Cin + ci` is PyTorch's `ci · taps + tap`.
-            let column = |k: usize| k % cin * taps + k / cin;
+            // Stage `s` holds channels `32·(s % words)..` of tap `s / words`, permuted within the
+            // stage by `spike_stage_channel`; PyTorch's column is `ci · taps + tap`.
+            let words = cin / 32;
+            let column = |k: usize| {
+                let (stage, step, kk) = (k / 32, (k % 32 / 16) as u32, (k % 16) as u32);
+                let ci = stage % words * 32 + spike_stage_channel(step, kk) as usize;
+                ci * taps + stage / words
+            };
             Some(stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale, column))?)
         } else {
             None
