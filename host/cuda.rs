@@ -30,7 +30,6 @@ pub struct CudaBackend {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     max_shared_memory_per_block: usize,
-    multiprocessors: usize,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -82,11 +81,6 @@ impl CudaBackend {
         let max_shared_memory_per_block = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )? as usize;
-        let multiprocessors = ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )?
-            .max(1) as usize;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
         let stream = ctx.default_stream();
         Ok(Self {
@@ -96,7 +90,6 @@ impl CudaBackend {
             module,
             functions: Mutex::new(HashMap::new()),
             max_shared_memory_per_block,
-            multiprocessors,
         })
     }
 
@@ -112,11 +105,6 @@ impl CudaBackend {
     /// The most dynamic shared memory one block may opt into (bytes).
     pub fn max_shared_memory_per_block(&self) -> usize {
         self.max_shared_memory_per_block
-    }
-
-    /// Streaming multiprocessors on the device.
-    pub fn multiprocessors(&self) -> usize {
-        self.multiprocessors
     }
 
     /// The stream every SparseFlow launch on this device is ordered on.

@@ -133,12 +133,7 @@ fn gpu_dense_convolution_and_linear_match_cpu() {
         let weight = random_uniform(&[outputs, features], -0.1, 0.1, 7);
         let bias = bias.then(|| random_uniform(&[outputs], -1.0, 1.0, 8));
         let linear = Linear::new(weight, bias).unwrap();
-        // Few rows take the warp-per-row kernel; 8192 rows the tile kernel.
-        for shape in [
-            vec![features],
-            vec![4, 3, features],
-            vec![2, 4096, features],
-        ] {
+        for shape in [vec![features], vec![4, 3, features]] {
             let x = random_uniform(&shape, -1.0, 1.0, 9);
             assert_close(&backend, &linear, &[&x]);
         }

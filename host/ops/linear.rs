@@ -4,13 +4,9 @@
 //! rayon when the product is large.
 use sparseflow_kernels::dense_conv::ConvGeometry;
 
-use sparseflow_kernels::sparse_conv::COUT_PER_PASS;
-
 use crate::cuda::{DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{launch_dense_conv, sgemm_strided, DenseDeviceWeights};
-use crate::ops::sparse_linear::launch_sparse_linear;
-use crate::ops::spike_gather::{DeviceGatherWeights, GatherWeights};
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
 
@@ -26,8 +22,6 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The weights on the GPU, uploaded on the first CUDA forward.
     device: DeviceCache<DenseDeviceWeights>,
-    /// The same in gather layout, for few rows (see [`Linear::forward_cuda`]).
-    gather: DeviceCache<DeviceGatherWeights>,
 }
 
 impl Linear {
@@ -37,18 +31,13 @@ impl Linear {
             weight,
             bias,
             device: DeviceCache::default(),
-            gather: DeviceCache::default(),
         };
         linear.validate()?;
         Ok(linear)
     }
 
     /// The layer on a CUDA tensor `[..., F]`, staying on the device: the dense convolution kernel
-    /// with `1 × 1` geometry, one "pixel" per row. When that kernel's tiles would not give every
-    /// multiprocessor two CTAs (a classifier head over `T · N` rows), the warp-per-row kernel of
-    /// `SparseLinear` runs instead: a warp per row and 64 outputs, so the whole GPU takes part
-    /// (512 → 1000 over 128 rows on the H100: the head of ResNet-18 at T=4, B=32, 0.136 ms in
-    /// the tile kernel).
+    /// with `1 × 1` geometry, one "pixel" per row.
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
         let (rows, out_shape) = self.rows_and_output_shape(x.shape())?;
         let mut out = DeviceTensor::uninit(x.backend(), out_shape)?;
@@ -71,27 +60,6 @@ impl Linear {
             dw: 1,
             groups: 1,
         };
-        let (features, outputs) = (self.in_features(), self.out_features());
-        let (p_tiles, m_tiles, _) = geometry.grid();
-        let widest =
-            features.max(outputs.div_ceil(COUT_PER_PASS as usize) * COUT_PER_PASS as usize);
-        let fits_u32 = rows
-            .checked_mul(widest)
-            .is_some_and(|v| v <= u32::MAX as usize);
-        if (p_tiles * m_tiles) < 2 * x.backend().multiprocessors() as u32 && fits_u32 {
-            x.len_u32()?;
-            if rows == 0 || outputs == 0 {
-                return Ok(out);
-            }
-            let mut sources = vec![&self.weight];
-            sources.extend(self.bias.as_ref());
-            let weights = self.gather.get(x.backend(), &sources, || {
-                GatherWeights::from_output_major(self.weight.data(), outputs, features, |k| k)
-                    .upload(x.backend(), self.bias.as_ref(), COUT_PER_PASS as usize, 0)
-            })?;
-            launch_sparse_linear(x, &weights, &mut out, [rows, features, outputs])?;
-            return Ok(out);
-        }
         let weights = DenseDeviceWeights::cached(
             &self.device,
             x.backend(),

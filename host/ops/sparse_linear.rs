@@ -114,7 +114,30 @@ impl SparseLinear {
             return Ok(());
         }
         let device = self.device_weights(&backend)?;
-        launch_sparse_linear(x, &device, out, [rows, features, outputs])?;
+        let (weights, bias, out_pad) = (&device.weights, &device.bias, device.padded_outputs);
+        let chunks = (out_pad / COUT_PER_PASS as usize) as u32;
+        let warps = rows as u32 * chunks;
+        let blocks = (warps * 32).div_ceil(CONV_THREADS);
+        let function = backend.function("sparse_linear")?;
+        let dims = [rows, features, outputs, out_pad].map(|v| v as u32);
+        let stream = backend.stream();
+        let mut launch = stream.launch_builder(&function);
+        launch
+            .arg(x.slice())
+            .arg(weights)
+            .arg(bias)
+            .arg(out.slice_mut());
+        for d in &dims {
+            launch.arg(d);
+        }
+        // SAFETY: the arguments match `sparse_linear`'s signature and contract.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (CONV_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
     }
@@ -217,41 +240,6 @@ impl SparseLinear {
             })
             .clone()
     }
-}
-
-/// Launches `sparse_linear` on `x` `[rows, features]` into `out` `[rows, outputs]` with
-/// `weights` in gather layout (padded to [`COUT_PER_PASS`]); sizes checked by the caller.
-pub(crate) fn launch_sparse_linear(
-    x: &DeviceTensor,
-    weights: &DeviceGatherWeights,
-    out: &mut DeviceTensor,
-    [rows, features, outputs]: [usize; 3],
-) -> Result<()> {
-    let backend = x.backend();
-    let out_pad = weights.padded_outputs;
-    let chunks = (out_pad / COUT_PER_PASS as usize) as u32;
-    let warps = rows as u32 * chunks;
-    let blocks = (warps * 32).div_ceil(CONV_THREADS);
-    let function = backend.function("sparse_linear")?;
-    let dims = [rows, features, outputs, out_pad].map(|v| v as u32);
-    let mut launch = backend.stream().launch_builder(&function);
-    launch
-        .arg(x.slice())
-        .arg(&weights.weights)
-        .arg(&weights.bias)
-        .arg(out.slice_mut());
-    for d in &dims {
-        launch.arg(d);
-    }
-    // SAFETY: the arguments match `sparse_linear`'s signature and contract.
-    unsafe {
-        launch.launch(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (CONV_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })?
-    };
-    Ok(())
 }
 
 /// Above this fraction of non-zero inputs the dense GEMM is faster.
