@@ -307,19 +307,7 @@ unsafe fn tensor_conv<const WIDE: bool>(
                         base + step * 32 + matrix_col + row * TENSOR_ROW_BYTES,
                     );
                     let b_base = base + TENSOR_A_BYTES + step * TENSOR_STEP_FRAGMENT_BYTES + lane * 16;
-                    let mut b = [[0u32; 4]; 8];
-                    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * TENSOR_TILE_FRAGMENT_BYTES);
-                    });
-                    // All `hi` products, then all `lo`: consecutive MMAs are independent.
-                    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        partial[tile] =
-                            gpu::mma_m16n8k16_f16_f32(a, [b[tile][0], b[tile][1]], partial[tile]);
-                    });
-                    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        partial[tile] =
-                            gpu::mma_m16n8k16_f16_f32(a, [b[tile][2], b[tile][3]], partial[tile]);
-                    });
+                    partial = step_products(a, b_base, partial);
                 }
                 unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
                     unroll!(i in [0, 1, 2, 3] {
@@ -366,6 +354,26 @@ unsafe fn tensor_conv<const WIDE: bool>(
     }
 
     store_tile(&acc, bias, has_bias, out, &g, scale);
+}
+
+/// One `k16` step of a warp's `m16` tile: the eight `n8` weight fragments at `b_base` in shared
+/// memory (this lane's 16 bytes of each), times the A fragment `a`, added to `partial`. All
+/// `hi` products, then all `lo`: consecutive MMAs are independent.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn step_products(a: [u32; 4], b_base: u32, mut partial: [[f32; 4]; 8]) -> [[f32; 4]; 8] {
+    use crate::gpu;
+    let mut b = [[0u32; 4]; 8];
+    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+        b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * TENSOR_TILE_FRAGMENT_BYTES);
+    });
+    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+        partial[tile] = gpu::mma_m16n8k16_f16_f32(a, [b[tile][0], b[tile][1]], partial[tile]);
+    });
+    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+        partial[tile] = gpu::mma_m16n8k16_f16_f32(a, [b[tile][2], b[tile][3]], partial[tile]);
+    });
+    partial
 }
 
 /// Starts the `cp.async` copies of stage `stage`'s weight fragments (two `k16` steps of the
@@ -494,18 +502,7 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
                     spike_pair(lower, shift + 4),
                 ];
                 let b_base = base + step as u32 * TENSOR_STEP_FRAGMENT_BYTES + lane * 16;
-                let mut b = [[0u32; 4]; 8];
-                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                    b[tile] = gpu::load_shared_u32x4(b_base + tile as u32 * TENSOR_TILE_FRAGMENT_BYTES);
-                });
-                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                    partial[tile] =
-                        gpu::mma_m16n8k16_f16_f32(a, [b[tile][0], b[tile][1]], partial[tile]);
-                });
-                unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-                    partial[tile] =
-                        gpu::mma_m16n8k16_f16_f32(a, [b[tile][2], b[tile][3]], partial[tile]);
-                });
+                partial = step_products(a, b_base, partial);
             });
             unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
                 unroll!(i in [0, 1, 2, 3] {
