@@ -216,13 +216,36 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
         assert_bitwise(&backend, pool.as_ref(), &[&with_nan]);
     }
 
-    // The CPU's fused neuron + max-pool runs the two operators' kernels in turn on the GPU.
+    // The fused neuron + max-pool: the neuron's spikes pass to the pool as bytes. Every neuron and
+    // reset, pools of several windows, a map wider than a warp, NaN inputs.
+    let wide = random_uniform(&[2, 1, 3, 70, 69], -1.5, 2.5, 4);
     for pool in [
         MaxPool2d::new((3, 3), (2, 2), (1, 1)).unwrap(),
+        MaxPool2d::new((3, 3), (2, 2), (1, 1))
+            .unwrap()
+            .with_ceil_mode(true),
         MaxPool2d::new((2, 2), (2, 2), (0, 0)).unwrap(),
+        MaxPool2d::new((3, 3), (1, 1), (1, 1))
+            .unwrap()
+            .with_dilation((2, 1))
+            .unwrap(),
     ] {
-        let neuron = Box::new(LIFNode::new(1.7, true, firings[2]).unwrap());
-        assert_bitwise(&backend, &NeuronMaxPool { neuron, pool }, &[&x]);
+        for firing in firings {
+            let neurons: [Box<dyn Operator>; 3] = [
+                Box::new(LIFNode::new(1.7, true, firing).unwrap()),
+                Box::new(IFNode::new(firing)),
+                Box::new(ParametricLIFNode::new(2.5, false, firing).unwrap()),
+            ];
+            for neuron in neurons {
+                let op = NeuronMaxPool {
+                    neuron,
+                    pool: pool.clone(),
+                };
+                for input in [&x, &with_nan, &wide] {
+                    assert_bitwise(&backend, &op, &[input]);
+                }
+            }
+        }
     }
 
     let a = random_spikes(&[2, 3, 4, 7, 5], 0.4, 2);

@@ -15,13 +15,14 @@
 //! kept for fidelity of the configuration.
 use std::mem::MaybeUninit;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::neuron::{Charge, NEURON_THREADS};
 
 use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::impl_as_any;
+use crate::ops::pool::MaxPool2d;
 use crate::ops::spike_gather::DisjointWrites;
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
@@ -147,22 +148,40 @@ fn multi_step_cuda(
             y.shape()
         )));
     }
+    let mut spikes = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
+    spikes.len_u32()?;
+    let entry = match addend {
+        Some(_) => "neuron_multi_step_add",
+        None => "neuron_multi_step",
+    };
+    launch_neuron(op, entry, x, addend, spikes.slice_mut(), firing, charge, k)?;
+    Ok(spikes)
+}
+
+/// Launches neuron kernel `entry` over `x` (`[T, ...]`, plus `addend` for the `_add` kernel)
+/// into `spikes`, a buffer of `x.len()` elements of the entry's output type.
+#[allow(clippy::too_many_arguments)]
+fn launch_neuron<T: DeviceRepr>(
+    op: &str,
+    entry: &'static str,
+    x: &DeviceTensor,
+    addend: Option<&DeviceTensor>,
+    spikes: &mut CudaSlice<T>,
+    firing: &Firing,
+    charge: Charge,
+    k: f32,
+) -> Result<()> {
     let Some((&steps, rest)) = x.shape().split_first() else {
         return Err(Error::Shape(format!(
             "{op} needs a [T, ...] input, got a scalar"
         )));
     };
     let per_step: usize = rest.iter().product();
-    let mut spikes = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
-    spikes.len_u32()?;
+    x.len_u32()?;
     if per_step == 0 || steps == 0 {
-        return Ok(spikes);
+        return Ok(());
     }
     let backend = x.backend();
-    let entry = match addend {
-        Some(_) => "neuron_multi_step_add",
-        None => "neuron_multi_step",
-    };
     let function = backend.function(entry)?;
     let (steps, per_step) = (steps as u32, per_step as u32);
     let (hard, reset) = match firing.v_reset {
@@ -176,7 +195,7 @@ fn multi_step_cuda(
         launch.arg(y.slice());
     }
     launch
-        .arg(spikes.slice_mut())
+        .arg(spikes)
         .arg(&steps)
         .arg(&per_step)
         .arg(&mode)
@@ -184,8 +203,9 @@ fn multi_step_cuda(
         .arg(&firing.v_threshold)
         .arg(&reset)
         .arg(&hard);
-    // SAFETY: the arguments match the entry's signature (`neuron_multi_step`, or `_add` with
-    // `y` of x's shape, checked above); one thread per neuron.
+    // SAFETY: the arguments match the entry's signature (`neuron_multi_step` and `_u8`, or
+    // `_add` with `y` of x's shape, checked by the caller); `spikes` holds `x.len()` elements of
+    // the entry's output type; one thread per neuron.
     unsafe {
         launch.launch(LaunchConfig {
             grid_dim: (per_step.div_ceil(NEURON_THREADS), 1, 1),
@@ -193,7 +213,7 @@ fn multi_step_cuda(
             shared_mem_bytes: 0,
         })?
     };
-    Ok(spikes)
+    Ok(())
 }
 
 /// One time step over a chunk of neurons: the AVX2 build of [`step_portable`] when the CPU has
@@ -527,6 +547,40 @@ pub(crate) fn forward_cuda_added(
         charge,
         k,
     ))
+}
+
+/// A built-in neuron and the max-pool `pool` that alone reads its spikes, on the GPU: the neuron
+/// writes its spikes as bytes (`neuron_multi_step_u8`) and the pool reads bytes
+/// (`max_pool2d_u8`), so the map costs a quarter of its f32 traffic out and back in; the result
+/// is the two f32 kernels' bit for bit. `None` for another operator.
+pub(crate) fn neuron_max_pool_cuda(
+    op: &dyn Operator,
+    pool: &MaxPool2d,
+    x: &DeviceTensor,
+) -> Option<Result<DeviceTensor>> {
+    let neuron = as_builtin_neuron(op)?;
+    if x.shape().len() < 3 {
+        // The operators word the shape errors themselves.
+        return None;
+    }
+    Some((|| {
+        let backend = x.backend();
+        // SAFETY: the neuron kernel writes every byte before the pool reads it.
+        let mut spikes = unsafe { backend.stream().alloc::<u8>(x.len().max(1))? };
+        let (charge, k) = neuron.kernel_charge();
+        let entry = "neuron_multi_step_u8";
+        launch_neuron(
+            op.type_name(),
+            entry,
+            x,
+            None,
+            &mut spikes,
+            neuron.firing(),
+            charge,
+            k,
+        )?;
+        pool.forward_cuda_spike_bytes(&spikes, x.shape(), backend)
+    })())
 }
 
 /// The operator as a [`SpikingNeuron`] when it is one of the built-in neuron types.

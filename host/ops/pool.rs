@@ -15,11 +15,13 @@
 //!   module; but `mean`'s vectorised summation order depends on the CPU's SIMD width, so there
 //!   the result is bit-exact when the sum is exact in any order (spike inputs: sums of 0/1) and
 //!   otherwise agrees to rounding (about 1 ulp).
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::pool::{PoolWindow, POOL_THREADS};
 
-use crate::cuda::{ByValue, DeviceTensor};
+use crate::cuda::{ByValue, CudaBackend, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::pair;
 use crate::ops::{expect_inputs, Operator, ValueKind};
@@ -79,6 +81,28 @@ impl MaxPool2d {
         )
     }
 
+    /// The GPU kernels' window geometry for an input shaped `[..., H, W]`.
+    fn cuda_window(&self, shape: &[usize]) -> Result<PoolWindow> {
+        let (h, w) = plane_hw("MaxPool2d", shape)?;
+        let (oh, ow) = self.output_hw(h, w)?;
+        Ok(
+            pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding)
+                .with_dilation(self.dilation),
+        )
+    }
+
+    /// The pool on the GPU over a map of byte spikes (0 or 1) shaped `shape`, into f32: the
+    /// f32 map's result bit for bit (`max_pool2d_u8`).
+    pub(crate) fn forward_cuda_spike_bytes(
+        &self,
+        spikes: &CudaSlice<u8>,
+        shape: &[usize],
+        backend: &Arc<CudaBackend>,
+    ) -> Result<DeviceTensor> {
+        let window = self.cuda_window(shape)?;
+        launch_pool_on(spikes, shape, backend, "max_pool2d_u8", window, &[])
+    }
+
     /// The output `(Hout, Wout)` for an `h × w` input (PyTorch's `pooling_output_shape`).
     pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         self.validate()?;
@@ -106,11 +130,7 @@ impl Operator for MaxPool2d {
 
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
         let [x] = expect_inputs::<1, _>("MaxPool2d", inputs)?;
-        let (h, w) = plane_hw("MaxPool2d", x.shape())?;
-        let (oh, ow) = self.output_hw(h, w)?;
-        let window = pool_window((h, w), (oh, ow), self.kernel, self.stride, self.padding)
-            .with_dilation(self.dilation);
-        launch_pool(x, "max_pool2d", window, &[])
+        launch_pool(x, "max_pool2d", self.cuda_window(x.shape())?, &[])
     }
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
@@ -507,26 +527,32 @@ fn launch_pool(
     window: PoolWindow,
     extra: &[u32],
 ) -> Result<DeviceTensor> {
-    let shape = x.shape();
+    x.len_u32()?;
+    launch_pool_on(x.slice(), x.shape(), x.backend(), entry, window, extra)
+}
+
+/// [`launch_pool`] on any device buffer `x` of a map shaped `shape` (`[..., H, W]`).
+fn launch_pool_on<T: DeviceRepr>(
+    x: &CudaSlice<T>,
+    shape: &[usize],
+    backend: &Arc<CudaBackend>,
+    entry: &'static str,
+    window: PoolWindow,
+    extra: &[u32],
+) -> Result<DeviceTensor> {
     let planes: usize = shape[..shape.len() - 2].iter().product();
     let mut out_shape = shape[..shape.len() - 2].to_vec();
     out_shape.extend([window.oh as usize, window.ow as usize]);
-    x.len_u32()?;
-    let mut out = DeviceTensor::uninit(x.backend(), out_shape)?;
+    let mut out = DeviceTensor::uninit(backend, out_shape)?;
     let len = out.len_u32()?;
     if len == 0 {
         return Ok(out);
     }
-    let backend = x.backend();
     let function = backend.function(entry)?;
     let planes = planes as u32;
     let window = ByValue(window);
     let mut launch = backend.stream().launch_builder(&function);
-    launch
-        .arg(x.slice())
-        .arg(out.slice_mut())
-        .arg(&planes)
-        .arg(&window);
+    launch.arg(x).arg(out.slice_mut()).arg(&planes).arg(&window);
     for e in extra {
         launch.arg(e);
     }

@@ -9,7 +9,7 @@
 //!    a [`SparseConv2d`] / [`SparseLinear`] with the same weights; the [`block_selector`] picks
 //!    each sparse conv's prescan block size.
 //! 4. **Neuron fusion**: a built-in neuron that alone reads a residual `Add` becomes one
-//!    [`AddNeuron`] node, and on the CPU one whose spikes only a `MaxPool2d` reads becomes one
+//!    [`AddNeuron`] node, and one whose spikes only a `MaxPool2d` reads becomes one
 //!    [`NeuronMaxPool`] node (both keep the neuron's name, so its parameters keep theirs); the
 //!    add or the max-pool is reported as folded into it.
 //! 5. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
@@ -63,8 +63,7 @@ pub struct OptimizeOptions {
     pub replace_conv: bool,
     pub replace_linear: bool,
     pub fold_batchnorm: bool,
-    /// Fuse add + neuron pairs, and on the CPU neuron + max-pool pairs (on the GPU the fused
-    /// pooling kernel tried was slower than the two memory-bound kernels apart).
+    /// Fuse add + neuron pairs and neuron + max-pool pairs.
     pub fuse_neurons: bool,
     /// The device the sparse operators are meant for: on CUDA, convolutions whose geometry has no
     /// GPU kernel variant are kept dense (and the report says so).
@@ -202,9 +201,7 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
         }
     }
     if options.fuse_neurons {
-        if options.device == Device::Cpu {
-            fuse_neuron_pools(graph, &mut entries)?;
-        }
+        fuse_neuron_pools(graph, &mut entries)?;
         fuse_add_neurons(graph, &mut entries)?;
     }
     Ok(OptimizeReport {

@@ -82,14 +82,37 @@ pub unsafe extern "ptx-kernel" fn neuron_multi_step_add(
     )
 }
 
+/// Where a neuron kernel writes its spikes: f32 maps, or one byte per spike for a consumer that
+/// reads bytes (`neuron_multi_step_u8` into `max_pool2d_u8`).
+#[cfg(target_arch = "nvptx64")]
+trait SpikeSink: Copy {
+    unsafe fn write(self, idx: usize, spike: f32);
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl SpikeSink for *mut f32 {
+    #[inline(always)]
+    unsafe fn write(self, idx: usize, spike: f32) {
+        *self.add(idx) = spike;
+    }
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl SpikeSink for *mut u8 {
+    #[inline(always)]
+    unsafe fn write(self, idx: usize, spike: f32) {
+        *self.add(idx) = spike as u8;
+    }
+}
+
 /// One thread's neuron through every step, on `x` or on `x + y`.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn step_neuron(
+unsafe fn step_neuron<S: SpikeSink>(
     x: *const f32,
     y: Option<*const f32>,
-    spikes: *mut f32,
+    spikes: S,
     steps: u32,
     per_step: u32,
     mode: u32,
@@ -114,7 +137,7 @@ unsafe fn step_neuron(
         };
         let h = charge(mode, v, input, k, v_r);
         let (s, next) = fire(h, v_threshold, hard, v_r);
-        *spikes.add(idx) = s;
+        spikes.write(idx, s);
         v = next;
         idx += per_step as usize;
     }
@@ -131,6 +154,39 @@ unsafe fn step_neuron(
 pub unsafe extern "ptx-kernel" fn neuron_multi_step(
     x: *const f32,
     spikes: *mut f32,
+    steps: u32,
+    per_step: u32,
+    mode: u32,
+    k: f32,
+    v_threshold: f32,
+    v_reset: f32,
+    hard_reset: u32,
+) {
+    step_neuron(
+        x,
+        None,
+        spikes,
+        steps,
+        per_step,
+        mode,
+        k,
+        v_threshold,
+        v_reset,
+        hard_reset,
+    )
+}
+
+/// [`neuron_multi_step`] writing each spike as one byte (0 or 1): for a max-pool that alone reads
+/// them (`NeuronMaxPool`), a quarter of the f32 map's traffic out and back in.
+///
+/// # Safety
+/// As [`neuron_multi_step`], `spikes` holding `steps · per_step` bytes.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn neuron_multi_step_u8(
+    x: *const f32,
+    spikes: *mut u8,
     steps: u32,
     per_step: u32,
     mode: u32,

@@ -74,6 +74,50 @@ pub unsafe extern "ptx-kernel" fn max_pool2d(
     planes: u32,
     g: PoolWindow,
 ) {
+    max_pool(x, y, planes, g)
+}
+
+/// [`max_pool2d`] over a map of byte spikes (`neuron_multi_step_u8`'s), into f32: the values
+/// are 0 and 1, so the result is the f32 map's bit for bit.
+///
+/// # Safety
+/// `x` holds `planes · h · w` bytes and `y` holds `planes · oh · ow` floats.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn max_pool2d_u8(
+    x: *const u8,
+    y: *mut f32,
+    planes: u32,
+    g: PoolWindow,
+) {
+    max_pool(x, y, planes, g)
+}
+
+/// A pooled map's element type.
+#[cfg(target_arch = "nvptx64")]
+trait PoolInput: Copy {
+    fn value(self) -> f32;
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl PoolInput for f32 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl PoolInput for u8 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self as f32
+    }
+}
+
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn max_pool<T: PoolInput>(x: *const T, y: *mut f32, planes: u32, g: PoolWindow) {
     let Some((i, plane, o)) = output_position(planes, &g) else {
         return;
     };
@@ -86,7 +130,7 @@ pub unsafe extern "ptx-kernel" fn max_pool2d(
     while ih < h1 {
         let mut iw = w0;
         while iw < w1 {
-            let v = *xp.add((ih * g.w + iw) as usize);
+            let v = (*xp.add((ih * g.w + iw) as usize)).value();
             if v > max || v.is_nan() {
                 max = v;
             }
