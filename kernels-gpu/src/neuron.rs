@@ -143,68 +143,53 @@ unsafe fn step_neuron<S: SpikeSink>(
     }
 }
 
-/// `x` and `spikes` are `[steps, per_step]`. Hard reset when `hard_reset != 0` (the membrane
-/// starts at `v_reset`), soft reset otherwise (it starts at 0).
-///
-/// # Safety
-/// `x` and `spikes` hold `steps · per_step` floats; launch with `per_step` threads or more.
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn neuron_multi_step(
-    x: *const f32,
-    spikes: *mut f32,
-    steps: u32,
-    per_step: u32,
-    mode: u32,
-    k: f32,
-    v_threshold: f32,
-    v_reset: f32,
-    hard_reset: u32,
-) {
-    step_neuron(
-        x,
-        None,
-        spikes,
-        steps,
-        per_step,
-        mode,
-        k,
-        v_threshold,
-        v_reset,
-        hard_reset,
-    )
+/// The plain neuron entry points, one per spike type (`step_neuron` on `x` alone).
+macro_rules! neuron_entries {
+    ($($(#[$doc:meta])* $entry:ident => $spike:ty;)+) => {
+        $(
+            $(#[$doc])*
+            #[cfg(target_arch = "nvptx64")]
+            #[no_mangle]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe extern "ptx-kernel" fn $entry(
+                x: *const f32,
+                spikes: *mut $spike,
+                steps: u32,
+                per_step: u32,
+                mode: u32,
+                k: f32,
+                v_threshold: f32,
+                v_reset: f32,
+                hard_reset: u32,
+            ) {
+                step_neuron(
+                    x,
+                    None,
+                    spikes,
+                    steps,
+                    per_step,
+                    mode,
+                    k,
+                    v_threshold,
+                    v_reset,
+                    hard_reset,
+                )
+            }
+        )+
+    };
 }
 
-/// [`neuron_multi_step`] writing each spike as one byte (0 or 1): for a max-pool that alone reads
-/// them (`NeuronMaxPool`), a quarter of the f32 map's traffic out and back in.
-///
-/// # Safety
-/// As [`neuron_multi_step`], `spikes` holding `steps · per_step` bytes.
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn neuron_multi_step_u8(
-    x: *const f32,
-    spikes: *mut u8,
-    steps: u32,
-    per_step: u32,
-    mode: u32,
-    k: f32,
-    v_threshold: f32,
-    v_reset: f32,
-    hard_reset: u32,
-) {
-    step_neuron(
-        x,
-        None,
-        spikes,
-        steps,
-        per_step,
-        mode,
-        k,
-        v_threshold,
-        v_reset,
-        hard_reset,
-    )
+neuron_entries! {
+    /// `x` and `spikes` are `[steps, per_step]`. Hard reset when `hard_reset != 0` (the membrane
+    /// starts at `v_reset`), soft reset otherwise (it starts at 0).
+    ///
+    /// # Safety
+    /// `x` and `spikes` hold `steps · per_step` floats; launch with `per_step` threads or more.
+    neuron_multi_step => f32;
+    /// [`neuron_multi_step`] writing each spike as one byte (0 or 1): for a max-pool that alone
+    /// reads them (`NeuronMaxPool`), a quarter of the f32 map's traffic out and back in.
+    ///
+    /// # Safety
+    /// As [`neuron_multi_step`], `spikes` holding `steps · per_step` bytes.
+    neuron_multi_step_u8 => u8;
 }
