@@ -26,7 +26,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{
     conv_shared_bytes, mask_words, preferred_shapes, SparseConvVariant, CONV_THREADS, PACK_THREADS,
@@ -405,31 +405,11 @@ impl SparseConv2d {
         // is exposed. Every other ResNet shape measured faster with the prescan inside (3×3
         // 64→64 @56 0.252 against 0.299 ms).
         let packed = variant.stride == 1 && variant.couts_per_lane == 8;
-        let mut masks = None;
-        if packed {
-            // SAFETY: the packing kernel writes every mask word.
-            let mut words_out = unsafe { stream.alloc::<u32>((n * words * hw).max(1))? };
-            let mut non_binary = stream.alloc_zeros::<u32>(1)?;
-            let pack = backend.function("spike_mask_pack")?;
-            let blocks = ((n * words * hw) as u32).div_ceil(PACK_THREADS).max(1);
-            let mut launch = stream.launch_builder(&pack);
-            launch
-                .arg(x.slice())
-                .arg(&mut words_out)
-                .arg(&mut non_binary)
-                .arg(&n32)
-                .arg(&cin32)
-                .arg(&hw32);
-            // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
-            unsafe {
-                launch.launch(LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (PACK_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                })?
-            };
-            masks = Some((words_out, non_binary));
-        }
+        let masks = if packed {
+            Some(pack_spike_masks(x, (n32, cin32, hw32))?)
+        } else {
+            None
+        };
 
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
@@ -441,7 +421,7 @@ impl SparseConv2d {
         // Null pointers: the kernel packs its windows itself.
         let null = 0u64;
         match &masks {
-            Some((words_out, non_binary)) => launch.arg(words_out).arg(non_binary),
+            Some(m) => launch.arg(&m.words).arg(&m.non_binary),
             None => launch.arg(&null).arg(&null),
         };
         launch
@@ -602,6 +582,48 @@ impl SparseConv2d {
             })
             .clone()
     }
+}
+
+/// Stage 1 as a pass of its own (`spike_mask_pack`): the input's channel masks and whether some
+/// non-zero is not 1.
+pub(crate) struct SpikeMasks {
+    /// `[n][ceil(Cin / 32)][H·W]` words, bit `j` of word `w` set when channel `32·w + j` is
+    /// non-zero.
+    pub words: CudaSlice<u32>,
+    /// One word, non-zero when some input is neither 0 nor 1.
+    pub non_binary: CudaSlice<u32>,
+}
+
+/// Launches `spike_mask_pack` over `x` (`[n, cin, hw]` on the device); the caller has checked
+/// that `n · ceil(cin / 32) · hw` fits a `u32`.
+pub(crate) fn pack_spike_masks(
+    x: &DeviceTensor,
+    (n, cin, hw): (u32, u32, u32),
+) -> Result<SpikeMasks> {
+    let backend = x.backend();
+    let stream = backend.stream();
+    let total = n * mask_words(cin) * hw;
+    // SAFETY: the packing kernel writes every mask word.
+    let mut words = unsafe { stream.alloc::<u32>(total.max(1) as usize)? };
+    let mut non_binary = stream.alloc_zeros::<u32>(1)?;
+    let pack = backend.function("spike_mask_pack")?;
+    let mut launch = stream.launch_builder(&pack);
+    launch
+        .arg(x.slice())
+        .arg(&mut words)
+        .arg(&mut non_binary)
+        .arg(&n)
+        .arg(&cin)
+        .arg(&hw);
+    // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
+            block_dim: (PACK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })?
+    };
+    Ok(SpikeMasks { words, non_binary })
 }
 
 /// The input density above which the dense GEMM beats the sparse gather on this kind of layer.
@@ -867,8 +889,10 @@ impl ActiveInputs {
                     }
                     let count = mask.count_ones() as usize;
                     let mut m = mask;
-                    // `rows` holds `total + UNROLLED_BITS` entries, so every block of stores
-                    // that starts below `len + count <= total` fits.
+                    // One block of stores even for an empty word, so the loop runs once for
+                    // almost every word (a predictable branch). `rows` holds `total +
+                    // UNROLLED_BITS` entries, so every block that starts at or below `len + count
+                    // <= total` fits.
                     for at in (len..len + count.max(1)).step_by(UNROLLED_BITS) {
                         // Bits past the last write slack entries that the next word overwrites.
                         for slot in &mut rows[at..at + UNROLLED_BITS] {

@@ -12,7 +12,6 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
-use sparseflow_kernels::sparse_conv::{mask_words, PACK_THREADS};
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
@@ -22,6 +21,7 @@ use sparseflow_kernels::tensor_conv::{
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
+use crate::ops::sparse_conv2d::pack_spike_masks;
 use crate::ops::Operator;
 
 /// The largest scaled weight: a power of two below half precision's maximum (65504), so that
@@ -202,40 +202,17 @@ pub(crate) fn tensor_conv_cuda(
 
     // Binary spikes take the spike kernel on channel masks; the f32 kernel launched after it
     // then runs only if the packing pass found another value.
-    let mut non_binary = None;
     let mut masks = None;
     if let Some(spike_fragments) = &weights.spike_fragments {
-        let (words, hw) = (mask_words(g.cin) as usize, (g.h * g.w) as usize);
-        let total = g.n as usize * words * hw;
-        // Fewer words than input elements, which the kernels index in u32.
+        // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
-        // SAFETY: the packing kernel writes every mask word before anything reads it.
-        let mut packed = unsafe { stream.alloc::<u32>(total.max(1))? };
-        let mut flag = stream.alloc_zeros::<u32>(1)?;
-        let pack = backend.function("spike_mask_pack")?;
-        let hw32 = hw as u32;
-        let mut launch = stream.launch_builder(&pack);
-        launch
-            .arg(x.slice())
-            .arg(&mut packed)
-            .arg(&mut flag)
-            .arg(&g.n)
-            .arg(&g.cin)
-            .arg(&hw32);
-        // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: ((total as u32).div_ceil(PACK_THREADS).max(1), 1, 1),
-                block_dim: (PACK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })?
-        };
+        let packed = pack_spike_masks(x, (g.n, g.cin, g.h * g.w))?;
         let spikes = backend.function("tensor_conv2d_spikes")?;
         allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
         let mut launch = stream.launch_builder(&spikes);
         launch
-            .arg(&packed)
-            .arg(&flag)
+            .arg(&packed.words)
+            .arg(&packed.non_binary)
             .arg(spike_fragments)
             .arg(bias)
             .arg(&has_bias)
@@ -252,7 +229,6 @@ pub(crate) fn tensor_conv_cuda(
             })?
         };
         masks = Some(packed);
-        non_binary = Some(flag);
     }
 
     let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
@@ -273,8 +249,8 @@ pub(crate) fn tensor_conv_cuda(
         .arg(out.slice_mut())
         .arg(&geometry)
         .arg(&weights.scale);
-    match &non_binary {
-        Some(flag) => launch.arg(flag),
+    match &masks {
+        Some(packed) => launch.arg(&packed.non_binary),
         // A null `only_if`: run.
         None => launch.arg(&always),
     };
@@ -287,8 +263,7 @@ pub(crate) fn tensor_conv_cuda(
             shared_mem_bytes: shared,
         })?
     };
-    // Freed in stream order, after the kernels that read them.
-    drop((masks, non_binary));
+    // The masks are freed here, in stream order, after the kernels that read them.
     Ok(())
 }
 
