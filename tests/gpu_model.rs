@@ -170,13 +170,18 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
             detach_reset: false,
         },
     ];
+    // A step of 990 neurons runs one per thread, one of 2^20 four per thread (vector loads);
+    // 5 steps leave a partial group of the steps loaded together.
+    let quads = random_uniform(&[5, 1, 4, 512, 512], -1.5, 2.5, 5);
     for firing in firings {
-        assert_bitwise(&backend, &IFNode::new(firing), &[&x]);
-        for decay_input in [true, false] {
-            let lif = LIFNode::new(1.7, decay_input, firing).unwrap();
-            assert_bitwise(&backend, &lif, &[&x]);
-            let plif = ParametricLIFNode::new(2.3, decay_input, firing).unwrap();
-            assert_bitwise(&backend, &plif, &[&x]);
+        for input in [&x, &quads] {
+            assert_bitwise(&backend, &IFNode::new(firing), &[input]);
+            for decay_input in [true, false] {
+                let lif = LIFNode::new(1.7, decay_input, firing).unwrap();
+                assert_bitwise(&backend, &lif, &[input]);
+                let plif = ParametricLIFNode::new(2.3, decay_input, firing).unwrap();
+                assert_bitwise(&backend, &plif, &[input]);
+            }
         }
     }
 
@@ -217,8 +222,11 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
     }
 
     // The fused neuron + max-pool: the neuron's spikes pass to the pool as bytes. Every neuron and
-    // reset, pools of several windows, a map wider than a warp, NaN inputs.
+    // reset, pools of several windows, a map wider than a warp, NaN inputs; the 16 × 24 and 512²
+    // maps take the stem pool's four-outputs-per-thread kernel, the 512² one also the neuron's
+    // four-per-thread byte stores.
     let wide = random_uniform(&[2, 1, 3, 70, 69], -1.5, 2.5, 4);
+    let stem_map = random_uniform(&[2, 2, 3, 16, 24], -1.5, 2.5, 7);
     for pool in [
         MaxPool2d::new((3, 3), (2, 2), (1, 1)).unwrap(),
         MaxPool2d::new((3, 3), (2, 2), (1, 1))
@@ -241,7 +249,7 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
                     neuron,
                     pool: pool.clone(),
                 };
-                for input in [&x, &with_nan, &wide] {
+                for input in [&x, &with_nan, &wide, &stem_map, &quads] {
                     assert_bitwise(&backend, &op, &[input]);
                 }
             }
@@ -258,8 +266,11 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
         Box::new(LIFNode::new(1.7, false, firings[1]).unwrap()),
         Box::new(ParametricLIFNode::new(2.3, true, firings[0]).unwrap()),
     ];
+    let (u4, w4) = (&quads, &random_uniform(&[5, 1, 4, 512, 512], -1.0, 1.0, 6));
     for neuron in neurons {
-        assert_bitwise(&backend, &AddNeuron { neuron }, &[u, w]);
+        let op = AddNeuron { neuron };
+        assert_bitwise(&backend, &op, &[u, w]);
+        assert_bitwise(&backend, &op, &[u4, w4]);
     }
     for function in [
         ConnectFunction::Add,

@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
-use sparseflow_kernels::dense_conv::{ConvGeometry, DENSE_CONV_SHARED_BYTES, DENSE_CONV_THREADS};
+use sparseflow_kernels::dense_conv::{
+    split_k, ConvGeometry, DENSE_CONV_SHARED_BYTES, DENSE_CONV_THREADS,
+};
 use sparseflow_kernels::elementwise::ELEMENTWISE_THREADS;
 
 use crate::cuda::{elementwise_config, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -442,22 +444,46 @@ pub(crate) fn launch_dense_conv(
     // Without a bias the kernel never reads the pointer; any valid one will do.
     let bias = weights.bias.as_ref().unwrap_or(&weights.weight);
     let geometry = ByValue(g);
+    let (splits, k_chunk) = split_k(&g);
+    // A split reduction writes one partial output per split, summed in split order below.
+    let mut partials = if splits > 1 {
+        // SAFETY: every split's CTAs write every element of their partial output.
+        Some(unsafe { stream.alloc::<f32>(splits as usize * out.len())? })
+    } else {
+        None
+    };
     let mut launch = stream.launch_builder(&function);
     launch
         .arg(x.slice())
         .arg(&weights.weight)
         .arg(bias)
-        .arg(&has_bias)
-        .arg(out.slice_mut())
-        .arg(&geometry);
-    // SAFETY: the arguments match `dense_conv2d`'s signature; the buffers hold what `g` implies.
+        .arg(&has_bias);
+    match partials.as_mut() {
+        Some(p) => launch.arg(p),
+        None => launch.arg(out.slice_mut()),
+    };
+    launch.arg(&geometry).arg(&k_chunk);
+    // SAFETY: the arguments match `dense_conv2d`'s signature; the buffers hold what `g` implies
+    // (the partials one output per split); `split_k` gave the chunk and the grid's depth.
     unsafe {
         launch.launch(LaunchConfig {
-            grid_dim: g.grid(),
+            grid_dim: g.grid(splits),
             block_dim: (DENSE_CONV_THREADS, 1, 1),
             shared_mem_bytes: DENSE_CONV_SHARED_BYTES,
         })?
     };
+    if let Some(partials) = partials {
+        let sum = backend.function("sum_partials")?;
+        let len = out.len() as u64;
+        let mut launch = stream.launch_builder(&sum);
+        launch
+            .arg(&partials)
+            .arg(out.slice_mut())
+            .arg(&len)
+            .arg(&splits);
+        // SAFETY: `partials` holds `splits · len` floats and `out` holds `len`.
+        unsafe { launch.launch(elementwise_config(len as usize, ELEMENTWISE_THREADS))? };
+    }
     Ok(())
 }
 

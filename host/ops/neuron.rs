@@ -17,7 +17,7 @@ use std::mem::MaybeUninit;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
-use sparseflow_kernels::neuron::{Charge, NEURON_THREADS};
+use sparseflow_kernels::neuron::{neuron_threads, Charge, NEURON_THREADS};
 
 use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
@@ -205,10 +205,10 @@ fn launch_neuron<T: DeviceRepr>(
         .arg(&hard);
     // SAFETY: the arguments match the entry's signature (`neuron_multi_step` and `_u8`, or
     // `_add` with `y` of x's shape, checked by the caller); `spikes` holds `x.len()` elements of
-    // the entry's output type; one thread per neuron.
+    // the entry's output type; whole allocations, so 16-byte aligned; `neuron_threads` threads.
     unsafe {
         launch.launch(LaunchConfig {
-            grid_dim: (per_step.div_ceil(NEURON_THREADS), 1, 1),
+            grid_dim: (neuron_threads(per_step).div_ceil(NEURON_THREADS), 1, 1),
             block_dim: (NEURON_THREADS, 1, 1),
             shared_mem_bytes: 0,
         })?

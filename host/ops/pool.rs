@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
-use sparseflow_kernels::pool::{PoolWindow, POOL_THREADS};
+use sparseflow_kernels::pool::{stem_pool_quads_fit, PoolWindow, POOL_THREADS};
 
 use crate::cuda::{ByValue, CudaBackend, DeviceTensor};
 use crate::error::{Error, Result};
@@ -100,7 +100,18 @@ impl MaxPool2d {
         backend: &Arc<CudaBackend>,
     ) -> Result<DeviceTensor> {
         let window = self.cuda_window(shape)?;
-        launch_pool_on(spikes, shape, backend, "max_pool2d_u8", window, &[])
+        if stem_pool_quads_fit(&window) {
+            return launch_pool_on(
+                spikes,
+                shape,
+                backend,
+                "max_pool2d_u8_quads",
+                window,
+                &[],
+                4,
+            );
+        }
+        launch_pool_on(spikes, shape, backend, "max_pool2d_u8", window, &[], 1)
     }
 
     /// The output `(Hout, Wout)` for an `h × w` input (PyTorch's `pooling_output_shape`).
@@ -528,10 +539,11 @@ fn launch_pool(
     extra: &[u32],
 ) -> Result<DeviceTensor> {
     x.len_u32()?;
-    launch_pool_on(x.slice(), x.shape(), x.backend(), entry, window, extra)
+    launch_pool_on(x.slice(), x.shape(), x.backend(), entry, window, extra, 1)
 }
 
-/// [`launch_pool`] on any device buffer `x` of a map shaped `shape` (`[..., H, W]`).
+/// [`launch_pool`] on any device buffer `x` of a map shaped `shape` (`[..., H, W]`), each
+/// thread computing `outputs_per_thread` outputs.
 fn launch_pool_on<T: DeviceRepr>(
     x: &CudaSlice<T>,
     shape: &[usize],
@@ -539,6 +551,7 @@ fn launch_pool_on<T: DeviceRepr>(
     entry: &'static str,
     window: PoolWindow,
     extra: &[u32],
+    outputs_per_thread: u32,
 ) -> Result<DeviceTensor> {
     let planes: usize = shape[..shape.len() - 2].iter().product();
     let mut out_shape = shape[..shape.len() - 2].to_vec();
@@ -556,11 +569,12 @@ fn launch_pool_on<T: DeviceRepr>(
     for e in extra {
         launch.arg(e);
     }
-    // SAFETY: the arguments match the entry's signature (checked by the GPU tests); one thread
-    // per output element.
+    let threads = len.div_ceil(outputs_per_thread);
+    // SAFETY: the arguments match the entry's signature (checked by the GPU tests); `threads`
+    // as the entry needs; whole allocations, so aligned for its vector accesses.
     unsafe {
         launch.launch(LaunchConfig {
-            grid_dim: (len.div_ceil(POOL_THREADS), 1, 1),
+            grid_dim: (threads.div_ceil(POOL_THREADS), 1, 1),
             block_dim: (POOL_THREADS, 1, 1),
             shared_mem_bytes: 0,
         })?

@@ -51,12 +51,13 @@ impl ConvGeometry {
         self.cin / self.groups * self.kh * self.kw
     }
 
-    /// The grid: pixel tiles × output-channel tiles of a group × groups.
-    pub const fn grid(&self) -> (u32, u32, u32) {
+    /// The grid: pixel tiles × output-channel tiles of a group × groups (or, with one group,
+    /// × the `splits` of [`split_k`]).
+    pub const fn grid(&self, splits: u32) -> (u32, u32, u32) {
         (
             self.pixels().div_ceil(TILE_P),
             (self.cout / self.groups).div_ceil(TILE_M),
-            self.groups,
+            if self.groups > 1 { self.groups } else { splits },
         )
     }
 
@@ -84,6 +85,35 @@ impl ConvGeometry {
     }
 }
 
+/// CTAs below which a one-group launch splits its reduction: a small GEMM with a long `K` (a
+/// classifier's `Linear` over a few hundred rows) would otherwise run on a fraction of the SMs,
+/// each CTA stepping through the whole `K` alone.
+pub const SPLIT_K_MIN_CTAS: u32 = 256;
+
+/// `(splits, k per split)` for `g`: the reduction cut into `splits` runs of whole `TILE_K`
+/// steps, at least four steps each, when the grid is smaller than [`SPLIT_K_MIN_CTAS`] and the
+/// layer has one group; `(1, K)` otherwise.
+pub const fn split_k(g: &ConvGeometry) -> (u32, u32) {
+    let k_dim = g.k_dim();
+    let (px, py, _) = g.grid(1);
+    let ctas = px * py;
+    if g.groups != 1 || ctas >= SPLIT_K_MIN_CTAS {
+        return (1, k_dim);
+    }
+    let by_grid = SPLIT_K_MIN_CTAS.div_ceil(ctas);
+    let by_depth = k_dim / (4 * TILE_K);
+    let splits = if by_grid < by_depth {
+        by_grid
+    } else {
+        by_depth
+    };
+    if splits < 2 {
+        return (1, k_dim);
+    }
+    let chunk = k_dim.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
+    (k_dim.div_ceil(chunk), chunk)
+}
+
 /// Four floats, 16-byte aligned, so that shared-memory reads are one vector load.
 #[cfg(target_arch = "nvptx64")]
 #[derive(Clone, Copy)]
@@ -91,11 +121,15 @@ impl ConvGeometry {
 struct F4([f32; 4]);
 
 /// `out = conv(input, weight) + bias` (NCHW; weight `[cout, cin/groups, kh, kw]`); `bias` is
-/// read only when `has_bias != 0`.
+/// read only when `has_bias != 0`. With `k_chunk < K` (one group; see [`split_k`]), CTA `z`
+/// sums taps `z · k_chunk ..` only and writes its partial output to `out + z · len` (the bias in
+/// split 0's); `sum_partials` then adds the splits.
 ///
 /// # Safety
-/// The buffers hold the elements `g` implies; launch with [`ConvGeometry::grid`],
-/// [`DENSE_CONV_THREADS`] threads and [`DENSE_CONV_SHARED_BYTES`] of dynamic shared memory.
+/// The buffers hold the elements `g` implies (`out`: one output per split); launch with
+/// [`ConvGeometry::grid`]`(splits)`, [`DENSE_CONV_THREADS`] threads and
+/// [`DENSE_CONV_SHARED_BYTES`] of dynamic shared memory; `k_chunk` a multiple of [`TILE_K`] or
+/// `K`.
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn dense_conv2d(
@@ -105,10 +139,15 @@ pub unsafe extern "ptx-kernel" fn dense_conv2d(
     has_bias: u32,
     out: *mut f32,
     g: ConvGeometry,
+    k_chunk: u32,
 ) {
     use crate::gpu;
     let tid = gpu::thread_x();
-    let group = gpu::block_z();
+    let (group, split) = if g.groups > 1 {
+        (gpu::block_z(), 0)
+    } else {
+        (0, gpu::block_z())
+    };
     let p0 = gpu::block_x() * TILE_P;
     let m0 = gpu::block_y() * TILE_M;
     let (cin_g, cout_g) = (g.cin / g.groups, g.cout / g.groups);
@@ -130,8 +169,14 @@ pub unsafe extern "ptx-kernel" fn dense_conv2d(
 
     let (tx, ty) = (tid % 16, tid / 16);
     let mut acc = [[0.0f32; 4]; 4];
-    let mut k0 = 0;
-    while k0 < k_dim {
+    let mut k0 = split * k_chunk;
+    let k_end = if k0 + k_chunk < k_dim {
+        k0 + k_chunk
+    } else {
+        k_dim
+    };
+    let out = out.add(split as usize * (g.n * g.cout * g.oh * g.ow) as usize);
+    while k0 < k_end {
         for j in 0..4 {
             let m = a_m + 16 * j;
             let k = k0 + a_k;
@@ -173,7 +218,7 @@ pub unsafe extern "ptx-kernel" fn dense_conv2d(
             continue;
         }
         let co = group * cout_g + m;
-        let b = if has_bias != 0 {
+        let b = if has_bias != 0 && split == 0 {
             *bias.add(co as usize)
         } else {
             0.0

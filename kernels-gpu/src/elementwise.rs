@@ -106,3 +106,29 @@ pub unsafe extern "ptx-kernel" fn channel_bias_add(
 ) {
     for_each_channel_element(planes, channels, hw, |i, c| *y.add(i) += *bias.add(c));
 }
+
+/// `y[i] = Σ_z parts[z · len + i]` for `z` in `0..splits`, in that order (the split-K partial
+/// outputs of `dense_conv2d`).
+///
+/// # Safety
+/// `parts` holds `splits · len` floats and `y` holds `len`.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn sum_partials(
+    parts: *const f32,
+    y: *mut f32,
+    len: u64,
+    splits: u32,
+) {
+    use crate::gpu;
+    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as u64;
+    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as u64;
+    while i < len {
+        let mut sum = *parts.add(i as usize);
+        for z in 1..splits as u64 {
+            sum += *parts.add((z * len + i) as usize);
+        }
+        *y.add(i as usize) = sum;
+        i += stride;
+    }
+}

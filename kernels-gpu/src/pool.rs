@@ -93,6 +93,81 @@ pub unsafe extern "ptx-kernel" fn max_pool2d_u8(
     max_pool(x, y, planes, g)
 }
 
+/// Whether [`max_pool2d_u8_quads`] serves a window: PyTorch's ResNet stem pool (3 × 3, stride 2,
+/// padding 1) on a map of even size whose rows are whole 8-byte words, with outputs in fours.
+pub const fn stem_pool_quads_fit(g: &PoolWindow) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.sh == 2
+        && g.sw == 2
+        && g.ph == 1
+        && g.pw == 1
+        && g.dh == 1
+        && g.dw == 1
+        && g.h == 2 * g.oh
+        && g.w == 2 * g.ow
+        && g.w.is_multiple_of(8)
+        && g.ow.is_multiple_of(4)
+}
+
+/// The four pooled spikes of one output quad from `rows`, the OR of its window rows' eight bytes
+/// from column `2 · ox0`, and `left`, the OR of their bytes at column `2 · ox0 − 1` (0 at the
+/// map's edge). Output `j` covers columns `2j − 1 ..= 2j + 1`: bytes `2j` and `2j + 1` of `rows`
+/// and byte `2j − 1` (or `left`).
+#[inline(always)]
+pub const fn stem_pool_quad(rows: u64, left: u32) -> [u32; 4] {
+    let pairs = rows | (rows >> 8);
+    let before = (rows << 8) | left as u64;
+    let any = pairs | before;
+    [
+        (any & 1) as u32,
+        ((any >> 16) & 1) as u32,
+        ((any >> 32) & 1) as u32,
+        ((any >> 48) & 1) as u32,
+    ]
+}
+
+/// [`max_pool2d_u8`] for the windows of [`stem_pool_quads_fit`], four outputs per thread: three
+/// 8-byte row loads and three byte loads make four outputs, stored as one 16-byte vector. The
+/// bytes are spikes (0 or 1) and every window holds at least one input, so the max is an OR.
+///
+/// # Safety
+/// As [`max_pool2d_u8`]; `stem_pool_quads_fit(&g)`, `x` 8-byte and `y` 16-byte aligned; launch
+/// with `planes · oh · ow / 4` threads or more.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn max_pool2d_u8_quads(
+    x: *const u8,
+    y: *mut f32,
+    planes: u32,
+    g: PoolWindow,
+) {
+    use crate::gpu;
+    let quads = g.ow / 4;
+    let i = gpu::block_x() * POOL_THREADS + gpu::thread_x();
+    if i >= planes * g.oh * quads {
+        return;
+    }
+    let (plane, rest) = (i / (g.oh * quads), i % (g.oh * quads));
+    let (oy, ox0) = (rest / quads, 4 * (rest % quads));
+    let column = 2 * ox0;
+    let mut rows = 0u64;
+    let mut left = 0u32;
+    for r in 0..3u32 {
+        let iy = (2 * oy + r) as i32 - 1;
+        if iy >= 0 && (iy as u32) < g.h {
+            let row = x.add(((plane * g.h + iy as u32) * g.w + column) as usize);
+            rows |= *(row as *const u64);
+            if column > 0 {
+                left |= *row.sub(1) as u32;
+            }
+        }
+    }
+    let [a, b, c, d] = stem_pool_quad(rows, left);
+    let at = (plane * g.oh + oy) * g.ow + ox0;
+    gpu::store_f32x4(y.add(at as usize), (a as f32, b as f32, c as f32, d as f32));
+}
+
 /// A pooled map's element type.
 #[cfg(target_arch = "nvptx64")]
 trait PoolInput: Copy {
@@ -221,4 +296,27 @@ pub unsafe extern "ptx-kernel" fn adaptive_avg_pool2d(
     } else {
         sum / (h1 - h0) as f32 / (w1 - w0) as f32
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quad OR equals the max over each 3-wide window, for every byte pattern of a row pair.
+    #[test]
+    fn stem_pool_quad_is_the_window_max() {
+        for pattern in 0u32..1 << 9 {
+            let bytes: Vec<u64> = (0..9).map(|b| ((pattern >> b) & 1) as u64).collect();
+            let (left, row) = (bytes[0] as u32, &bytes[1..]);
+            let rows = row
+                .iter()
+                .enumerate()
+                .fold(0u64, |acc, (b, &v)| acc | v << (8 * b));
+            let got = stem_pool_quad(rows, left);
+            for (j, &g) in got.iter().enumerate() {
+                let want = (2 * j..2 * j + 3).map(|c| bytes[c] as u32).max().unwrap();
+                assert_eq!(g, want, "pattern {pattern:09b} output {j}");
+            }
+        }
+    }
 }
