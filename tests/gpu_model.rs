@@ -170,9 +170,9 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
             detach_reset: false,
         },
     ];
-    // A step of 990 neurons runs one per thread, one of 2^20 four per thread (vector loads);
-    // 5 steps leave a partial group of the steps loaded together.
-    let quads = random_uniform(&[5, 1, 4, 512, 512], -1.5, 2.5, 5);
+    // A step of 990 neurons runs one per thread, one of 2^22 four per thread (vector loads);
+    // 3 steps leave a partial group of the steps loaded together.
+    let quads = random_uniform(&[3, 1, 4, 1024, 1024], -1.5, 2.5, 5);
     for firing in firings {
         for input in [&x, &quads] {
             assert_bitwise(&backend, &IFNode::new(firing), &[input]);
@@ -222,8 +222,8 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
     }
 
     // The fused neuron + max-pool: the neuron's spikes pass to the pool as bytes. Every neuron and
-    // reset, pools of several windows, a map wider than a warp, NaN inputs; the 16 × 24 and 512²
-    // maps take the stem pool's four-outputs-per-thread kernel, the 512² one also the neuron's
+    // reset, pools of several windows, a map wider than a warp, NaN inputs; the 16 × 24 and 1024²
+    // maps take the stem pool's four-outputs-per-thread kernel, the 1024² one also the neuron's
     // four-per-thread byte stores.
     let wide = random_uniform(&[2, 1, 3, 70, 69], -1.5, 2.5, 4);
     let stem_map = random_uniform(&[2, 2, 3, 16, 24], -1.5, 2.5, 7);
@@ -266,7 +266,10 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
         Box::new(LIFNode::new(1.7, false, firings[1]).unwrap()),
         Box::new(ParametricLIFNode::new(2.3, true, firings[0]).unwrap()),
     ];
-    let (u4, w4) = (&quads, &random_uniform(&[5, 1, 4, 512, 512], -1.0, 1.0, 6));
+    let (u4, w4) = (
+        &quads,
+        &random_uniform(&[3, 1, 4, 1024, 1024], -1.0, 1.0, 6),
+    );
     for neuron in neurons {
         let op = AddNeuron { neuron };
         assert_bitwise(&backend, &op, &[u, w]);

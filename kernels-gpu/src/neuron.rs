@@ -121,9 +121,9 @@ impl SpikeSink for *mut u8 {
 pub const NEURONS_PER_THREAD: u32 = 4;
 
 /// The fewest neurons per step that take four per thread: below, a quarter as many threads
-/// leave the GPU short of loads in flight (H100, T=4 B=32: LIF at 56² 0.092 → 0.084 ms with
-/// quads, at 7² 0.015 → 0.020).
-pub const QUAD_MIN_NEURONS: u32 = 1 << 20;
+/// leave the GPU short of loads in flight (H100, T=4 B=32: LIF at 64 × 56² 0.092 → 0.084 ms
+/// with quads, at 128 × 28² no change, at 512 × 7² 0.015 → 0.020).
+pub const QUAD_MIN_NEURONS: u32 = 1 << 22;
 
 /// Whether a step of `per_step` neurons runs four per thread.
 pub const fn neuron_quads(per_step: u32) -> bool {
@@ -145,7 +145,7 @@ pub const fn neuron_threads(per_step: u32) -> u32 {
 }
 
 /// One thread's neurons through every step, on `x` or on `x + y`: four neurons with vector
-/// loads and stores when [`neuron_quads`], else one.
+/// loads and stores when [`neuron_quads`], else one, step after step.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -168,24 +168,32 @@ unsafe fn step_neuron<S: SpikeSink>(
     }
     let hard = hard_reset != 0;
     let v_r = if hard { v_reset } else { 0.0 };
-    let quads = neuron_quads(per_step);
-    let first = if quads { NEURONS_PER_THREAD * i } else { i } as usize;
-    let load = |idx: usize| -> [f32; 4] {
-        if quads {
-            let (a, b, c, d) = gpu::load_nc_f32x4(x.add(idx));
-            match y {
-                Some(y) => {
-                    let (e, f, g, h) = gpu::load_nc_f32x4(y.add(idx));
-                    [a + e, b + f, c + g, d + h]
-                }
-                None => [a, b, c, d],
-            }
-        } else {
-            let a = match y {
-                Some(y) => gpu::load_nc_f32(x.add(idx)) + gpu::load_nc_f32(y.add(idx)),
-                None => gpu::load_nc_f32(x.add(idx)),
+    if !neuron_quads(per_step) {
+        let mut v = v_r;
+        let mut idx = i as usize;
+        for _ in 0..steps {
+            let input = match y {
+                Some(y) => *x.add(idx) + *y.add(idx),
+                None => *x.add(idx),
             };
-            [a, 0.0, 0.0, 0.0]
+            let h = charge(mode, v, input, k, v_r);
+            let (s, next) = fire(h, v_threshold, hard, v_r);
+            spikes.write(idx, s);
+            v = next;
+            idx += per_step as usize;
+        }
+        return;
+    }
+    // Four neurons, `STEPS_IN_FLIGHT` steps loaded before any is computed.
+    let first = (NEURONS_PER_THREAD * i) as usize;
+    let load = |idx: usize| -> [f32; 4] {
+        let (a, b, c, d) = gpu::load_nc_f32x4(x.add(idx));
+        match y {
+            Some(y) => {
+                let (e, f, g, h) = gpu::load_nc_f32x4(y.add(idx));
+                [a + e, b + f, c + g, d + h]
+            }
+            None => [a, b, c, d],
         }
     };
     let mut v = [v_r; 4];
@@ -207,12 +215,7 @@ unsafe fn step_neuron<S: SpikeSink>(
                 let h = charge(mode, v[e], input[e], k, v_r);
                 (s[e], v[e]) = fire(h, v_threshold, hard, v_r);
             }
-            let idx = first + t as usize * per_step as usize;
-            if quads {
-                spikes.write4(idx, s);
-            } else {
-                spikes.write(idx, s[0]);
-            }
+            spikes.write4(first + t as usize * per_step as usize, s);
         }
         t0 += STEPS_IN_FLIGHT;
     }
