@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
-use sparseflow_kernels::pool::{stem_pool_quads_fit, PoolWindow, POOL_THREADS};
+use sparseflow_kernels::pool::{
+    stem_pool_quads_fit, PoolWindow, POOL_THREADS, STEM_POOL_OUTPUTS_PER_THREAD,
+};
 
 use crate::cuda::{ByValue, CudaBackend, DeviceTensor};
 use crate::error::{Error, Result};
@@ -100,18 +102,12 @@ impl MaxPool2d {
         backend: &Arc<CudaBackend>,
     ) -> Result<DeviceTensor> {
         let window = self.cuda_window(shape)?;
-        if stem_pool_quads_fit(&window) {
-            return launch_pool_on(
-                spikes,
-                shape,
-                backend,
-                "max_pool2d_u8_quads",
-                window,
-                &[],
-                4,
-            );
-        }
-        launch_pool_on(spikes, shape, backend, "max_pool2d_u8", window, &[], 1)
+        let (entry, per_thread) = if stem_pool_quads_fit(&window) {
+            ("max_pool2d_u8_quads", STEM_POOL_OUTPUTS_PER_THREAD)
+        } else {
+            ("max_pool2d_u8", 1)
+        };
+        launch_pool_on(spikes, shape, backend, entry, window, &[], per_thread)
     }
 
     /// The output `(Hout, Wout)` for an `h × w` input (PyTorch's `pooling_output_shape`).

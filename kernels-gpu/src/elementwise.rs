@@ -46,6 +46,19 @@ unsafe fn for_each_channel_element(
     }
 }
 
+/// Calls `f(i)` for this thread's elements `i` of `0..len` (a grid-stride loop).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn for_each_element(len: u64, mut f: impl FnMut(usize)) {
+    use crate::gpu;
+    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as u64;
+    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as u64;
+    while i < len {
+        f(i as usize);
+        i += stride;
+    }
+}
+
 /// `y = fma(x, alpha[c], beta[c])` over `[planes, hw]` where plane `p` has channel `p % channels`
 /// (BatchNorm in inference).
 ///
@@ -80,14 +93,9 @@ pub unsafe extern "ptx-kernel" fn binary_map(
     len: u64,
     function: u32,
 ) {
-    use crate::gpu;
-    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as u64;
-    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as u64;
-    while i < len {
-        let k = i as usize;
-        *y.add(k) = apply_binary(function, *a.add(k), *b.add(k));
-        i += stride;
-    }
+    for_each_element(len, |k| {
+        *y.add(k) = apply_binary(function, *a.add(k), *b.add(k))
+    });
 }
 
 /// `y += bias[c]` in place over `[planes, hw]`, plane `p` having channel `p % channels` (the bias
@@ -120,15 +128,11 @@ pub unsafe extern "ptx-kernel" fn sum_partials(
     len: u64,
     splits: u32,
 ) {
-    use crate::gpu;
-    let stride = (gpu::grid_dim_x() * ELEMENTWISE_THREADS) as u64;
-    let mut i = (gpu::block_x() * ELEMENTWISE_THREADS + gpu::thread_x()) as u64;
-    while i < len {
-        let mut sum = *parts.add(i as usize);
-        for z in 1..splits as u64 {
-            sum += *parts.add((z * len + i) as usize);
+    for_each_element(len, |i| {
+        let mut sum = *parts.add(i);
+        for z in 1..splits as usize {
+            sum += *parts.add(z * len as usize + i);
         }
-        *y.add(i as usize) = sum;
-        i += stride;
-    }
+        *y.add(i) = sum;
+    });
 }

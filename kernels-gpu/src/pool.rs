@@ -93,6 +93,9 @@ pub unsafe extern "ptx-kernel" fn max_pool2d_u8(
     max_pool(x, y, planes, g)
 }
 
+/// Outputs each thread of [`max_pool2d_u8_quads`] computes (one output row's quad).
+pub const STEM_POOL_OUTPUTS_PER_THREAD: u32 = 4;
+
 /// Whether [`max_pool2d_u8_quads`] serves a window: PyTorch's ResNet stem pool (3 × 3, stride 2,
 /// padding 1) on a map of even size whose rows are whole 8-byte words, with outputs in fours.
 pub const fn stem_pool_quads_fit(g: &PoolWindow) -> bool {
@@ -107,7 +110,7 @@ pub const fn stem_pool_quads_fit(g: &PoolWindow) -> bool {
         && g.h == 2 * g.oh
         && g.w == 2 * g.ow
         && g.w.is_multiple_of(8)
-        && g.ow.is_multiple_of(4)
+        && g.ow.is_multiple_of(STEM_POOL_OUTPUTS_PER_THREAD)
 }
 
 /// The four pooled spikes of one output quad from `rows`, the OR of its window rows' eight bytes
@@ -133,7 +136,7 @@ pub const fn stem_pool_quad(rows: u64, left: u32) -> [u32; 4] {
 ///
 /// # Safety
 /// As [`max_pool2d_u8`]; `stem_pool_quads_fit(&g)`, `x` 8-byte and `y` 16-byte aligned; launch
-/// with `planes · oh · ow / 4` threads or more.
+/// with `planes · oh · ow / STEM_POOL_OUTPUTS_PER_THREAD` threads or more.
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn max_pool2d_u8_quads(
@@ -143,13 +146,13 @@ pub unsafe extern "ptx-kernel" fn max_pool2d_u8_quads(
     g: PoolWindow,
 ) {
     use crate::gpu;
-    let quads = g.ow / 4;
+    let quads = g.ow / STEM_POOL_OUTPUTS_PER_THREAD;
     let i = gpu::block_x() * POOL_THREADS + gpu::thread_x();
     if i >= planes * g.oh * quads {
         return;
     }
     let (plane, rest) = (i / (g.oh * quads), i % (g.oh * quads));
-    let (oy, ox0) = (rest / quads, 4 * (rest % quads));
+    let (oy, ox0) = (rest / quads, STEM_POOL_OUTPUTS_PER_THREAD * (rest % quads));
     let column = 2 * ox0;
     let mut rows = 0u64;
     let mut left = 0u32;
