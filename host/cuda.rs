@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
 
 use crate::error::{Error, Result};
+use crate::ops::sparse_conv2d::SpikeMasks;
 
 /// The PTX of `kernels-gpu/`, built by build.rs (or the committed copy when the nvptx toolchain is
 /// absent).
@@ -30,6 +31,9 @@ pub struct CudaBackend {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     max_shared_memory_per_block: usize,
+    /// One `u32` zero, allocated once: the "no non-binary input" flag of masks built from spike
+    /// bitmaps (read-only to every kernel).
+    zero_word: Mutex<Option<Arc<cudarc::driver::CudaSlice<u32>>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -46,6 +50,17 @@ type BackendCache = Mutex<HashMap<usize, Arc<CudaBackend>>>;
 impl CudaBackend {
     /// The backend of device `ordinal`, created (context, stream, module load) on first use and
     /// shared afterwards.
+    /// A device `u32` that is 0 and stays 0 (kernels only read it), shared by its users.
+    pub(crate) fn zero_word(&self) -> Result<Arc<cudarc::driver::CudaSlice<u32>>> {
+        let mut word = self.zero_word.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(word) = word.as_ref() {
+            return Ok(word.clone());
+        }
+        let zero = Arc::new(self.stream.alloc_zeros::<u32>(1)?);
+        *word = Some(zero.clone());
+        Ok(zero)
+    }
+
     pub fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
         static BACKENDS: OnceLock<BackendCache> = OnceLock::new();
         let mut cache = BACKENDS
@@ -89,6 +104,7 @@ impl CudaBackend {
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
+            zero_word: Mutex::new(None),
             max_shared_memory_per_block,
         })
     }
@@ -172,6 +188,10 @@ pub struct DeviceTensor {
     shape: Vec<usize>,
     data: cudarc::driver::CudaSlice<f32>,
     backend: Arc<CudaBackend>,
+    /// The channel masks of these spikes, when the neuron that wrote them marked them too (see
+    /// [`crate::ops::sparse_conv2d::pack_spike_masks`]); dropped by any change to the data or
+    /// shape.
+    spike_masks: Option<Arc<SpikeMasks>>,
 }
 
 impl std::fmt::Debug for DeviceTensor {
@@ -191,6 +211,7 @@ impl DeviceTensor {
             shape: t.shape().to_vec(),
             data,
             backend: backend.clone(),
+            spike_masks: None,
         })
     }
 
@@ -204,6 +225,7 @@ impl DeviceTensor {
             shape,
             data,
             backend: backend.clone(),
+            spike_masks: None,
         };
         if POISON_NEW_TENSORS.load(Ordering::Relaxed) {
             t.poison()?;
@@ -214,6 +236,7 @@ impl DeviceTensor {
     /// Sets every byte to 0xFF, which makes every element a NaN.
     pub fn poison(&mut self) -> Result<()> {
         use cudarc::driver::DevicePtrMut;
+        self.spike_masks = None;
         let stream = self.backend.stream().clone();
         let bytes = self.data.len() * std::mem::size_of::<f32>();
         let (ptr, _record) = self.data.device_ptr_mut(&stream);
@@ -224,6 +247,7 @@ impl DeviceTensor {
 
     /// Fills every element with `value` (tests poison outputs with NaN this way).
     pub fn fill(&mut self, value: f32) -> Result<()> {
+        self.spike_masks = None;
         let host = vec![value; self.data.len()];
         self.backend.stream().memcpy_htod(&host, &mut self.data)?;
         Ok(())
@@ -257,7 +281,21 @@ impl DeviceTensor {
     }
 
     pub fn slice_mut(&mut self) -> &mut cudarc::driver::CudaSlice<f32> {
+        self.spike_masks = None;
         &mut self.data
+    }
+
+    /// The channel masks the neuron that wrote these spikes marked, if it did.
+    pub(crate) fn spike_masks(&self) -> Option<&Arc<SpikeMasks>> {
+        self.spike_masks.as_ref()
+    }
+
+    /// Attaches the channel masks of this tensor's spikes (written by the same kernel).
+    pub(crate) fn with_spike_masks(self, masks: SpikeMasks) -> Self {
+        Self {
+            spike_masks: Some(Arc::new(masks)),
+            ..self
+        }
     }
 
     /// The same elements under another shape with as many elements (no copy).
@@ -268,7 +306,11 @@ impl DeviceTensor {
                 self.shape
             )));
         }
-        Ok(Self { shape, ..self })
+        Ok(Self {
+            shape,
+            spike_masks: None,
+            ..self
+        })
     }
 
     /// A copy on the same device (device to device).
@@ -277,6 +319,7 @@ impl DeviceTensor {
             shape: self.shape.clone(),
             data: self.backend.stream().clone_dtod(&self.data)?,
             backend: self.backend.clone(),
+            spike_masks: None,
         })
     }
 

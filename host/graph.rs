@@ -4,7 +4,7 @@
 //! Passes such as `optimize` walk the nodes and edges, downcast operators to inspect them, and
 //! rewrite the graph with [`Graph::replace_op`] and [`Graph::remove_node`]. Node ids stay stable
 //! across rewrites.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -377,9 +377,19 @@ impl Graph {
             Some(_) => Some(crate::cuda::GpuTimer::new(input.backend())?),
             None => None,
         };
+        // Nodes some reader of which packs channel masks: a neuron there marks them as it fires.
+        let marking: HashSet<NodeId> = self
+            .nodes()
+            .filter(|(_, n)| n.op.reads_spike_masks())
+            .flat_map(|(_, n)| n.inputs.iter().copied())
+            .collect();
         let output = plan.execute(input, &mut |id, args| {
             let node = self.get(id).expect("planned nodes exist");
-            let run = || with_node_context(id == self.input, node, node.op.forward_cuda(args));
+            let mark = marking.contains(&id);
+            let run = || {
+                let output = node.op.forward_cuda_marking(args, mark);
+                with_node_context(id == self.input, node, output)
+            };
             let (Some(observe), Some(timer)) = (observe.as_mut(), timer.as_ref()) else {
                 return run();
             };

@@ -92,10 +92,20 @@ impl Operator for AddNeuron {
     /// One kernel for a built-in neuron (`neuron_multi_step_add`: the sum never written), else
     /// the two operators' kernels one after the other.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        self.forward_cuda_marking(inputs, false)
+    }
+
+    fn forward_cuda_marking(
+        &self,
+        inputs: &[&DeviceTensor],
+        mark_masks: bool,
+    ) -> Result<DeviceTensor> {
         let [a, b] = expect_inputs::<2, _>(Self::TYPE_NAME, inputs)?;
-        match forward_cuda_added(self.neuron.as_ref(), a, b) {
+        match forward_cuda_added(self.neuron.as_ref(), a, b, mark_masks) {
             Some(spikes) => spikes,
-            None => self.neuron.forward_cuda(&[&Add.forward_cuda(inputs)?]),
+            None => self
+                .neuron
+                .forward_cuda_marking(&[&Add.forward_cuda(inputs)?], mark_masks),
         }
     }
 

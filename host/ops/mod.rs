@@ -86,6 +86,24 @@ pub trait Operator: Debug + Send + Sync + 'static {
         )))
     }
 
+    /// [`forward_cuda`](Self::forward_cuda) when some reader of the output
+    /// [`reads_spike_masks`](Self::reads_spike_masks): a spiking neuron then also marks its
+    /// spikes in channel masks attached to the output. Other operators ignore the request.
+    fn forward_cuda_marking(
+        &self,
+        inputs: &[&DeviceTensor],
+        mark_masks: bool,
+    ) -> Result<DeviceTensor> {
+        let _ = mark_masks;
+        self.forward_cuda(inputs)
+    }
+
+    /// Whether the CUDA forward packs its input into channel masks (a spike convolution on the
+    /// tensor cores), and so gains from masks its producer marked.
+    fn reads_spike_masks(&self) -> bool {
+        false
+    }
+
     /// Parameters by local name (`"weight"`, `"running_mean"`, …), as in a PyTorch `state_dict`.
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
         Vec::new()

@@ -17,12 +17,13 @@ use std::mem::MaybeUninit;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
-use sparseflow_kernels::neuron::{neuron_threads, Charge, NEURON_THREADS};
+use sparseflow_kernels::neuron::{neuron_marking_fits, neuron_threads, Charge, NEURON_THREADS};
 
 use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::pool::MaxPool2d;
+use crate::ops::sparse_conv2d::SpikeMasks;
 use crate::ops::spike_gather::DisjointWrites;
 use crate::ops::{expect_inputs, Operator};
 use crate::tensor::Tensor;
@@ -132,7 +133,12 @@ where
 }
 
 /// The GPU twin of [`multi_step`] (spikes only): `neuron_multi_step` of `kernels-gpu`, whose
-/// charge equations are these, operation for operation.
+/// charge equations are these, operation for operation. With `mark_masks`, on a map of whole
+/// words of 32 channels (and steps of whole 128-neuron warps), the kernel also sets each spike's
+/// bit in a bitmap by warp votes, and `spike_bitmap_masks` turns that into the channel masks
+/// attached to the output ([`DeviceTensor::spike_masks`]): a spike convolution reading it then
+/// skips its packing pass over the f32 map.
+#[allow(clippy::too_many_arguments)]
 fn multi_step_cuda(
     op: &str,
     x: &DeviceTensor,
@@ -140,6 +146,7 @@ fn multi_step_cuda(
     firing: &Firing,
     charge: Charge,
     k: f32,
+    mark_masks: bool,
 ) -> Result<DeviceTensor> {
     if let Some(y) = addend.filter(|y| y.shape() != x.shape()) {
         return Err(Error::Shape(format!(
@@ -150,12 +157,54 @@ fn multi_step_cuda(
     }
     let mut spikes = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
     spikes.len_u32()?;
-    let entry = match addend {
-        Some(_) => "neuron_multi_step_add",
-        None => "neuron_multi_step",
+    let per_step = x.shape().iter().skip(1).product::<usize>() as u32;
+    let marking = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
+    let Some(dims) = marking else {
+        let entry = match addend {
+            Some(_) => "neuron_multi_step_add",
+            None => "neuron_multi_step",
+        };
+        let out = spikes.slice_mut();
+        launch_neuron(op, entry, x, addend, out, None, firing, charge, k)?;
+        return Ok(spikes);
     };
-    launch_neuron(op, entry, x, addend, spikes.slice_mut(), firing, charge, k)?;
-    Ok(spikes)
+    let entry = match addend {
+        Some(_) => "neuron_multi_step_add_marked",
+        None => "neuron_multi_step_marked",
+    };
+    let backend = x.backend();
+    // SAFETY: the marking neuron writes every word but the last, which only feeds bits past the
+    // map (see `spike_bitmap_masks`).
+    let mut bitmap = unsafe { backend.stream().alloc::<u32>(x.len() / 32 + 1)? };
+    let out = spikes.slice_mut();
+    launch_neuron(
+        op,
+        entry,
+        x,
+        addend,
+        out,
+        Some(&mut bitmap),
+        firing,
+        charge,
+        k,
+    )?;
+    let masks = SpikeMasks::from_bitmap(backend, &bitmap, dims)?;
+    Ok(spikes.with_spike_masks(masks))
+}
+
+/// `(n, C, H·W)` of a `[..., C, H, W]` map whose channel masks a neuron can mark: `C` whole
+/// words of 32 and every mask word indexable in `u32`.
+fn mask_dims(shape: &[usize]) -> Option<(u32, u32, u32)> {
+    let [lead @ .., c, h, w] = shape else {
+        return None;
+    };
+    if *c == 0 || c % 32 != 0 {
+        return None;
+    }
+    let n: usize = lead.iter().product();
+    // The mask words are fewer than the elements, which the kernels index in u32.
+    u32::try_from(n * c * h * w).ok()?;
+    Some((n as u32, *c as u32, (h * w) as u32))
 }
 
 /// Launches neuron kernel `entry` over `x` (`[T, ...]`, plus `addend` for the `_add` kernel)
@@ -167,6 +216,7 @@ fn launch_neuron<T: DeviceRepr>(
     x: &DeviceTensor,
     addend: Option<&DeviceTensor>,
     spikes: &mut CudaSlice<T>,
+    bitmap: Option<&mut CudaSlice<u32>>,
     firing: &Firing,
     charge: Charge,
     k: f32,
@@ -194,8 +244,11 @@ fn launch_neuron<T: DeviceRepr>(
     if let Some(y) = addend {
         launch.arg(y.slice());
     }
+    launch.arg(spikes);
+    if let Some(bitmap) = bitmap {
+        launch.arg(bitmap);
+    }
     launch
-        .arg(spikes)
         .arg(&steps)
         .arg(&per_step)
         .arg(&mode)
@@ -204,7 +257,8 @@ fn launch_neuron<T: DeviceRepr>(
         .arg(&reset)
         .arg(&hard);
     // SAFETY: the arguments match the entry's signature (`neuron_multi_step` and `_u8`, or
-    // `_add` with `y` of x's shape, checked by the caller); `spikes` holds `x.len()` elements of
+    // `_add` with `y` of x's shape, checked by the caller; `_marked` with a bitmap of a bit per
+    // element and `neuron_marking_fits`, checked by the caller); `spikes` holds `x.len()` elements of
     // the entry's output type; whole allocations, so 16-byte aligned; `neuron_threads` threads.
     unsafe {
         launch.launch(LaunchConfig {
@@ -308,9 +362,16 @@ macro_rules! neuron_operator {
                 Ok(self.run(x, false)?.0)
             }
             fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+                self.forward_cuda_marking(inputs, false)
+            }
+            fn forward_cuda_marking(
+                &self,
+                inputs: &[&DeviceTensor],
+                mark_masks: bool,
+            ) -> Result<DeviceTensor> {
                 let [x] = expect_inputs::<1, _>($name, inputs)?;
                 let (charge, k) = self.cuda_charge();
-                multi_step_cuda($name, x, None, &self.firing, charge, k)
+                multi_step_cuda($name, x, None, &self.firing, charge, k, mark_masks)
             }
             fn params(&self) -> Vec<(&'static str, &Tensor)> {
                 self.param_list()
@@ -536,6 +597,7 @@ pub(crate) fn forward_cuda_added(
     op: &dyn Operator,
     x: &DeviceTensor,
     y: &DeviceTensor,
+    mark_masks: bool,
 ) -> Option<Result<DeviceTensor>> {
     let neuron = as_builtin_neuron(op)?;
     let (charge, k) = neuron.kernel_charge();
@@ -546,6 +608,7 @@ pub(crate) fn forward_cuda_added(
         neuron.firing(),
         charge,
         k,
+        mark_masks,
     ))
 }
 
@@ -575,6 +638,7 @@ pub(crate) fn neuron_max_pool_cuda(
             x,
             None,
             &mut spikes,
+            None,
             neuron.firing(),
             charge,
             k,
@@ -591,7 +655,69 @@ pub fn as_spiking_neuron(op: &dyn Operator) -> Option<&dyn SpikingNeuron> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::SplitMix64;
+    use crate::ops::sparse_conv2d::pack_spike_masks;
+    use crate::testing::{gpu_or_skip, random_uniform, SplitMix64};
+    use std::sync::Arc;
+
+    /// The masks a neuron marks as it fires (warp votes into a bitmap, then
+    /// `spike_bitmap_masks`) equal the packing pass over its spikes, word for word, and marking
+    /// changes no spike: LIF and the fused add, one neuron per thread and four (a step of
+    /// 2^22), 32 to 96 channels, planes that are not whole words, 3 steps; every mask word and
+    /// spike compared. A map whose steps are not whole 128-neuron warps is not marked.
+    #[test]
+    fn gpu_marked_masks_equal_the_packing_pass() {
+        let Some(backend) = gpu_or_skip("gpu_marked_masks_equal_the_packing_pass") else {
+            return;
+        };
+        let lif = LIFNode::new(2.0, true, Firing::default()).unwrap();
+        let (charge, k) = lif.cuda_charge();
+        let mut checked = 0;
+        for (i, shape) in [
+            vec![3, 4, 32, 9, 11],
+            vec![2, 4, 96, 7, 5],
+            vec![3, 1, 64, 256, 256],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let x = random_uniform(&shape, -1.0, 2.5, 40 + i as u64);
+            let y = random_uniform(&shape, -1.0, 1.0, 50 + i as u64);
+            let dx = DeviceTensor::upload(&backend, &x).unwrap();
+            let dy = DeviceTensor::upload(&backend, &y).unwrap();
+            for addend in [None, Some(&dy)] {
+                let run = |mark| {
+                    multi_step_cuda("LIF", &dx, addend, &lif.firing, charge, k, mark).unwrap()
+                };
+                let (marked, plain) = (run(true), run(false));
+                assert!(plain.spike_masks().is_none());
+                let masks = marked.spike_masks().expect("masks marked").clone();
+                let spikes = marked.download().unwrap();
+                assert_eq!(spikes, plain.download().unwrap(), "{shape:?}: spikes");
+                let ones = spikes.data().iter().filter(|&&v| v == 1.0).count();
+                assert!(ones > 0 && ones < spikes.len(), "{shape:?}: {ones} spikes");
+                let packed = pack_spike_masks(&plain, masks.dims).unwrap();
+                let stream = backend.stream();
+                let got = stream.clone_dtoh(&masks.words).unwrap();
+                assert_eq!(got, stream.clone_dtoh(&packed.words).unwrap(), "{shape:?}");
+                assert_eq!(stream.clone_dtoh(&*masks.non_binary).unwrap(), [0]);
+                // A reader of the marked tensor gets its masks, not a new pass.
+                let reused = pack_spike_masks(&marked, masks.dims).unwrap();
+                assert!(Arc::ptr_eq(&reused, &masks));
+                checked += 1;
+            }
+        }
+        let x = DeviceTensor::upload(&backend, &random_uniform(&[2, 1, 32, 3, 3], -1.0, 2.5, 7))
+            .unwrap();
+        let unmarked = multi_step_cuda("LIF", &x, None, &lif.firing, charge, k, true).unwrap();
+        assert!(
+            unmarked.spike_masks().is_none(),
+            "288 neurons per step: not marked"
+        );
+        println!(
+            "gpu_marked_masks_equal_the_packing_pass: {checked} cases equal on {}",
+            backend.name()
+        );
+    }
 
     fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
         let mut rng = SplitMix64::new(seed);

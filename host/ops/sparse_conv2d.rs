@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::sparse_conv::{
-    conv_shared_bytes, mask_words, preferred_shapes, SparseConvVariant, CONV_THREADS, PACK_THREADS,
-    SPARSE_CONV_VARIANTS,
+    bitmap_masks_blocks, conv_shared_bytes, mask_words, preferred_shapes, SparseConvVariant,
+    CONV_THREADS, PACK_THREADS, SPARSE_CONV_VARIANTS,
 };
 
 use crate::cuda::{allow_shared_memory, CudaBackend, DeviceCache, DeviceTensor, GpuTimer};
@@ -421,7 +421,7 @@ impl SparseConv2d {
         // Null pointers: the kernel packs its windows itself.
         let null = 0u64;
         match &masks {
-            Some(m) => launch.arg(&m.words).arg(&m.non_binary),
+            Some(m) => launch.arg(&m.words).arg(&*m.non_binary),
             None => launch.arg(&null).arg(&null),
         };
         launch
@@ -586,20 +586,66 @@ impl SparseConv2d {
 
 /// Stage 1 as a pass of its own (`spike_mask_pack`): the input's channel masks and whether some
 /// non-zero is not 1.
+#[derive(Debug)]
 pub(crate) struct SpikeMasks {
     /// `[n][ceil(Cin / 32)][H·W]` words, bit `j` of word `w` set when channel `32·w + j` is
     /// non-zero.
     pub words: CudaSlice<u32>,
-    /// One word, non-zero when some input is neither 0 nor 1.
-    pub non_binary: CudaSlice<u32>,
+    /// One word, non-zero when some input is neither 0 nor 1 (the backend's shared zero word for
+    /// masks from a neuron's bitmap: spikes are binary).
+    pub non_binary: Arc<CudaSlice<u32>>,
+    /// `(n, Cin, H·W)` of the map they describe.
+    pub dims: (u32, u32, u32),
 }
 
-/// Launches `spike_mask_pack` over `x` (`[n, cin, hw]` on the device); the caller has checked
-/// that `n · ceil(cin / 32) · hw` fits a `u32`.
-pub(crate) fn pack_spike_masks(
-    x: &DeviceTensor,
-    (n, cin, hw): (u32, u32, u32),
-) -> Result<SpikeMasks> {
+impl SpikeMasks {
+    /// The masks of a `(n, Cin, H·W)` map (`Cin` a multiple of 32) from the bitmap of its
+    /// spikes a marking neuron wrote (`spike_bitmap_masks`; `bitmap` holds `n · Cin · H·W / 32
+    /// + 1` words).
+    pub(crate) fn from_bitmap(
+        backend: &CudaBackend,
+        bitmap: &CudaSlice<u32>,
+        dims: (u32, u32, u32),
+    ) -> Result<Self> {
+        let (n, cin, hw) = dims;
+        let stream = backend.stream();
+        let total = n as usize * mask_words(cin) as usize * hw as usize;
+        // SAFETY: the transpose writes every mask word.
+        let mut words = unsafe { stream.alloc::<u32>(total.max(1))? };
+        let non_binary = backend.zero_word()?;
+        let transpose = backend.function("spike_bitmap_masks")?;
+        let mut launch = stream.launch_builder(&transpose);
+        launch
+            .arg(bitmap)
+            .arg(&mut words)
+            .arg(&n)
+            .arg(&cin)
+            .arg(&hw);
+        // SAFETY: arguments match `spike_bitmap_masks`' signature and contract (the caller's
+        // map has whole words of channels and a bitmap one word longer than its bits).
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (bitmap_masks_blocks(n, cin, hw).max(1), 1, 1),
+                block_dim: (PACK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+        Ok(Self {
+            words,
+            non_binary,
+            dims,
+        })
+    }
+}
+
+/// The channel masks of `x` (`[n, cin, hw]` on the device): the ones the neuron that wrote `x`
+/// marked, when it did, else a `spike_mask_pack` launch over it; the caller has checked that
+/// `n · ceil(cin / 32) · hw` fits a `u32`.
+pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Result<Arc<SpikeMasks>> {
+    if let Some(masks) = x.spike_masks().filter(|m| m.dims == dims) {
+        return Ok(masks.clone());
+    }
+    let (n, cin, hw) = dims;
     let backend = x.backend();
     let stream = backend.stream();
     let total = n * mask_words(cin) * hw;
@@ -623,7 +669,11 @@ pub(crate) fn pack_spike_masks(
             shared_mem_bytes: 0,
         })?
     };
-    Ok(SpikeMasks { words, non_binary })
+    Ok(Arc::new(SpikeMasks {
+        words,
+        non_binary: Arc::new(non_binary),
+        dims,
+    }))
 }
 
 /// The input density above which the dense GEMM beats the sparse gather on this kind of layer.
@@ -1336,6 +1386,12 @@ impl Operator for SparseConv2d {
             Err(Error::MissingKernelVariant(_)) => self.conv.forward_cuda(x),
             other => other,
         }
+    }
+
+    /// Tuned to the tensor-core path with the spike kernel, which packs its input's masks.
+    fn reads_spike_masks(&self) -> bool {
+        self.cuda_dispatch() == Some(CudaDispatch::TensorCore)
+            && tensor_conv::spike_path_supports(&self.conv)
     }
 
     fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {

@@ -212,7 +212,7 @@ pub(crate) fn tensor_conv_cuda(
         let mut launch = stream.launch_builder(&spikes);
         launch
             .arg(&packed.words)
-            .arg(&packed.non_binary)
+            .arg(&*packed.non_binary)
             .arg(spike_fragments)
             .arg(bias)
             .arg(&has_bias)
@@ -250,7 +250,7 @@ pub(crate) fn tensor_conv_cuda(
         .arg(&geometry)
         .arg(&weights.scale);
     match &masks {
-        Some(packed) => launch.arg(&packed.non_binary),
+        Some(packed) => launch.arg(&*packed.non_binary),
         // A null `only_if`: run.
         None => launch.arg(&always),
     };

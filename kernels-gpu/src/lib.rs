@@ -14,6 +14,19 @@
     feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)
 )]
 
+/// Repeats `$body` with `$i` a constant from the list: the accumulator arrays stay in registers
+/// only when every index into them is a constant, and LLVM does not unroll these loops itself.
+#[cfg(target_arch = "nvptx64")]
+macro_rules! unroll {
+    ($i:ident in [$($n:literal),*] $body:block) => {
+        $({
+            #[allow(non_upper_case_globals)]
+            const $i: usize = $n;
+            $body
+        })*
+    };
+}
+
 pub mod dense_conv;
 pub mod elementwise;
 #[cfg(target_arch = "nvptx64")]

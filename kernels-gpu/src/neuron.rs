@@ -116,6 +116,62 @@ impl SpikeSink for *mut u8 {
     }
 }
 
+/// [`neuron_multi_step`]'s f32 spikes, also set in a bitmap of the map (bit `i` of the flat
+/// `[steps · per_step]` index, word `i / 32`) by warp votes as the warp writes them: the spike
+/// convolution that reads them then builds its channel masks from 1/32 of the bytes
+/// (`spike_bitmap_masks`) instead of the f32 map (`spike_mask_pack`). A warp's 32 (or 128)
+/// consecutive neurons are one (or four) whole words, so every word is written once, whole: no
+/// atomics and no zeroing.
+#[cfg(target_arch = "nvptx64")]
+#[derive(Clone, Copy)]
+struct MarkedSpikes {
+    spikes: *mut f32,
+    bitmap: *mut u32,
+}
+
+/// The four bits of a thread's neuron quad, neuron `e` at bit `e`.
+#[inline(always)]
+pub fn quad_nibble(spikes: [f32; 4]) -> u32 {
+    let mut nibble = 0;
+    for (e, &s) in spikes.iter().enumerate() {
+        nibble |= ((s != 0.0) as u32) << e;
+    }
+    nibble
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl SpikeSink for MarkedSpikes {
+    #[inline(always)]
+    unsafe fn write(self, idx: usize, spike: f32) {
+        use crate::gpu;
+        *self.spikes.add(idx) = spike;
+        let word = gpu::warp_ballot(spike != 0.0);
+        if gpu::thread_x() % gpu::WARP_SIZE == 0 {
+            *self.bitmap.add(idx / 32) = word;
+        }
+    }
+    #[inline(always)]
+    unsafe fn write4(self, idx: usize, s: [f32; 4]) {
+        use crate::gpu;
+        crate::gpu::store_f32x4(self.spikes.add(idx), (s[0], s[1], s[2], s[3]));
+        // Lanes 8m..8m+8 hold the 32 neurons of word m: their nibbles, OR-ed over the eight.
+        let lane = gpu::thread_x() % gpu::WARP_SIZE;
+        let mut word = quad_nibble(s) << (4 * (lane % 8));
+        word |= gpu::shfl_xor_u32(word, 1);
+        word |= gpu::shfl_xor_u32(word, 2);
+        word |= gpu::shfl_xor_u32(word, 4);
+        if lane % 8 == 0 {
+            *self.bitmap.add(idx / 32) = word;
+        }
+    }
+}
+
+/// Whether a step of `per_step` neurons can be marked in a bitmap: every warp of the launch
+/// whole (no lane returns early) and on whole words, one neuron or four per thread.
+pub const fn neuron_marking_fits(per_step: u32) -> bool {
+    per_step.is_multiple_of(32 * NEURONS_PER_THREAD)
+}
+
 /// Neurons per thread of the neuron kernels on large maps whose step's neuron count is a
 /// multiple of it: one 16-byte load per step and neuron quad (else one neuron per thread).
 pub const NEURONS_PER_THREAD: u32 = 4;
@@ -134,6 +190,9 @@ pub const fn neuron_quads(per_step: u32) -> bool {
 /// together (the spike stores could alias the inputs, so the compiler would not hoist them).
 #[cfg(target_arch = "nvptx64")]
 const STEPS_IN_FLIGHT: u32 = 4;
+// The quad loop's `unroll!` lists four steps.
+#[cfg(target_arch = "nvptx64")]
+const _: () = assert!(STEPS_IN_FLIGHT == 4);
 
 /// The threads a neuron launch over `per_step` neurons per step needs.
 pub const fn neuron_threads(per_step: u32) -> u32 {
@@ -199,24 +258,25 @@ unsafe fn step_neuron<S: SpikeSink>(
     let mut v = [v_r; 4];
     let mut t0 = 0;
     while t0 < steps {
+        // Unrolled by hand: a loop left to LLVM kept `inputs` in local memory once the marking
+        // sink's warp votes were in it.
         let mut inputs = [[0.0f32; 4]; STEPS_IN_FLIGHT as usize];
-        for (j, input) in inputs.iter_mut().enumerate() {
+        unroll!(j in [0, 1, 2, 3] {
             if t0 + (j as u32) < steps {
-                *input = load(first + (t0 as usize + j) * per_step as usize);
+                inputs[j] = load(first + (t0 as usize + j) * per_step as usize);
             }
-        }
-        for (j, input) in inputs.iter().enumerate() {
+        });
+        unroll!(j in [0, 1, 2, 3] {
             let t = t0 + j as u32;
-            if t >= steps {
-                break;
+            if t < steps {
+                let mut s = [0.0f32; 4];
+                for e in 0..4 {
+                    let h = charge(mode, v[e], inputs[j][e], k, v_r);
+                    (s[e], v[e]) = fire(h, v_threshold, hard, v_r);
+                }
+                spikes.write4(first + t as usize * per_step as usize, s);
             }
-            let mut s = [0.0f32; 4];
-            for e in 0..4 {
-                let h = charge(mode, v[e], input[e], k, v_r);
-                (s[e], v[e]) = fire(h, v_threshold, hard, v_r);
-            }
-            spikes.write4(first + t as usize * per_step as usize, s);
-        }
+        });
         t0 += STEPS_IN_FLIGHT;
     }
 }
@@ -271,4 +331,107 @@ neuron_entries! {
     /// # Safety
     /// As [`neuron_multi_step`], `spikes` holding `steps · per_step` bytes.
     neuron_multi_step_u8 => u8;
+}
+
+/// [`neuron_multi_step`] that also sets every spike's bit in `bitmap` (see `MarkedSpikes`).
+///
+/// # Safety
+/// As [`neuron_multi_step`]; `bitmap` holds `steps · per_step / 32` words;
+/// [`neuron_marking_fits`]`(per_step)`.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn neuron_multi_step_marked(
+    x: *const f32,
+    spikes: *mut f32,
+    bitmap: *mut u32,
+    steps: u32,
+    per_step: u32,
+    mode: u32,
+    k: f32,
+    v_threshold: f32,
+    v_reset: f32,
+    hard_reset: u32,
+) {
+    let sink = MarkedSpikes { spikes, bitmap };
+    step_neuron(
+        x,
+        None,
+        sink,
+        steps,
+        per_step,
+        mode,
+        k,
+        v_threshold,
+        v_reset,
+        hard_reset,
+    )
+}
+
+/// [`neuron_multi_step_add`] that also sets every spike's bit in `bitmap` (see `MarkedSpikes`).
+///
+/// # Safety
+/// As [`neuron_multi_step_marked`]; `y` holds as many floats as `x`.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn neuron_multi_step_add_marked(
+    x: *const f32,
+    y: *const f32,
+    spikes: *mut f32,
+    bitmap: *mut u32,
+    steps: u32,
+    per_step: u32,
+    mode: u32,
+    k: f32,
+    v_threshold: f32,
+    v_reset: f32,
+    hard_reset: u32,
+) {
+    let sink = MarkedSpikes { spikes, bitmap };
+    step_neuron(
+        x,
+        Some(y),
+        sink,
+        steps,
+        per_step,
+        mode,
+        k,
+        v_threshold,
+        v_reset,
+        hard_reset,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A warp's quads OR-ed over each aligned group of eight lanes (the butterfly of
+    /// `MarkedSpikes::write4`) are the bitmap words of its 128 consecutive neurons.
+    #[test]
+    fn quad_nibbles_make_whole_bitmap_words() {
+        let spike = |i: usize| {
+            if (i * 40503).is_multiple_of(5) {
+                1.0f32
+            } else {
+                0.0
+            }
+        };
+        let shifted: Vec<u32> = (0..32)
+            .map(|lane: usize| {
+                let quad = [0, 1, 2, 3].map(|e| spike(4 * lane + e));
+                quad_nibble(quad) << (4 * (lane % 8))
+            })
+            .collect();
+        let mut words = shifted.clone();
+        for mask in [1, 2, 4] {
+            words = (0..32).map(|l| words[l] | words[l ^ mask]).collect();
+        }
+        for m in 0..4 {
+            let expected = (0..32).fold(0u32, |w, b| w | ((spike(32 * m + b) != 0.0) as u32) << b);
+            assert_eq!(words[8 * m], expected, "word {m}");
+        }
+        assert!(neuron_marking_fits(128 * 3) && !neuron_marking_fits(32 * 3));
+    }
 }

@@ -155,6 +155,77 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     }
 }
 
+/// Bits `shift..shift + 32` of the 64-bit pair `hi:lo` (`shift < 32`): 32 consecutive bits of
+/// a bitmap that start inside word `lo`.
+#[inline(always)]
+pub const fn bitmap_bits(lo: u32, hi: u32, shift: u32) -> u32 {
+    ((((hi as u64) << 32) | lo as u64) >> shift) as u32
+}
+
+/// Pixels per warp of [`spike_bitmap_masks`]: one mask word per lane.
+pub const BITMAP_PIXELS_PER_WARP: u32 = 32;
+
+/// The blocks of [`PACK_THREADS`] threads [`spike_bitmap_masks`] takes over `n` images of `cin`
+/// channels and `hw` pixels: a warp per (image, channel word, 32 pixels).
+pub const fn bitmap_masks_blocks(n: u32, cin: u32, hw: u32) -> u32 {
+    let warps = n * mask_words(cin) * hw.div_ceil(BITMAP_PIXELS_PER_WARP);
+    warps.div_ceil(PACK_THREADS / 32)
+}
+
+/// The channel masks of `spike_mask_pack` from the spike bitmap a marking neuron wrote (bit
+/// `(img · cin + c) · hw + p` set where channel `c` of pixel `p` of image `img` spiked): a warp
+/// takes 32 channels × 32 pixels, lane `j` reads channel `j`'s 32 pixel bits (two words, a
+/// funnel shift), and 32 votes transpose them into lane `i`'s mask word of pixel `i`. It reads
+/// and writes 1/32 of the bytes of the packing pass over f32 spikes.
+///
+/// # Safety
+/// `cin` a multiple of 32; `bitmap` holds `n · cin · hw / 32 + 1` words (the last may be
+/// garbage: it only feeds bits past the map), `masks` `n · cin / 32 · hw`; launch with
+/// [`PACK_THREADS`] threads and [`bitmap_masks_blocks`] blocks.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn spike_bitmap_masks(
+    bitmap: *const u32,
+    masks: *mut u32,
+    n: u32,
+    cin: u32,
+    hw: u32,
+) {
+    use crate::gpu;
+    let lane = gpu::thread_x() % gpu::WARP_SIZE;
+    let warp = (gpu::block_x() * PACK_THREADS + gpu::thread_x()) / gpu::WARP_SIZE;
+    let words = mask_words(cin);
+    let blocks = hw.div_ceil(BITMAP_PIXELS_PER_WARP);
+    // Whole warps exit together: the votes below need every lane.
+    if warp >= n * words * blocks {
+        return;
+    }
+    let (img, word, block) = (
+        warp / (words * blocks),
+        (warp / blocks) % words,
+        warp % blocks,
+    );
+    let p0 = block * BITMAP_PIXELS_PER_WARP;
+    let bit = ((img * cin + 32 * word + lane) * hw + p0) as usize;
+    let lo = gpu::load_nc_u32(bitmap.add(bit / 32));
+    let hi = if bit % 32 != 0 {
+        gpu::load_nc_u32(bitmap.add(bit / 32 + 1))
+    } else {
+        0
+    };
+    let row = bitmap_bits(lo, hi, (bit % 32) as u32);
+    let mut mine = 0;
+    for i in 0..BITMAP_PIXELS_PER_WARP {
+        let column = gpu::warp_ballot((row >> i) & 1 != 0);
+        if lane == i {
+            mine = column;
+        }
+    }
+    if p0 + lane < hw {
+        *masks.add(((img * words + word) * hw + p0 + lane) as usize) = mine;
+    }
+}
+
 /// `V` consecutive weights of one row through the read-only cache (`V` is 2, 4 or 8; the row
 /// pointer is aligned to `4·V` bytes).
 #[cfg(target_arch = "nvptx64")]
@@ -718,6 +789,63 @@ pub unsafe extern "ptx-kernel" fn sparse_linear(
 
 #[cfg(test)]
 mod tests {
+    /// `spike_bitmap_masks` emulated warp by warp on the CPU (the funnel shift and the 32
+    /// votes) gives, for maps whose planes are not whole words, every pixel's mask of its
+    /// 32 channels.
+    #[test]
+    fn bitmap_transpose_gives_every_pixel_mask() {
+        for (n, cin, hw) in [(2u32, 64u32, 49u32), (1, 32, 32), (3, 96, 13), (1, 32, 100)] {
+            let bits = (n * cin * hw) as usize;
+            let spiked = |i: usize| (i * 2654435761) % 7 < 2;
+            let mut bitmap = vec![0u32; bits / 32 + 1];
+            for i in (0..bits).filter(|&i| spiked(i)) {
+                bitmap[i / 32] |= 1 << (i % 32);
+            }
+            let words = mask_words(cin);
+            let blocks = hw.div_ceil(BITMAP_PIXELS_PER_WARP);
+            let mut masks = vec![u32::MAX; (n * words * hw) as usize];
+            for warp in 0..n * words * blocks {
+                let (img, word, block) = (
+                    warp / (words * blocks),
+                    (warp / blocks) % words,
+                    warp % blocks,
+                );
+                let p0 = block * BITMAP_PIXELS_PER_WARP;
+                let rows: Vec<u32> = (0..32)
+                    .map(|lane| {
+                        let bit = ((img * cin + 32 * word + lane) * hw + p0) as usize;
+                        let hi = if !bit.is_multiple_of(32) {
+                            bitmap[bit / 32 + 1]
+                        } else {
+                            0
+                        };
+                        bitmap_bits(bitmap[bit / 32], hi, (bit % 32) as u32)
+                    })
+                    .collect();
+                for lane in 0..32 {
+                    let column = (0..32).fold(0, |w, j| w | ((rows[j] >> lane) & 1) << j);
+                    if p0 + lane < hw {
+                        masks[((img * words + word) * hw + p0 + lane) as usize] = column;
+                    }
+                }
+            }
+            for img in 0..n {
+                for p in 0..hw {
+                    for c in 0..cin {
+                        let i = ((img * cin + c) * hw + p) as usize;
+                        let m = masks[((img * words + c / 32) * hw + p) as usize];
+                        assert_eq!(
+                            (m >> (c % 32)) & 1 == 1,
+                            spiked(i),
+                            "{n} {cin} {hw}: {img} {c} {p}"
+                        );
+                    }
+                }
+            }
+            assert!(bitmap_masks_blocks(n, cin, hw) * PACK_THREADS / 32 >= n * words * blocks);
+        }
+    }
+
     use super::*;
 
     #[test]

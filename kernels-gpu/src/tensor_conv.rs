@@ -21,19 +21,6 @@
 
 use crate::dense_conv::ConvGeometry;
 
-/// Repeats `$body` with `$i` a constant from the list: the accumulator arrays stay in registers
-/// only when every index into them is a constant, and LLVM does not unroll these loops itself.
-#[cfg(target_arch = "nvptx64")]
-macro_rules! unroll {
-    ($i:ident in [$($n:literal),*] $body:block) => {
-        $({
-            #[allow(non_upper_case_globals)]
-            const $i: usize = $n;
-            $body
-        })*
-    };
-}
-
 /// Output pixels per CTA (one per thread when staging, 32 per warp in the GEMM).
 pub const TENSOR_TILE_P: u32 = 128;
 /// Output channels per CTA: eight `n8` fragments per warp.
