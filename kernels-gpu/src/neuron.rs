@@ -47,41 +47,6 @@ pub fn fire(h: f32, v_threshold: f32, hard_reset: bool, v_reset: f32) -> (f32, f
     (spike, v)
 }
 
-/// The neuron over `x + y` (`AddNeuron`: a residual add fused into the neuron after it): the
-/// sum is formed as `Add` forms it and never written. Arguments as [`neuron_multi_step`]'s, `y`
-/// shaped as `x`.
-///
-/// # Safety
-/// As [`neuron_multi_step`]; `y` holds as many floats as `x`.
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn neuron_multi_step_add(
-    x: *const f32,
-    y: *const f32,
-    spikes: *mut f32,
-    steps: u32,
-    per_step: u32,
-    mode: u32,
-    k: f32,
-    v_threshold: f32,
-    v_reset: f32,
-    hard_reset: u32,
-) {
-    step_neuron(
-        x,
-        Some(y),
-        spikes,
-        steps,
-        per_step,
-        mode,
-        k,
-        v_threshold,
-        v_reset,
-        hard_reset,
-    )
-}
-
 /// Where a neuron kernel writes its spikes: f32 maps, or one byte per spike for a consumer that
 /// reads bytes (`neuron_multi_step_u8` into `max_pool2d_u8`).
 #[cfg(target_arch = "nvptx64")]
@@ -281,9 +246,10 @@ unsafe fn step_neuron<S: SpikeSink>(
     }
 }
 
-/// The plain neuron entry points, one per spike type (`step_neuron` on `x` alone).
+/// The neuron entry points: `step_neuron` on `x` (and `y`, for the fused add) with a spike sink.
+/// Each entry's own parameters come between `x` and the common tail.
 macro_rules! neuron_entries {
-    ($($(#[$doc:meta])* $entry:ident => $spike:ty;)+) => {
+    ($($(#[$doc:meta])* $entry:ident($($param:ident: $ty:ty),*) => ($y:expr, $sink:expr);)+) => {
         $(
             $(#[$doc])*
             #[cfg(target_arch = "nvptx64")]
@@ -291,7 +257,7 @@ macro_rules! neuron_entries {
             #[allow(clippy::too_many_arguments)]
             pub unsafe extern "ptx-kernel" fn $entry(
                 x: *const f32,
-                spikes: *mut $spike,
+                $($param: $ty,)*
                 steps: u32,
                 per_step: u32,
                 mode: u32,
@@ -302,8 +268,8 @@ macro_rules! neuron_entries {
             ) {
                 step_neuron(
                     x,
-                    None,
-                    spikes,
+                    $y,
+                    $sink,
                     steps,
                     per_step,
                     mode,
@@ -324,83 +290,32 @@ neuron_entries! {
     /// # Safety
     /// `x` and `spikes` hold `steps · per_step` floats, 16-byte aligned; launch with
     /// [`neuron_threads`]`(per_step)` threads or more.
-    neuron_multi_step => f32;
+    neuron_multi_step(spikes: *mut f32) => (None, spikes);
     /// [`neuron_multi_step`] writing each spike as one byte (0 or 1): for a max-pool that alone
     /// reads them (`NeuronMaxPool`), a quarter of the f32 map's traffic out and back in.
     ///
     /// # Safety
     /// As [`neuron_multi_step`], `spikes` holding `steps · per_step` bytes.
-    neuron_multi_step_u8 => u8;
-}
-
-/// [`neuron_multi_step`] that also sets every spike's bit in `bitmap` (see `MarkedSpikes`).
-///
-/// # Safety
-/// As [`neuron_multi_step`]; `bitmap` holds `steps · per_step / 32` words;
-/// [`neuron_marking_fits`]`(per_step)`.
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn neuron_multi_step_marked(
-    x: *const f32,
-    spikes: *mut f32,
-    bitmap: *mut u32,
-    steps: u32,
-    per_step: u32,
-    mode: u32,
-    k: f32,
-    v_threshold: f32,
-    v_reset: f32,
-    hard_reset: u32,
-) {
-    let sink = MarkedSpikes { spikes, bitmap };
-    step_neuron(
-        x,
-        None,
-        sink,
-        steps,
-        per_step,
-        mode,
-        k,
-        v_threshold,
-        v_reset,
-        hard_reset,
-    )
-}
-
-/// [`neuron_multi_step_add`] that also sets every spike's bit in `bitmap` (see `MarkedSpikes`).
-///
-/// # Safety
-/// As [`neuron_multi_step_marked`]; `y` holds as many floats as `x`.
-#[cfg(target_arch = "nvptx64")]
-#[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn neuron_multi_step_add_marked(
-    x: *const f32,
-    y: *const f32,
-    spikes: *mut f32,
-    bitmap: *mut u32,
-    steps: u32,
-    per_step: u32,
-    mode: u32,
-    k: f32,
-    v_threshold: f32,
-    v_reset: f32,
-    hard_reset: u32,
-) {
-    let sink = MarkedSpikes { spikes, bitmap };
-    step_neuron(
-        x,
-        Some(y),
-        sink,
-        steps,
-        per_step,
-        mode,
-        k,
-        v_threshold,
-        v_reset,
-        hard_reset,
-    )
+    neuron_multi_step_u8(spikes: *mut u8) => (None, spikes);
+    /// The neuron over `x + y` (`AddNeuron`: a residual add fused into the neuron after it): the
+    /// sum is formed as `Add` forms it and never written.
+    ///
+    /// # Safety
+    /// As [`neuron_multi_step`]; `y` holds as many floats as `x`.
+    neuron_multi_step_add(y: *const f32, spikes: *mut f32) => (Some(y), spikes);
+    /// [`neuron_multi_step`] that also sets every spike's bit in `bitmap` (see `MarkedSpikes`).
+    ///
+    /// # Safety
+    /// As [`neuron_multi_step`]; `bitmap` holds `steps · per_step / 32` words;
+    /// [`neuron_marking_fits`]`(per_step)`.
+    neuron_multi_step_marked(spikes: *mut f32, bitmap: *mut u32)
+        => (None, MarkedSpikes { spikes, bitmap });
+    /// [`neuron_multi_step_add`] that also sets every spike's bit in `bitmap`.
+    ///
+    /// # Safety
+    /// As [`neuron_multi_step_marked`]; `y` holds as many floats as `x`.
+    neuron_multi_step_add_marked(y: *const f32, spikes: *mut f32, bitmap: *mut u32)
+        => (Some(y), MarkedSpikes { spikes, bitmap });
 }
 
 #[cfg(test)]
