@@ -31,9 +31,9 @@ pub struct CudaBackend {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     max_shared_memory_per_block: usize,
-    /// One `u32` zero, allocated once: the "no non-binary input" flag of masks built from spike
-    /// bitmaps (read-only to every kernel).
-    zero_word: Mutex<Option<Arc<cudarc::driver::CudaSlice<u32>>>>,
+    /// One `u32` zero: the "no non-binary input" flag of masks built from spike bitmaps
+    /// (read-only to every kernel).
+    zero_word: Arc<cudarc::driver::CudaSlice<u32>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -48,19 +48,13 @@ impl std::fmt::Debug for CudaBackend {
 type BackendCache = Mutex<HashMap<usize, Arc<CudaBackend>>>;
 
 impl CudaBackend {
-    /// The backend of device `ordinal`, created (context, stream, module load) on first use and
-    /// shared afterwards.
     /// A device `u32` that is 0 and stays 0 (kernels only read it), shared by its users.
-    pub(crate) fn zero_word(&self) -> Result<Arc<cudarc::driver::CudaSlice<u32>>> {
-        let mut word = self.zero_word.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(word) = word.as_ref() {
-            return Ok(word.clone());
-        }
-        let zero = Arc::new(self.stream.alloc_zeros::<u32>(1)?);
-        *word = Some(zero.clone());
-        Ok(zero)
+    pub(crate) fn zero_word(&self) -> Arc<cudarc::driver::CudaSlice<u32>> {
+        self.zero_word.clone()
     }
 
+    /// The backend of device `ordinal`, created (context, stream, module load) on first use and
+    /// shared afterwards.
     pub fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
         static BACKENDS: OnceLock<BackendCache> = OnceLock::new();
         let mut cache = BACKENDS
@@ -98,13 +92,14 @@ impl CudaBackend {
         )? as usize;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
         let stream = ctx.default_stream();
+        let zero_word = Arc::new(stream.alloc_zeros::<u32>(1)?);
         Ok(Self {
             ordinal,
             name,
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
-            zero_word: Mutex::new(None),
+            zero_word,
             max_shared_memory_per_block,
         })
     }

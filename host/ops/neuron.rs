@@ -158,38 +158,41 @@ fn multi_step_cuda(
     let mut spikes = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
     spikes.len_u32()?;
     let per_step = x.shape().iter().skip(1).product::<usize>() as u32;
-    let marking = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
-    let Some(dims) = marking else {
-        let entry = match addend {
-            Some(_) => "neuron_multi_step_add",
-            None => "neuron_multi_step",
-        };
-        let out = spikes.slice_mut();
-        launch_neuron(op, entry, x, addend, out, None, firing, charge, k)?;
-        return Ok(spikes);
-    };
-    let entry = match addend {
-        Some(_) => "neuron_multi_step_add_marked",
-        None => "neuron_multi_step_marked",
-    };
     let backend = x.backend();
-    // SAFETY: the marking neuron writes every word but the last, which only feeds bits past the
-    // map (see `spike_bitmap_masks`).
-    let mut bitmap = unsafe { backend.stream().alloc::<u32>(x.len() / 32 + 1)? };
-    let out = spikes.slice_mut();
+    let marking = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
+    // The map's dims and its spike bitmap, when the neuron marks.
+    let mut marked = marking
+        .map(|dims| -> Result<_> {
+            // SAFETY: the marking neuron writes every word but the last, which only feeds bits
+            // past the map (see `spike_bitmap_masks`).
+            let bitmap = unsafe { backend.stream().alloc::<u32>(x.len() / 32 + 1)? };
+            Ok((dims, bitmap))
+        })
+        .transpose()?;
+    let entry = match (addend.is_some(), marked.is_some()) {
+        (false, false) => "neuron_multi_step",
+        (true, false) => "neuron_multi_step_add",
+        (false, true) => "neuron_multi_step_marked",
+        (true, true) => "neuron_multi_step_add_marked",
+    };
+    let bitmap = marked.as_mut().map(|(_, bitmap)| bitmap);
     launch_neuron(
         op,
         entry,
         x,
         addend,
-        out,
-        Some(&mut bitmap),
+        spikes.slice_mut(),
+        bitmap,
         firing,
         charge,
         k,
     )?;
-    let masks = SpikeMasks::from_bitmap(backend, &bitmap, dims)?;
-    Ok(spikes.with_spike_masks(masks))
+    Ok(match marked {
+        Some((dims, bitmap)) => {
+            spikes.with_spike_masks(SpikeMasks::from_bitmap(backend, &bitmap, dims)?)
+        }
+        None => spikes,
+    })
 }
 
 /// `(n, C, H·W)` of a `[..., C, H, W]` map whose channel masks a neuron can mark: `C` whole
@@ -207,8 +210,9 @@ fn mask_dims(shape: &[usize]) -> Option<(u32, u32, u32)> {
     Some((n as u32, *c as u32, (h * w) as u32))
 }
 
-/// Launches neuron kernel `entry` over `x` (`[T, ...]`, plus `addend` for the `_add` kernel)
-/// into `spikes`, a buffer of `x.len()` elements of the entry's output type.
+/// Launches neuron kernel `entry` over `x` (`[T, ...]`, plus `addend` for the `_add` kernels)
+/// into `spikes`, a buffer of `x.len()` elements of the entry's output type (and `bitmap`, a bit
+/// per element, for the `_marked` kernels).
 #[allow(clippy::too_many_arguments)]
 fn launch_neuron<T: DeviceRepr>(
     op: &str,

@@ -612,7 +612,7 @@ impl SpikeMasks {
         let total = n as usize * mask_words(cin) as usize * hw as usize;
         // SAFETY: the transpose writes every mask word.
         let mut words = unsafe { stream.alloc::<u32>(total.max(1))? };
-        let non_binary = backend.zero_word()?;
+        let non_binary = backend.zero_word();
         let transpose = backend.function("spike_bitmap_masks")?;
         let mut launch = stream.launch_builder(&transpose);
         launch

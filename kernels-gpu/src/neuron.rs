@@ -109,7 +109,7 @@ impl SpikeSink for MarkedSpikes {
     #[inline(always)]
     unsafe fn write(self, idx: usize, spike: f32) {
         use crate::gpu;
-        *self.spikes.add(idx) = spike;
+        SpikeSink::write(self.spikes, idx, spike);
         let word = gpu::warp_ballot(spike != 0.0);
         if gpu::thread_x() % gpu::WARP_SIZE == 0 {
             *self.bitmap.add(idx / 32) = word;
@@ -118,7 +118,7 @@ impl SpikeSink for MarkedSpikes {
     #[inline(always)]
     unsafe fn write4(self, idx: usize, s: [f32; 4]) {
         use crate::gpu;
-        crate::gpu::store_f32x4(self.spikes.add(idx), (s[0], s[1], s[2], s[3]));
+        SpikeSink::write4(self.spikes, idx, s);
         // Lanes 8m..8m+8 hold the 32 neurons of word m: their nibbles, OR-ed over the eight.
         let lane = gpu::thread_x() % gpu::WARP_SIZE;
         let mut word = quad_nibble(s) << (4 * (lane % 8));
