@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use sparseflow::graph::Graph;
 use sparseflow::model::init::seeded_values;
 use sparseflow::ops::add_neuron::AddNeuron;
-use sparseflow::ops::connect::Add;
+use sparseflow::ops::connect::{Add, SewConnect};
 use sparseflow::ops::neuron::as_spiking_neuron;
+use sparseflow::ops::neuron_connect::NeuronConnect;
 use sparseflow::ops::neuron_pool::NeuronMaxPool;
 use sparseflow::ops::Operator;
 use sparseflow::optimize::{optimize, Decision, OptimizeOptions};
@@ -64,26 +65,34 @@ fn check_against_fixture(f: &common::Fixture, graph: &Graph, label: &str) {
                     return Ok(());
                 };
                 seen += 1;
-                // The CPU optimize fuses the stem's neuron with its max-pool, and each block's
-                // last neuron with the residual add before it: the neuron's own spikes are
-                // compared, on the sum for a fused add, and for a fused max-pool the node's output
-                // must be their pooling.
+                // The CPU optimize fuses the stem's neuron with its max-pool, each spiking
+                // block's last neuron with the residual add before it, and each SEW block's with
+                // the connect after it: the neuron's own spikes are compared (on the sum for a
+                // fused add), and the node's output must be their pooling or their connection.
                 let any = run.node.op.as_any();
-                let (pooled, added) = (
+                let (pooled, added, connected) = (
                     any.downcast_ref::<NeuronMaxPool>(),
                     any.downcast_ref::<AddNeuron>(),
+                    any.downcast_ref::<NeuronConnect>(),
                 );
-                let op = match (pooled, added) {
-                    (Some(f), _) => f.neuron.as_ref(),
-                    (_, Some(f)) => f.neuron.as_ref(),
+                let op = match (pooled, added, connected) {
+                    (Some(f), _, _) => f.neuron.as_ref(),
+                    (_, Some(f), _) => f.neuron.as_ref(),
+                    (_, _, Some(f)) => f.neuron.as_ref(),
                     _ => run.node.op.as_ref(),
                 };
                 let neuron = as_spiking_neuron(op).expect("spikes come from neurons");
                 let sum = added.map(|_| Add.forward(run.inputs)).transpose()?;
                 let (spikes, charge) = neuron.forward_with_charge(sum.as_ref().unwrap_or(run.inputs[0]))?;
-                match pooled {
-                    Some(f) => assert_eq!(&f.pool.forward(&[&spikes])?, run.output),
-                    None => assert_eq!(&spikes, run.output),
+                match (pooled, connected) {
+                    (Some(f), _) => assert_eq!(&f.pool.forward(&[&spikes])?, run.output),
+                    (_, Some(f)) => {
+                        let connect = SewConnect { function: f.function };
+                        let shortcut = run.inputs[1];
+                        let args = if f.spikes_first { [&spikes, shortcut] } else { [shortcut, &spikes] };
+                        assert_eq!(&connect.forward(&args)?, run.output)
+                    }
+                    _ => assert_eq!(&spikes, run.output),
                 }
                 assert_eq!(spikes.shape(), want.shape(), "{} {}", f.name, run.node.name);
                 let threshold = neuron.firing().v_threshold;

@@ -21,12 +21,13 @@ use sparseflow::ops::conv2d::Conv2d;
 use sparseflow::ops::flatten::Flatten;
 use sparseflow::ops::linear::Linear;
 use sparseflow::ops::neuron::{as_spiking_neuron, Firing, IFNode, LIFNode, ParametricLIFNode};
+use sparseflow::ops::neuron_connect::NeuronConnect;
 use sparseflow::ops::neuron_pool::NeuronMaxPool;
 use sparseflow::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 use sparseflow::ops::sparse_conv2d::CudaDispatch;
 use sparseflow::ops::Operator;
 use sparseflow::optimize::{optimize, tune_cuda, OptimizeOptions};
-use sparseflow::testing::{gpu_or_skip, random_spikes, random_uniform};
+use sparseflow::testing::{gpu_or_skip, random_sparse, random_spikes, random_uniform};
 use sparseflow::{Device, Tensor};
 
 fn gpu(test: &str) -> Option<Arc<CudaBackend>> {
@@ -274,6 +275,33 @@ fn gpu_batchnorm_neurons_pooling_and_connections_match_cpu_bitwise() {
         let op = AddNeuron { neuron };
         assert_bitwise(&backend, &op, &[u, w]);
         assert_bitwise(&backend, &op, &[u4, w4]);
+    }
+    // The fused neuron + SEW connect, on shortcuts of spikes and of small integers, one neuron
+    // and four per thread, the spikes on either side of the function.
+    let shortcut = random_sparse(u.shape(), 0.4, true, 7);
+    let shortcut4 = random_sparse(u4.shape(), 0.3, false, 8);
+    for (i, function) in [
+        ConnectFunction::Add,
+        ConnectFunction::And,
+        ConnectFunction::Iand,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for spikes_first in [false, true] {
+            let neuron: Box<dyn Operator> = match i {
+                0 => Box::new(IFNode::new(firings[2])),
+                1 => Box::new(LIFNode::new(1.7, false, firings[1]).unwrap()),
+                _ => Box::new(ParametricLIFNode::new(2.3, true, firings[0]).unwrap()),
+            };
+            let op = NeuronConnect {
+                neuron,
+                function,
+                spikes_first,
+            };
+            assert_bitwise(&backend, &op, &[u, &shortcut]);
+            assert_bitwise(&backend, &op, &[u4, &shortcut4]);
+        }
     }
     for function in [
         ConnectFunction::Add,

@@ -34,7 +34,8 @@ fn run_with_spikes(g: &Graph, x: &Tensor) -> (Tensor, BTreeMap<String, Tensor>) 
     let mut spikes = BTreeMap::new();
     let out = g
         .forward_observed(x, &mut |r| {
-            if r.node.name.contains("sn") || r.node.name == "maxpool" {
+            let name = &r.node.name;
+            if name.contains("sn") || name == "maxpool" || name.ends_with(".connect") {
                 spikes.insert(r.node.name.clone(), r.output.clone());
             }
             Ok(())
@@ -81,11 +82,11 @@ fn optimized_zoo_models_compute_the_same_function() {
             };
             assert_eq!(e.decision, want, "{name} {conv}: {}", e.reason);
         }
-        // Every BatchNorm, the max-pool into the stem's neuron and (spiking ResNets) each
-        // residual add into the neuron after it (on the CPU).
+        // Every BatchNorm, the max-pool into the stem's neuron, each residual add (spiking
+        // ResNets) into the neuron after it and each SEW connect into the neuron before it.
         let adds: Vec<&str> = dense
             .nodes()
-            .filter(|(_, n)| n.op.type_name() == "Add")
+            .filter(|(_, n)| ["Add", "SewConnect"].contains(&n.op.type_name()))
             .map(|(_, n)| n.name.as_str())
             .collect();
         assert_eq!(
@@ -123,14 +124,31 @@ fn optimized_zoo_models_compute_the_same_function() {
             got_spikes["sn1"], want_spikes["maxpool"],
             "{name} sn1 + maxpool"
         );
-        assert_eq!(got_spikes.len() + 1, want_spikes.len());
+        // A SEW block's last neuron, fused with the connect after it, outputs the connect's.
+        let fused_connects: Vec<&str> = sparse
+            .nodes()
+            .filter(|(_, n)| n.op.type_name() == "NeuronConnect")
+            .map(|(_, n)| n.name.as_str())
+            .collect();
+        let connects = want_spikes.keys().filter(|l| l.ends_with(".connect"));
+        assert_eq!(connects.count(), fused_connects.len(), "{name}");
+        assert_eq!(
+            got_spikes.len() + 1 + fused_connects.len(),
+            want_spikes.len()
+        );
         for (layer, s) in want_spikes
             .iter()
-            .filter(|(l, _)| !["sn1", "maxpool"].contains(&l.as_str()))
+            .filter(|(l, _)| !["sn1", "maxpool"].contains(&l.as_str()) && !l.ends_with(".connect"))
         {
             let alive = 1.0 - s.zero_fraction();
             assert!(alive > 0.0, "{name} {layer} is silent");
-            assert_eq!(&got_spikes[layer], s, "{name} {layer}: spikes changed");
+            let want = match layer.rsplit_once('.') {
+                Some((block, _)) if fused_connects.contains(&layer.as_str()) => {
+                    &want_spikes[&format!("{block}.connect")]
+                }
+                _ => s,
+            };
+            assert!(&got_spikes[layer] == want, "{name} {layer}: spikes changed");
         }
         let err = common::relative_error(&got, &want);
         assert!(err <= 1e-5, "{name}: logits differ by {err:.2e}");

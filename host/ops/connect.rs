@@ -42,7 +42,7 @@ impl ConnectFunction {
     }
 
     /// The same function in the kernel crate, which both devices evaluate.
-    fn kernel_function(&self) -> BinaryFunction {
+    pub(crate) fn kernel_function(&self) -> BinaryFunction {
         match self {
             Self::Add => BinaryFunction::Add,
             Self::And => BinaryFunction::Mul,

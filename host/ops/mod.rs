@@ -21,6 +21,7 @@ pub mod conv2d;
 pub mod flatten;
 pub mod linear;
 pub mod neuron;
+pub mod neuron_connect;
 pub mod neuron_pool;
 pub mod pattern_conv;
 pub mod pool;

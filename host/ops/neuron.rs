@@ -17,6 +17,7 @@ use std::mem::MaybeUninit;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
+use sparseflow_kernels::elementwise::BinaryFunction;
 use sparseflow_kernels::neuron::{neuron_marking_fits, neuron_threads, Charge, NEURON_THREADS};
 
 use crate::cuda::DeviceTensor;
@@ -180,7 +181,7 @@ fn multi_step_cuda(
         op,
         entry,
         x,
-        addend,
+        addend.map_or(SecondOperand::None, SecondOperand::Addend),
         spikes.slice_mut(),
         bitmap,
         firing,
@@ -218,7 +219,7 @@ fn launch_neuron<T: DeviceRepr>(
     op: &str,
     entry: &'static str,
     x: &DeviceTensor,
-    addend: Option<&DeviceTensor>,
+    operand: SecondOperand,
     spikes: &mut CudaSlice<T>,
     bitmap: Option<&mut CudaSlice<u32>>,
     firing: &Firing,
@@ -245,8 +246,19 @@ fn launch_neuron<T: DeviceRepr>(
     let mode = charge as u32;
     let mut launch = backend.stream().launch_builder(&function);
     launch.arg(x.slice());
-    if let Some(y) = addend {
-        launch.arg(y.slice());
+    let (function_number, spikes_first);
+    match operand {
+        SecondOperand::None => {}
+        SecondOperand::Addend(y) => {
+            launch.arg(y.slice());
+        }
+        SecondOperand::Shortcut(shortcut, function, first) => {
+            (function_number, spikes_first) = (function as u32, first as u32);
+            launch
+                .arg(shortcut.slice())
+                .arg(&function_number)
+                .arg(&spikes_first);
+        }
     }
     launch.arg(spikes);
     if let Some(bitmap) = bitmap {
@@ -261,7 +273,8 @@ fn launch_neuron<T: DeviceRepr>(
         .arg(&reset)
         .arg(&hard);
     // SAFETY: the arguments match the entry's signature (`neuron_multi_step` and `_u8`, or
-    // `_add` with `y` of x's shape, checked by the caller; `_marked` with a bitmap of a bit per
+    // `_add` with `y` (`_connect` with a shortcut) of x's shape, checked by the caller;
+    // `_marked` with a bitmap of a bit per
     // element and `neuron_marking_fits`, checked by the caller); `spikes` holds `x.len()` elements of
     // the entry's output type; whole allocations, so 16-byte aligned; `neuron_threads` threads.
     unsafe {
@@ -272,6 +285,16 @@ fn launch_neuron<T: DeviceRepr>(
         })?
     };
     Ok(())
+}
+
+/// What a neuron kernel reads besides `x`, after it in the entry's parameters.
+#[derive(Clone, Copy)]
+enum SecondOperand<'a> {
+    None,
+    /// Added to `x` before the neuron (`_add` entries).
+    Addend(&'a DeviceTensor),
+    /// Joined with the spikes by a connect function, spikes first when `true` (`_connect`).
+    Shortcut(&'a DeviceTensor, BinaryFunction, bool),
 }
 
 /// One time step over a chunk of neurons: the AVX2 build of [`step_portable`] when the CPU has
@@ -616,6 +639,44 @@ pub(crate) fn forward_cuda_added(
     ))
 }
 
+/// A built-in neuron on `x` whose spikes are joined with `shortcut` by a SEW connect function,
+/// on the GPU in one kernel (`neuron_multi_step_connect`: the spikes never written): `function
+/// (shortcut, spikes)`, or `function(spikes, shortcut)` when `spikes_first`. `None` for another
+/// operator.
+pub(crate) fn forward_cuda_connected(
+    op: &dyn Operator,
+    x: &DeviceTensor,
+    shortcut: &DeviceTensor,
+    function: BinaryFunction,
+    spikes_first: bool,
+) -> Option<Result<DeviceTensor>> {
+    let neuron = as_builtin_neuron(op)?;
+    Some((|| {
+        if shortcut.shape() != x.shape() {
+            return Err(Error::Shape(format!(
+                "{}: input shapes differ: {:?} vs {:?}",
+                op.type_name(),
+                x.shape(),
+                shortcut.shape()
+            )));
+        }
+        let mut out = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
+        let (charge, k) = neuron.kernel_charge();
+        launch_neuron(
+            op.type_name(),
+            "neuron_multi_step_connect",
+            x,
+            SecondOperand::Shortcut(shortcut, function, spikes_first),
+            out.slice_mut(),
+            None,
+            neuron.firing(),
+            charge,
+            k,
+        )?;
+        Ok(out)
+    })())
+}
+
 /// A built-in neuron and the max-pool `pool` that alone reads its spikes, on the GPU: the neuron
 /// writes its spikes as bytes (`neuron_multi_step_u8`) and the pool reads bytes
 /// (`max_pool2d_u8`), so the map costs a quarter of its f32 traffic out and back in; the result
@@ -640,7 +701,7 @@ pub(crate) fn neuron_max_pool_cuda(
             op.type_name(),
             entry,
             x,
-            None,
+            SecondOperand::None,
             &mut spikes,
             None,
             neuron.firing(),

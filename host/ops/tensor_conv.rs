@@ -10,18 +10,18 @@
 //!
 //! [`SparseConv2d::tune_cuda`]: super::sparse_conv2d::SparseConv2d::tune_cuda
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use half::f16;
+use sparseflow_kernels::sparse_conv::PACK_THREADS;
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
-    TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES,
+    PLANE_FLAG_WORDS, TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
-use crate::ops::sparse_conv2d::pack_spike_masks;
 use crate::ops::Operator;
 
 /// The largest scaled weight: a power of two below half precision's maximum (65504), so that
@@ -200,35 +200,55 @@ pub(crate) fn tensor_conv_cuda(
     let geometry = ByValue(g);
     let grid_dim = tensor_conv_grid(&g);
 
-    // Binary spikes take the spike kernel on channel masks; the f32 kernel launched after it
-    // then runs only if the packing pass found another value.
-    let mut masks = None;
+    // Spikes take the spike kernel on channel masks: the masks a marking neuron left on `x`,
+    // else the bit planes of a packing pass, whose flags then pick one of three kernels: the
+    // spike kernel (binary), the integer kernel (SEW sums up to `MAX_PLANE_VALUE`), or the f32
+    // kernel launched after them (any other value). The others return at once.
+    let mut only_if: Option<CudaView<u32>> = None;
+    let planes;
     if let Some(spike_fragments) = &weights.spike_fragments {
         // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
-        let packed = pack_spike_masks(x, (g.n, g.cin, g.h * g.w))?;
-        let spikes = backend.function("tensor_conv2d_spikes")?;
-        allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
-        let mut launch = stream.launch_builder(&spikes);
-        launch
-            .arg(&packed.words)
-            .arg(&*packed.non_binary)
-            .arg(spike_fragments)
-            .arg(bias)
-            .arg(&has_bias)
-            .arg(out.slice_mut())
-            .arg(&geometry)
-            .arg(&weights.scale);
-        // SAFETY: the arguments match the signature; Cin is a multiple of 32 (the fragments
-        // exist only then) and the fragments were packed for this conv's taps and channels.
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim,
-                block_dim: (TENSOR_CONV_THREADS, 1, 1),
-                shared_mem_bytes: TENSOR_SPIKES_SHARED_BYTES,
-            })?
-        };
-        masks = Some(packed);
+        let dims = (g.n, g.cin, g.h * g.w);
+        let mut launch_spikes =
+            |entry: &'static str, masks: &CudaSlice<u32>, flags: &CudaSlice<u32>| {
+                let spikes = backend.function(entry)?;
+                allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
+                let mut launch = stream.launch_builder(&spikes);
+                launch
+                    .arg(masks)
+                    .arg(flags)
+                    .arg(spike_fragments)
+                    .arg(bias)
+                    .arg(&has_bias)
+                    .arg(&mut *out.slice_mut())
+                    .arg(&geometry)
+                    .arg(&weights.scale);
+                // SAFETY: the arguments match both entries' signature; Cin is a multiple of 32
+                // (the fragments exist only then), the fragments were packed for this conv's taps
+                // and channels, and `masks` holds the planes the entry reads.
+                unsafe {
+                    launch.launch(LaunchConfig {
+                        grid_dim,
+                        block_dim: (TENSOR_CONV_THREADS, 1, 1),
+                        shared_mem_bytes: TENSOR_SPIKES_SHARED_BYTES,
+                    })
+                }
+                .map(|_| ())
+                .map_err(Error::from)
+            };
+        match x.spike_masks().filter(|m| m.dims == dims) {
+            Some(marked) => {
+                launch_spikes("tensor_conv2d_spikes", &marked.words, &marked.non_binary)?;
+                only_if = Some(marked.non_binary.slice(..));
+            }
+            None => {
+                planes = SpikePlanes::pack(x, dims)?;
+                launch_spikes("tensor_conv2d_spikes", &planes.words, &planes.flags)?;
+                launch_spikes("tensor_conv2d_spike_planes", &planes.words, &planes.flags)?;
+                only_if = Some(planes.flags.slice(1..));
+            }
+        }
     }
 
     let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
@@ -249,8 +269,8 @@ pub(crate) fn tensor_conv_cuda(
         .arg(out.slice_mut())
         .arg(&geometry)
         .arg(&weights.scale);
-    match &masks {
-        Some(packed) => launch.arg(&*packed.non_binary),
+    match &only_if {
+        Some(flag) => launch.arg(flag),
         // A null `only_if`: run.
         None => launch.arg(&always),
     };
@@ -267,10 +287,49 @@ pub(crate) fn tensor_conv_cuda(
     Ok(())
 }
 
+/// The two bit planes of an input for the spike kernels (`spike_plane_pack`) and their flags
+/// (`sparseflow_kernels::tensor_conv::PLANE_FLAG_WORDS`).
+struct SpikePlanes {
+    /// Plane 0 (bit 0 of each value), then plane 1, each `[n][Cin / 32][H·W]` words.
+    words: CudaSlice<u32>,
+    flags: CudaSlice<u32>,
+}
+
+impl SpikePlanes {
+    /// Packs `x`, a `(n, Cin, H·W)` map with `Cin` a multiple of 32.
+    fn pack(x: &DeviceTensor, (n, cin, hw): (u32, u32, u32)) -> Result<Self> {
+        let backend = x.backend();
+        let stream = backend.stream();
+        let total = n * (cin / 32) * hw;
+        // SAFETY: the packing kernel writes every word of both planes.
+        let mut words = unsafe { stream.alloc::<u32>(2 * total.max(1) as usize)? };
+        let mut flags = stream.alloc_zeros::<u32>(PLANE_FLAG_WORDS)?;
+        let pack = backend.function("spike_plane_pack")?;
+        let mut launch = stream.launch_builder(&pack);
+        launch
+            .arg(x.slice())
+            .arg(&mut words)
+            .arg(&mut flags)
+            .arg(&n)
+            .arg(&cin)
+            .arg(&hw);
+        // SAFETY: arguments match `spike_plane_pack`'s signature and contract.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
+                block_dim: (PACK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+        Ok(Self { words, flags })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cuda::DeviceTensor;
+    use crate::tensor::Tensor;
     use crate::testing::{assert_close_elementwise, gpu_or_skip, random_sparse, random_uniform};
 
     /// Unpacking the fragments gives back every weight times the scale to 22 bits: the layout
@@ -314,8 +373,8 @@ mod tests {
     }
 
     /// The kernels against the CPU dense reference on fresh random inputs: spikes at several
-    /// densities (the spike kernel where Cin is a multiple of 32), SEW integers, and real values
-    /// (the f32 kernel, with its f32 fallback), for 3×3, strided, 1×1 and 7×7 geometries with
+    /// densities (the spike kernel where Cin is a multiple of 32), SEW integers up to 3 (the
+    /// integer kernel there) and beyond, and real values (the f32 kernel, with its f32 fallback), for 3×3, strided, 1×1 and 7×7 geometries with
     /// ragged channel and pixel counts; outputs poisoned first and every element checked.
     #[test]
     fn gpu_tensor_conv_matches_cpu() {
@@ -342,6 +401,8 @@ mod tests {
                 (0.5, "binary"),
                 (1.0, "binary"),
                 (0.3, "integer"),
+                (0.9, "integer"),
+                (0.3, "integer past 3"),
                 (1.0, "real"),
             ] {
                 seed += 3;
@@ -356,7 +417,16 @@ mod tests {
                 .unwrap();
                 let x = match kind {
                     "real" => random_uniform(&[n, cin, h, w], -2.0, 2.0, seed + 2),
-                    _ => random_sparse(&[n, cin, h, w], density, kind == "integer", seed + 2),
+                    _ => random_sparse(&[n, cin, h, w], density, kind != "binary", seed + 2),
+                };
+                // One 5 among sums of at most 3: past the integer kernel's two bit planes.
+                let x = if kind == "integer past 3" {
+                    let mut data = x.into_data();
+                    let at = seed as usize % data.len();
+                    data[at] = 5.0;
+                    Tensor::new(vec![n, cin, h, w], data).unwrap()
+                } else {
+                    x
                 };
                 let want = conv.forward(&[&x]).unwrap();
                 let weights = TensorConvWeights::upload(&conv, &backend).unwrap();

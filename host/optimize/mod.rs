@@ -10,8 +10,9 @@
 //!    each sparse conv's prescan block size.
 //! 4. **Neuron fusion**: a built-in neuron that alone reads a residual `Add` becomes one
 //!    [`AddNeuron`] node, and one whose spikes only a `MaxPool2d` reads becomes one
-//!    [`NeuronMaxPool`] node (both keep the neuron's name, so its parameters keep theirs); the
-//!    add or the max-pool is reported as folded into it.
+//!    [`NeuronMaxPool`] node, and a SEW connect with its branch's last neuron becomes one
+//!    [`NeuronConnect`] node (all keep the neuron's name, so its parameters keep theirs); the
+//!    add, the max-pool or the connect is reported as folded into it.
 //! 5. On CUDA, optionally, **measurement** ([`tune_cuda`]): on a sample input each sparse conv times
 //!    its sparse kernels against the dense engine and keeps the faster (the CPU path makes the
 //!    same choice per input from its density, `SparseConv2d::dense_above_density`).
@@ -36,8 +37,10 @@ use crate::graph::{Graph, Input, NodeId};
 use crate::ops::add_neuron::AddNeuron;
 use crate::ops::batch_norm::BatchNorm2d;
 use crate::ops::connect::Add;
+use crate::ops::connect::{ConnectFunction, SewConnect};
 use crate::ops::conv2d::Conv2d;
 use crate::ops::linear::Linear;
+use crate::ops::neuron_connect::NeuronConnect;
 use crate::ops::neuron_pool::NeuronMaxPool;
 use crate::ops::pool::MaxPool2d;
 use crate::ops::sparse_conv2d::{BlockChoice, CudaKernel, CudaTuning, SparseConv2d};
@@ -203,6 +206,7 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
     if options.fuse_neurons {
         fuse_neuron_pools(graph, &mut entries)?;
         fuse_add_neurons(graph, &mut entries)?;
+        fuse_neuron_connects(graph, &mut entries)?;
     }
     Ok(OptimizeReport {
         entries: entries.into_values().collect(),
@@ -228,6 +232,55 @@ fn fuse_add_neurons(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEntr
         graph.map_op(id, |neuron| Box::new(AddNeuron { neuron }))?;
         let reason = format!("into `{neuron_name}`: summed as its neuron reads it");
         entries.insert(source, fused_entry(add.name, "Add", reason));
+    }
+    Ok(())
+}
+
+/// Fuses into every SEW connect one built-in neuron among its inputs that nothing else reads
+/// ([`NeuronConnect`]); of two (a downsampling block's shortcut fires too), the later one, the
+/// block's branch. The fused node takes the neuron's name, so its parameters keep theirs.
+fn fuse_neuron_connects(
+    graph: &mut Graph,
+    entries: &mut BTreeMap<NodeId, ReportEntry>,
+) -> Result<()> {
+    let connects: Vec<(NodeId, ConnectFunction)> = graph
+        .nodes()
+        .filter_map(|(id, n)| Some((id, n.op.as_any().downcast_ref::<SewConnect>()?.function)))
+        .collect();
+    for (id, function) in connects {
+        let inputs = graph.node(id)?.inputs.clone();
+        let fusable = |&(_, input): &(usize, NodeId)| -> bool {
+            graph
+                .node(input)
+                .is_ok_and(|n| NeuronMaxPool::fusable(n.op.as_ref()) && n.inputs.len() == 1)
+                && graph.read_only_by(input, id)
+        };
+        let Some((position, neuron_id)) = inputs
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(fusable)
+            .max_by_key(|&(_, input)| input)
+        else {
+            continue;
+        };
+        let neuron = graph.absorb_input(id, neuron_id)?;
+        let node = graph.node_mut(id)?;
+        // `NeuronConnect` reads `[x, shortcut]`, whichever side the neuron joined.
+        if position == 1 {
+            node.inputs.swap(0, 1);
+        }
+        let connect_name = std::mem::replace(&mut node.name, neuron.name.clone());
+        graph.replace_op(
+            id,
+            Box::new(NeuronConnect {
+                neuron: neuron.op,
+                function,
+                spikes_first: position == 0,
+            }),
+        )?;
+        let reason = format!("into `{}`: joined as its neuron fires", neuron.name);
+        entries.insert(neuron_id, fused_entry(connect_name, "SewConnect", reason));
     }
     Ok(())
 }

@@ -469,6 +469,21 @@ pub unsafe fn store_shared_u32x4(addr: u32, [a, b, c, d]: [u32; 4]) {
     );
 }
 
+/// `a − b` on the two halves of each word (`sub.rn.f16x2`).
+#[inline(always)]
+pub fn sub_f16x2(a: u32, b: u32) -> u32 {
+    let out: u32;
+    unsafe {
+        asm!(
+            "sub.rn.f16x2 {out}, {a}, {b};",
+            a = in(reg32) a,
+            b = in(reg32) b,
+            out = out(reg32) out,
+        );
+    }
+    out
+}
+
 /// `lo` and `hi` rounded to half precision and packed (`lo` in the low 16 bits), and whether
 /// both converted exactly (false for NaN, for values out of half range and for any value with
 /// more than 11 significant bits).

@@ -168,14 +168,40 @@ pub const fn neuron_threads(per_step: u32) -> u32 {
     }
 }
 
-/// One thread's neurons through every step, on `x` or on `x + y`: four neurons with vector
-/// loads and stores when [`neuron_quads`], else one, step after step.
+/// A SEW connect function applied to a neuron's spikes and a shortcut as it writes them
+/// (`NeuronConnect`): `function(shortcut, spike)`, or `function(spike, shortcut)` when
+/// `spikes_first`; `function` is an `elementwise::BinaryFunction` as `u32`.
+#[cfg(target_arch = "nvptx64")]
+#[derive(Clone, Copy)]
+struct Connect {
+    shortcut: *const f32,
+    function: u32,
+    spikes_first: bool,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl Connect {
+    #[inline(always)]
+    fn apply(self, spike: f32, shortcut: f32) -> f32 {
+        use crate::elementwise::apply_binary;
+        if self.spikes_first {
+            apply_binary(self.function, spike, shortcut)
+        } else {
+            apply_binary(self.function, shortcut, spike)
+        }
+    }
+}
+
+/// One thread's neurons through every step, on `x` or on `x + y`, each spike joined with a
+/// shortcut when `connect` is given: four neurons with vector loads and stores when
+/// [`neuron_quads`], else one, step after step.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn step_neuron<S: SpikeSink>(
     x: *const f32,
     y: Option<*const f32>,
+    connect: Option<Connect>,
     spikes: S,
     steps: u32,
     per_step: u32,
@@ -200,9 +226,13 @@ unsafe fn step_neuron<S: SpikeSink>(
                 Some(y) => *x.add(idx) + *y.add(idx),
                 None => *x.add(idx),
             };
+            let shortcut = connect.map(|c| *c.shortcut.add(idx));
             let h = charge(mode, v, input, k, v_r);
             let (s, next) = fire(h, v_threshold, hard, v_r);
-            spikes.write(idx, s);
+            match (connect, shortcut) {
+                (Some(c), Some(shortcut)) => spikes.write(idx, c.apply(s, shortcut)),
+                _ => spikes.write(idx, s),
+            }
             v = next;
             idx += per_step as usize;
         }
@@ -226,9 +256,15 @@ unsafe fn step_neuron<S: SpikeSink>(
         // Unrolled by hand: a loop left to LLVM kept `inputs` in local memory once the marking
         // sink's warp votes were in it.
         let mut inputs = [[0.0f32; 4]; STEPS_IN_FLIGHT as usize];
+        let mut shortcuts = [[0.0f32; 4]; STEPS_IN_FLIGHT as usize];
         unroll!(j in [0, 1, 2, 3] {
             if t0 + (j as u32) < steps {
-                inputs[j] = load(first + (t0 as usize + j) * per_step as usize);
+                let idx = first + (t0 as usize + j) * per_step as usize;
+                inputs[j] = load(idx);
+                if let Some(c) = connect {
+                    let (a, b, c, d) = gpu::load_nc_f32x4(c.shortcut.add(idx));
+                    shortcuts[j] = [a, b, c, d];
+                }
             }
         });
         unroll!(j in [0, 1, 2, 3] {
@@ -238,6 +274,9 @@ unsafe fn step_neuron<S: SpikeSink>(
                 for e in 0..4 {
                     let h = charge(mode, v[e], inputs[j][e], k, v_r);
                     (s[e], v[e]) = fire(h, v_threshold, hard, v_r);
+                    if let Some(c) = connect {
+                        s[e] = c.apply(s[e], shortcuts[j][e]);
+                    }
                 }
                 spikes.write4(first + t as usize * per_step as usize, s);
             }
@@ -246,10 +285,12 @@ unsafe fn step_neuron<S: SpikeSink>(
     }
 }
 
-/// The neuron entry points: `step_neuron` on `x` (and `y`, for the fused add) with a spike sink.
-/// Each entry's own parameters come between `x` and the common tail.
+/// The neuron entry points: `step_neuron` on `x` (and `y`, for the fused add; a shortcut, for
+/// the fused connect) with a spike sink. Each entry's own parameters come between `x` and the
+/// common tail.
 macro_rules! neuron_entries {
-    ($($(#[$doc:meta])* $entry:ident($($param:ident: $ty:ty),*) => ($y:expr, $sink:expr);)+) => {
+    ($($(#[$doc:meta])* $entry:ident($($param:ident: $ty:ty),*)
+        => ($y:expr, $connect:expr, $sink:expr);)+) => {
         $(
             $(#[$doc])*
             #[cfg(target_arch = "nvptx64")]
@@ -269,6 +310,7 @@ macro_rules! neuron_entries {
                 step_neuron(
                     x,
                     $y,
+                    $connect,
                     $sink,
                     steps,
                     per_step,
@@ -290,32 +332,40 @@ neuron_entries! {
     /// # Safety
     /// `x` and `spikes` hold `steps · per_step` floats, 16-byte aligned; launch with
     /// [`neuron_threads`]`(per_step)` threads or more.
-    neuron_multi_step(spikes: *mut f32) => (None, spikes);
+    neuron_multi_step(spikes: *mut f32) => (None, None, spikes);
     /// [`neuron_multi_step`] writing each spike as one byte (0 or 1): for a max-pool that alone
     /// reads them (`NeuronMaxPool`), a quarter of the f32 map's traffic out and back in.
     ///
     /// # Safety
     /// As [`neuron_multi_step`], `spikes` holding `steps · per_step` bytes.
-    neuron_multi_step_u8(spikes: *mut u8) => (None, spikes);
+    neuron_multi_step_u8(spikes: *mut u8) => (None, None, spikes);
     /// The neuron over `x + y` (`AddNeuron`: a residual add fused into the neuron after it): the
     /// sum is formed as `Add` forms it and never written.
     ///
     /// # Safety
     /// As [`neuron_multi_step`]; `y` holds as many floats as `x`.
-    neuron_multi_step_add(y: *const f32, spikes: *mut f32) => (Some(y), spikes);
+    neuron_multi_step_add(y: *const f32, spikes: *mut f32) => (Some(y), None, spikes);
     /// [`neuron_multi_step`] that also sets every spike's bit in `bitmap` (see `MarkedSpikes`).
     ///
     /// # Safety
     /// As [`neuron_multi_step`]; `bitmap` holds `steps · per_step / 32` words;
     /// [`neuron_marking_fits`]`(per_step)`.
     neuron_multi_step_marked(spikes: *mut f32, bitmap: *mut u32)
-        => (None, MarkedSpikes { spikes, bitmap });
+        => (None, None, MarkedSpikes { spikes, bitmap });
     /// [`neuron_multi_step_add`] that also sets every spike's bit in `bitmap`.
     ///
     /// # Safety
     /// As [`neuron_multi_step_marked`]; `y` holds as many floats as `x`.
     neuron_multi_step_add_marked(y: *const f32, spikes: *mut f32, bitmap: *mut u32)
-        => (Some(y), MarkedSpikes { spikes, bitmap });
+        => (Some(y), None, MarkedSpikes { spikes, bitmap });
+    /// [`neuron_multi_step`] joined with `shortcut` by a SEW connect function as it writes
+    /// (`NeuronConnect`): `out = function(shortcut, spike)`, or `function(spike, shortcut)` when
+    /// `spikes_first != 0`; the spikes themselves are never written.
+    ///
+    /// # Safety
+    /// As [`neuron_multi_step`]; `shortcut` holds as many floats as `x`, 16-byte aligned.
+    neuron_multi_step_connect(shortcut: *const f32, function: u32, spikes_first: u32, out: *mut f32)
+        => (None, Some(Connect { shortcut, function, spikes_first: spikes_first != 0 }), out);
 }
 
 #[cfg(test)]

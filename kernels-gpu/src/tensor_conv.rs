@@ -400,26 +400,189 @@ pub const fn spike_pair(mask: u32, shift: u32) -> u32 {
     ((mask >> shift) & 0x0001_0001) * 0x3C00
 }
 
-/// `out = conv(spikes, weight) + bias` on the tensor cores, the spikes given as the channel
-/// masks of `spike_mask_pack` (`masks`: `[n][Cin / 32][H·W]`, bit `j` of word `w` is channel
-/// `32·w + j`). No input is gathered or converted: each lane builds its A fragments from the
-/// mask words of its four pixels, so a stage costs four loads and a few integer operations per
-/// lane against 64 MMAs per warp. `fragments` holds the weights in tap-major order (`k = tap ·
-/// Cin + ci`, see the host's packing), stages of 32 channels of one tap.
-///
-/// When the packing pass found a non-binary input (`*non_binary != 0`), it does nothing: the
-/// f32 kernel launched after it (`only_if = non_binary`) computes the output.
+/// The bits of a pixel's two plane words (`low`: bit 0 of each value, `high`: bit 1) that lane
+/// quad `quad` of the integer kernel reads, in one word: the lane's channels are `quad + 4·i`
+/// (see [`spike_stage_channel`]), so channel `quad + 4·i` keeps its low bit at `4·i` and its
+/// high bit at `4·i + 1`. One word per pixel, as for spikes, keeps the kernel within the spike
+/// kernel's registers (two words per pixel cost it a CTA per SM on the H100).
+#[inline(always)]
+pub const fn integer_lane_bits(low: u32, high: u32, quad: u32) -> u32 {
+    ((low >> quad) & 0x1111_1111) | (((high >> quad) & 0x1111_1111) << 1)
+}
+
+/// The A-fragment register for the lane's stage channels at `shift` and `shift + 16` of
+/// [`integer_lane_bits`], before the subtraction: each half holds `0x6400 | v`, which is half
+/// precision's `1024 + v` for `v < 4` (the spacing of halves at 1024 is 1). Subtracting 1024 from
+/// both halves (`sub.f16x2`, exact) leaves `v`.
+#[inline(always)]
+pub const fn integer_pair_biased(bits: u32, shift: u32) -> u32 {
+    ((bits >> shift) & 0x0003_0003) | INTEGER_BIAS_PAIR
+}
+
+/// Two halves of 1024.0, the bias [`integer_pair_biased`] adds.
+pub const INTEGER_BIAS_PAIR: u32 = 0x6400_6400;
+
+/// The largest value a two-plane input may hold.
+pub const MAX_PLANE_VALUE: u32 = 3;
+
+/// The flags `spike_plane_pack` sets: word 0 when some value is not 0 or 1 (the binary kernel
+/// then does nothing), word 1 when some value is not an integer in `0..=MAX_PLANE_VALUE` (only
+/// the f32 kernel then computes the output).
+pub const PLANE_FLAG_WORDS: usize = 2;
+
+/// The kernel's A-fragment registers for `m16` tile `m_tile` and `k16` step `step`, from its
+/// pixels' words `now` (mask words, or [`integer_lane_bits`] when `PLANES` is 2).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+fn stage_fragment<const PLANES: usize>(now: &[u32; 4], m_tile: usize, step: u32) -> [u32; 4] {
+    // Columns 2·quad (+ 1) and 2·quad + 8 (+ 1): channels 8·step + quad (+ 4), each with its
+    // + 16 twin (the integer words are already shifted by quad).
+    let pair = |pixel: usize, offset: u32| {
+        if PLANES == 1 {
+            spike_pair(now[pixel], 8 * step + crate::gpu::thread_x() % 4 + offset)
+        } else {
+            let biased = integer_pair_biased(now[pixel], 8 * step + offset);
+            crate::gpu::sub_f16x2(biased, INTEGER_BIAS_PAIR)
+        }
+    };
+    let (upper, lower) = (2 * m_tile, 2 * m_tile + 1);
+    [
+        pair(upper, 0),
+        pair(lower, 0),
+        pair(upper, 4),
+        pair(lower, 4),
+    ]
+}
+
+/// The spike kernel's entry points: `PLANES` bit planes of the input, 1 for spikes, 2 for
+/// small integers (SEW sums).
+macro_rules! tensor_spike_entries {
+    ($($(#[$doc:meta])* $entry:ident => planes $planes:literal;)+) => {
+        $(
+            $(#[$doc])*
+            #[cfg(target_arch = "nvptx64")]
+            #[no_mangle]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe extern "ptx-kernel" fn $entry(
+                masks: *const u32,
+                flags: *const u32,
+                fragments: *const u32,
+                bias: *const f32,
+                has_bias: u32,
+                out: *mut f32,
+                g: ConvGeometry,
+                scale: f32,
+            ) {
+                let skip = if $planes == 1 {
+                    *flags != 0
+                } else {
+                    *flags == 0 || *flags.add(1) != 0
+                };
+                if skip {
+                    return;
+                }
+                tensor_conv_spikes::<$planes>(masks, fragments, bias, has_bias, out, g, scale)
+            }
+        )+
+    };
+}
+
+tensor_spike_entries! {
+    /// `out = conv(spikes, weight) + bias` on the tensor cores, the spikes given as the channel
+    /// masks of `spike_mask_pack`, `spike_bitmap_masks` or plane 0 of `spike_plane_pack`
+    /// (`masks`: `[n][Cin / 32][H·W]`, bit `j` of word `w` is channel `32·w + j`). No input is
+    /// gathered or converted: each lane builds its A fragments from the mask words of its four
+    /// pixels, so a stage costs four loads and a few integer operations per lane against 64 MMAs
+    /// per warp. `fragments` holds the weights in tap-major order (`k = tap · Cin + ci`, see the
+    /// host's packing), stages of 32 channels of one tap.
+    ///
+    /// When the packing pass found a non-binary input (`flags[0] != 0`), it does nothing: the
+    /// integer or the f32 kernel launched after it computes the output.
+    ///
+    /// # Safety
+    /// `Cin` is a multiple of 32 and `kh · kw · Cin / 32` stages fit `fragments`; the buffers hold
+    /// what `g` implies; launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
+    /// [`TENSOR_SPIKES_SHARED_BYTES`] of dynamic shared memory.
+    tensor_conv2d_spikes => planes 1;
+    /// [`tensor_conv2d_spikes`] on integers `0..=MAX_PLANE_VALUE` given as the two bit planes of
+    /// `spike_plane_pack` (`masks`: plane 0, then plane 1, each `[n][Cin / 32][H·W]`); it runs
+    /// only when `flags[0] != 0` and `flags[1] == 0` (see [`PLANE_FLAG_WORDS`]).
+    ///
+    /// # Safety
+    /// As [`tensor_conv2d_spikes`]; `masks` holds both planes, `flags` two words.
+    tensor_conv2d_spike_planes => planes 2;
+}
+
+/// Packs an input of `Cin` (a multiple of 32) channels into the two bit planes of
+/// [`tensor_conv2d_spike_planes`]: thread `idx` of `n · Cin / 32 · hw` reads the 32 channels of
+/// one word at one pixel and writes bit 0 of each value to `planes[idx]`, bit 1 to
+/// `planes[idx + total]`, and raises `flags` (see [`PLANE_FLAG_WORDS`]).
 ///
 /// # Safety
-/// `Cin` is a multiple of 32 and `kh · kw · Cin / 32` stages fit `fragments`; the buffers hold
-/// what `g` implies; launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
-/// [`TENSOR_SPIKES_SHARED_BYTES`] of dynamic shared memory.
+/// `input` holds `n · cin · hw` floats, `planes` `2 · n · cin / 32 · hw` u32, `flags` two u32
+/// (zeroed by the host). Launch with `PACK_THREADS` threads and `ceil(total / PACK_THREADS)`
+/// blocks.
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
-#[allow(clippy::too_many_arguments)]
-pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
+pub unsafe extern "ptx-kernel" fn spike_plane_pack(
+    input: *const f32,
+    planes: *mut u32,
+    flags: *mut u32,
+    n: u32,
+    cin: u32,
+    hw: u32,
+) {
+    use crate::gpu;
+    let words = cin / 32;
+    let total = n * words * hw;
+    let idx = gpu::block_x() * crate::sparse_conv::PACK_THREADS + gpu::thread_x();
+    let (mut non_binary, mut out_of_range) = (false, false);
+    if idx < total {
+        let pixel = idx % hw;
+        let word = (idx / hw) % words;
+        let img = idx / (hw * words);
+        let first = input.add(((img * cin + word * 32) * hw + pixel) as usize);
+        // All 32 loads are issued before any is tested.
+        let mut v = [0.0f32; 32];
+        for (j, v) in v.iter_mut().enumerate() {
+            *v = gpu::load_nc_f32(first.add(j * hw as usize));
+        }
+        let (mut low, mut high) = (0u32, 0u32);
+        for (j, &v) in v.iter().enumerate() {
+            let (value, exact) = plane_value(v);
+            low |= (value & 1) << j;
+            high |= (value >> 1 & 1) << j;
+            non_binary |= value > 1;
+            out_of_range |= !exact;
+        }
+        *planes.add(idx as usize) = low;
+        *planes.add((total + idx) as usize) = high;
+    }
+    // Every thread reaches the votes (none returned early), so the warp is complete.
+    let lane0 = gpu::thread_x() % gpu::WARP_SIZE == 0;
+    if gpu::warp_any(non_binary) && lane0 {
+        gpu::atomic_or_u32(flags, 1);
+    }
+    if gpu::warp_any(out_of_range) && lane0 {
+        gpu::atomic_or_u32(flags.add(1), 1);
+    }
+}
+
+/// `v` as an integer for the bit planes, and whether it is exactly that integer in
+/// `0..=MAX_PLANE_VALUE` (else the value returned is meaningless).
+#[inline(always)]
+pub fn plane_value(v: f32) -> (u32, bool) {
+    // `as` saturates: negatives and NaN give 0, which then differs from `v` (but -0.0).
+    let value = v as u32;
+    (value, value as f32 == v && value <= MAX_PLANE_VALUE)
+}
+
+/// The spike kernel: `PLANES` bit planes of mask words, each `[n][Cin / 32][H·W]`, one after
+/// the other.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn tensor_conv_spikes<const PLANES: usize>(
     masks: *const u32,
-    non_binary: *const u32,
     fragments: *const u32,
     bias: *const f32,
     has_bias: u32,
@@ -428,12 +591,8 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
     scale: f32,
 ) {
     use crate::gpu;
-    if *non_binary != 0 {
-        return;
-    }
     let tid = gpu::thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
-    let quad = lane % 4;
     let m0 = gpu::block_y() * TENSOR_TILE_M;
     let cout_padded = padded_cout(g.cout);
     let shared = gpu::dynamic_shared_base();
@@ -448,11 +607,19 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
     let buffer = |stage: u32| shared + (stage % 2) * TENSOR_B_BYTES;
     let cta_fragments = fragments.add(fragment_word(0, m0 / 8, 0, cout_padded));
     let step_words = (cout_padded / 8 * 32) as usize * FRAGMENT_WORDS;
+    let load = |r: u32, s: u32, word: u32| {
+        let low = pixels.load(r, s, word, 0);
+        if PLANES == 1 {
+            return low;
+        }
+        let high = pixels.load(r, s, word, 1);
+        [0, 1, 2, 3].map(|i| integer_lane_bits(low[i], high[i], lane % 4))
+    };
 
     let mut acc = [[[0.0f32; 4]; 8]; 2];
     // The stage's tap row, column and channel word, stepped word-fastest.
     let (mut r, mut s, mut word) = (0u32, 0u32, 0u32);
-    let mut now = pixels.load(r, s, word);
+    let mut now = load(r, s, word);
     copy_stage_weights(buffer(0), cta_fragments, 0, step_words);
     for stage in 0..stages {
         gpu::async_copy_wait_all();
@@ -469,7 +636,7 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
         }
         let next = if stage + 1 < stages {
             copy_stage_weights(buffer(stage + 1), cta_fragments, stage + 1, step_words);
-            pixels.load(r, s, word)
+            load(r, s, word)
         } else {
             [0; 4]
         };
@@ -477,17 +644,8 @@ pub unsafe extern "ptx-kernel" fn tensor_conv2d_spikes(
         // Fresh partial sums per stage, added in f32 (see `tensor_conv`).
         unroll!(m_tile in [0, 1] {
             let mut partial = [[0.0f32; 4]; 8];
-            let (upper, lower) = (now[2 * m_tile], now[2 * m_tile + 1]);
             unroll!(step in [0, 1] {
-                // Columns 2·quad (+ 1) and 2·quad + 8 (+ 1): channels 8·step + quad (+ 4),
-                // each with its + 16 twin.
-                let shift = 8 * step as u32 + quad;
-                let a = [
-                    spike_pair(upper, shift),
-                    spike_pair(lower, shift),
-                    spike_pair(upper, shift + 4),
-                    spike_pair(lower, shift + 4),
-                ];
+                let a = stage_fragment::<PLANES>(&now, m_tile, step as u32);
                 let b_base = base + step as u32 * TENSOR_STEP_FRAGMENT_BYTES + lane * 16;
                 partial = step_products(a, b_base, partial);
             });
@@ -513,6 +671,8 @@ struct PixelMasks {
     corner_x: [i32; 4],
     /// Each pixel's image's first mask word.
     image: [u32; 4],
+    /// Mask words per bit plane.
+    plane_words: u32,
     h: u32,
     w: u32,
     dh: u32,
@@ -529,6 +689,7 @@ impl PixelMasks {
             corner_y: [i32::MIN / 2; 4],
             corner_x: [0; 4],
             image: [0; 4],
+            plane_words: g.n * (g.cin / 32) * g.h * g.w,
             h: g.h,
             w: g.w,
             dh: g.dh,
@@ -546,17 +707,21 @@ impl PixelMasks {
         this
     }
 
-    /// The mask words of channel word `word` at tap `(r, s)` of the four pixels (0 in the
-    /// padding).
+    /// The mask words of bit plane `plane`, channel word `word` at tap `(r, s)` of the four
+    /// pixels (0 in the padding).
     #[inline(always)]
-    unsafe fn load(&self, r: u32, s: u32, word: u32) -> [u32; 4] {
+    unsafe fn load(&self, r: u32, s: u32, word: u32, plane: u32) -> [u32; 4] {
         let mut m = [0u32; 4];
-        let plane = self.h * self.w;
+        let plane_size = self.h * self.w;
         unroll!(i in [0, 1, 2, 3] {
             let iy = self.corner_y[i] + (r * self.dh) as i32;
             let ix = self.corner_x[i] + (s * self.dw) as i32;
             if (iy as u32) < self.h && (ix as u32) < self.w {
-                let at = self.image[i] + word * plane + iy as u32 * self.w + ix as u32;
+                let at = plane * self.plane_words
+                    + self.image[i]
+                    + word * plane_size
+                    + iy as u32 * self.w
+                    + ix as u32;
                 m[i] = crate::gpu::load_nc_u32(self.masks.add(at as usize));
             }
         });
@@ -702,6 +867,44 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n == 1));
+    }
+
+    /// The two-plane A registers decode, after the kernel's `sub.f16x2` of 1024, to the
+    /// integer `low + 2 · high` of the channels `spike_stage_channel` gives each lane (half
+    /// precision: exponent 25, so `0x6400 | v` is `1024 + v`).
+    #[test]
+    fn integer_pairs_decode_to_the_plane_values() {
+        let half_value = |bits: u32| {
+            let exponent = (bits >> 10 & 0x1F) as i32 - 15;
+            (1.0 + (bits & 0x3FF) as f64 / 1024.0) * 2f64.powi(exponent)
+        };
+        for (low, high) in [
+            (0u32, 0u32),
+            (u32::MAX, 0),
+            (0xA5A5_5A5A, 0x0F0F_F0F0),
+            (1, 1 << 16),
+        ] {
+            for quad in 0..4 {
+                let bits = integer_lane_bits(low, high, quad);
+                for step in 0..2 {
+                    for (offset, column) in [(0, 2 * quad), (4, 2 * quad + 8)] {
+                        let word = integer_pair_biased(bits, 8 * step + offset);
+                        for (half, kk) in [(word & 0xFFFF, column), (word >> 16, column + 1)] {
+                            let c = spike_stage_channel(step, kk);
+                            let want = (low >> c & 1) + 2 * (high >> c & 1);
+                            assert_eq!(half_value(half) - 1024.0, want as f64, "{low:#x} {c}");
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(half_value(INTEGER_BIAS_PAIR & 0xFFFF), 1024.0);
+        for (v, want) in [(0.0, Some(0)), (3.0, Some(3)), (-0.0, Some(0)), (4.0, None)] {
+            assert_eq!(plane_value(v).1.then_some(plane_value(v).0), want, "{v}");
+        }
+        for v in [0.5f32, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(!plane_value(v).1, "{v}");
+        }
     }
 
     /// The shared stage fits the fallback's f32 copy and keeps `ldmatrix` rows 16-byte aligned.
