@@ -344,8 +344,10 @@ pub(crate) fn elementwise_config(n: usize, threads: u32) -> LaunchConfig {
 /// A kernel parameter passed by value as a `#[repr(C)]` struct of the kernel crate.
 #[repr(transparent)]
 pub(crate) struct ByValue<T>(pub T);
-// SAFETY: all are `#[repr(C)]` structs of `u32`s, the layout the kernels declare.
+// SAFETY: all are `#[repr(C)]` structs of 4-byte fields (`u32`, `f32`), the layout the kernels
+// declare.
 unsafe impl DeviceRepr for ByValue<sparseflow_kernels::pool::PoolWindow> {}
+unsafe impl DeviceRepr for ByValue<sparseflow_kernels::neuron::NeuronParams> {}
 unsafe impl DeviceRepr for ByValue<sparseflow_kernels::dense_conv::ConvGeometry> {}
 unsafe impl DeviceRepr for ByValue<sparseflow_kernels::pattern_conv::PatternGeometry> {}
 

@@ -426,3 +426,33 @@ fn a_residual_add_read_only_by_a_neuron_is_fused_with_it() {
     let report = optimize(&mut g, &OptimizeOptions::default()).unwrap();
     assert!(report.entry("add").is_none() && g.find("add").is_some());
 }
+
+/// On spike-encoded images the stem conv is sparse too, and optimize fuses it with the neuron
+/// and max-pool after it into one node under the neuron's name; the network computes the same
+/// function (on the CPU the fused node runs the three operators in turn).
+#[test]
+fn spike_input_fuses_the_stem_conv_with_its_neuron() {
+    let config = ModelConfig {
+        num_classes: 10,
+        ..ModelConfig::default()
+    };
+    let dense = calibrated("spiking_resnet18", &config);
+    let mut fused = calibrated("spiking_resnet18", &config);
+    let options = OptimizeOptions {
+        input_kind: ValueKind::Binary,
+        ..OptimizeOptions::default()
+    };
+    let report = optimize(&mut fused, &options).unwrap();
+    let conv1 = report.entry("conv1").unwrap();
+    assert_eq!(conv1.decision, Decision::Folded, "{report}");
+    assert!(conv1.reason.contains("`sn1`"), "{}", conv1.reason);
+    assert!(fused.find("conv1").is_none() && fused.find("maxpool").is_none());
+    let stem = fused.node(fused.find("sn1").unwrap()).unwrap();
+    assert_eq!(stem.op.type_name(), "ConvNeuronPool");
+    let names: Vec<String> = fused.params().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"sn1.weight".to_string()), "{names:?}");
+
+    let x = sparseflow::testing::random_spikes(&[2, 2, 3, 32, 32], 0.4, 3);
+    let error = common::relative_error(&fused.forward(&x).unwrap(), &dense.forward(&x).unwrap());
+    assert!(error <= 1e-5, "relative error {error:e}");
+}

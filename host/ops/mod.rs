@@ -18,6 +18,7 @@ pub mod add_neuron;
 pub mod batch_norm;
 pub mod connect;
 pub mod conv2d;
+pub mod conv_neuron_pool;
 pub mod flatten;
 pub mod linear;
 pub mod neuron;

@@ -18,7 +18,9 @@ use std::mem::MaybeUninit;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 use sparseflow_kernels::elementwise::BinaryFunction;
-use sparseflow_kernels::neuron::{neuron_marking_fits, neuron_threads, Charge, NEURON_THREADS};
+use sparseflow_kernels::neuron::{
+    neuron_marking_fits, neuron_threads, Charge, NeuronParams, NEURON_THREADS,
+};
 
 use crate::cuda::DeviceTensor;
 use crate::error::{Error, Result};
@@ -675,6 +677,26 @@ pub(crate) fn forward_cuda_connected(
         )?;
         Ok(out)
     })())
+}
+
+/// A built-in neuron as a kernel argument for a map of `steps` time steps (for kernels that
+/// fire it in their epilogue); `None` for another operator.
+pub(crate) fn kernel_neuron_params(op: &dyn Operator, steps: u32) -> Option<NeuronParams> {
+    let neuron = as_builtin_neuron(op)?;
+    let (charge, k) = neuron.kernel_charge();
+    let firing = neuron.firing();
+    let (hard_reset, v_reset) = match firing.v_reset {
+        Some(r) => (1, r),
+        None => (0, 0.0),
+    };
+    Some(NeuronParams {
+        steps,
+        mode: charge as u32,
+        k,
+        v_threshold: firing.v_threshold,
+        v_reset,
+        hard_reset,
+    })
 }
 
 /// A built-in neuron and the max-pool `pool` that alone reads its spikes, on the GPU: the neuron

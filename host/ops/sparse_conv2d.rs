@@ -333,6 +333,11 @@ impl SparseConv2d {
         Ok(())
     }
 
+    /// The weights laid out for the tensor-core kernels on `backend`, uploaded on first use.
+    pub(crate) fn tensor_weights(&self, backend: &CudaBackend) -> Result<Arc<TensorConvWeights>> {
+        TensorConvWeights::cached(&self.device_tensor, &self.conv, backend)
+    }
+
     /// `out` has this conv's output shape for `x` and lives on `x`'s device.
     fn check_cuda_output(&self, x: &DeviceTensor, out: &DeviceTensor) -> Result<()> {
         let shape = self.conv.output_shape(x.shape())?;

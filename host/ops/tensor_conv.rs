@@ -12,11 +12,12 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use half::f16;
+use sparseflow_kernels::neuron::NeuronParams;
 use sparseflow_kernels::sparse_conv::PACK_THREADS;
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
-    PLANE_FLAG_WORDS, TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES,
+    PLANE_FLAG_WORDS, TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_P,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -284,6 +285,74 @@ pub(crate) fn tensor_conv_cuda(
         })?
     };
     // The masks are freed here, in stream order, after the kernels that read them.
+    Ok(())
+}
+
+/// The convolution of `x` (`[T, B, Cin, H, W]` on the device) on the tensor cores with `neuron`
+/// fired over T in the kernel's epilogue, the spikes written as bytes into `spikes` (`[T, B,
+/// Cout, OH, OW]`): `tensor_conv2d_neuron`. The spikes equal those of [`tensor_conv_cuda`]'s
+/// f32 kernel followed by the neuron kernel, bit for bit. `neuron.steps` must divide 128 and
+/// the batch (the caller checks).
+pub(crate) fn tensor_conv_neuron_cuda(
+    conv: &Conv2d,
+    weights: &TensorConvWeights,
+    x: &DeviceTensor,
+    neuron: NeuronParams,
+    spikes: &mut CudaSlice<u8>,
+) -> Result<()> {
+    let g = conv.kernel_geometry(x.shape())?;
+    let outputs = g.pixels() as usize * g.cout as usize;
+    if spikes.len() < outputs || neuron.steps == 0 || TENSOR_TILE_P % neuron.steps != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "tensor_conv2d_neuron for {}: {} spike bytes for {outputs} outputs, T = {}",
+            conv.describe(),
+            spikes.len(),
+            neuron.steps
+        )));
+    }
+    if g.pixels() == 0 || g.cout == 0 {
+        return Ok(());
+    }
+    let backend = x.backend();
+    let shared = tensor_conv_shared_bytes(g.k_dim());
+    if g.kh * g.kw > MAX_TENSOR_TAPS || shared as usize > backend.max_shared_memory_per_block() {
+        return Err(Error::MissingKernelVariant(format!(
+            "tensor_conv2d_neuron for {}: {} taps, {shared} bytes of shared memory",
+            conv.describe(),
+            g.kh * g.kw
+        )));
+    }
+    let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
+        "tensor_conv2d_neuron"
+    } else {
+        "tensor_conv2d_wide_neuron"
+    };
+    let function = backend.function(entry)?;
+    allow_shared_memory(&function, shared)?;
+    let has_bias = weights.bias.is_some() as u32;
+    let bias = weights.bias.as_ref().unwrap_or(&weights.scaled);
+    let (geometry, neuron) = (ByValue(g), ByValue(neuron));
+    let mut launch = backend.stream().launch_builder(&function);
+    launch
+        .arg(x.slice())
+        .arg(&weights.fragments)
+        .arg(&weights.scaled)
+        .arg(bias)
+        .arg(&has_bias)
+        .arg(spikes)
+        .arg(&geometry)
+        .arg(&weights.scale)
+        .arg(&neuron);
+    // SAFETY: the arguments match both entries' signature; the buffers hold what `g` implies
+    // (checked above for the spikes), and `steps` divides 128 (checked) and the batch (the
+    // caller's contract).
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: tensor_conv_grid(&g),
+            block_dim: (TENSOR_CONV_THREADS, 1, 1),
+            shared_mem_bytes: shared,
+        })?
+    };
     Ok(())
 }
 

@@ -39,6 +39,7 @@ use crate::ops::batch_norm::BatchNorm2d;
 use crate::ops::connect::Add;
 use crate::ops::connect::{ConnectFunction, SewConnect};
 use crate::ops::conv2d::Conv2d;
+use crate::ops::conv_neuron_pool::ConvNeuronPool;
 use crate::ops::linear::Linear;
 use crate::ops::neuron_connect::NeuronConnect;
 use crate::ops::neuron_pool::NeuronMaxPool;
@@ -205,6 +206,7 @@ pub fn optimize(graph: &mut Graph, options: &OptimizeOptions) -> Result<Optimize
     }
     if options.fuse_neurons {
         fuse_neuron_pools(graph, &mut entries)?;
+        fuse_conv_neuron_pools(graph, &mut entries)?;
         fuse_add_neurons(graph, &mut entries)?;
         fuse_neuron_connects(graph, &mut entries)?;
     }
@@ -310,6 +312,38 @@ fn fuse_neuron_pools(graph: &mut Graph, entries: &mut BTreeMap<NodeId, ReportEnt
         graph.map_op(source, |neuron| Box::new(NeuronMaxPool { neuron, pool }))?;
         let reason = format!("into `{neuron_name}`: pooled while its spikes are in cache");
         entries.insert(id, fused_entry(pool_node.name, "MaxPool2d", reason));
+    }
+    Ok(())
+}
+
+/// Fuses every sparse convolution that only a [`NeuronMaxPool`] reads into that node
+/// ([`ConvNeuronPool`], under the neuron's name): on the GPU the conv's kernel fires the neuron
+/// in its epilogue. The conv's report entry says so.
+fn fuse_conv_neuron_pools(
+    graph: &mut Graph,
+    entries: &mut BTreeMap<NodeId, ReportEntry>,
+) -> Result<()> {
+    let pools: Vec<NodeId> = graph
+        .nodes()
+        .filter(|(_, n)| n.op.as_any().is::<NeuronMaxPool>() && n.inputs.len() == 1)
+        .map(|(id, _)| id)
+        .collect();
+    for id in pools {
+        let source = graph.node(id)?.inputs[0];
+        if !graph.node(source)?.op.as_any().is::<SparseConv2d>() || !graph.read_only_by(source, id)
+        {
+            continue;
+        }
+        let conv = graph.absorb_input(id, source)?;
+        graph.map_op(id, |neuron_pool| {
+            Box::new(ConvNeuronPool {
+                conv: conv.op,
+                neuron_pool,
+            })
+        })?;
+        let name = &graph.node(id)?.name;
+        let reason = format!("into `{name}`: its neuron fires in the conv's epilogue");
+        entries.insert(source, fused_entry(conv.name, "SparseConv2d", reason));
     }
     Ok(())
 }

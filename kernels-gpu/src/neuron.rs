@@ -23,6 +23,23 @@ pub enum Charge {
     Plif = 4,
 }
 
+/// A neuron as a kernel argument (passed by value): what the neuron entries take after their
+/// buffers, for kernels that fire a neuron in their epilogue (`tensor_conv2d_neuron`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct NeuronParams {
+    /// T: the leading dimension of the `[T, B, ...]` map.
+    pub steps: u32,
+    /// A [`Charge`] as `u32`.
+    pub mode: u32,
+    /// `tau` for the LIF forms, `sigmoid(w)` for PLIF.
+    pub k: f32,
+    pub v_threshold: f32,
+    pub v_reset: f32,
+    /// Hard reset (to `v_reset`, where the membrane starts) when non-zero, else soft (from 0).
+    pub hard_reset: u32,
+}
+
 /// One charge step; `mode` is a [`Charge`] as `u32`.
 #[inline(always)]
 pub fn charge(mode: u32, v: f32, x: f32, k: f32, v_r: f32) -> f32 {

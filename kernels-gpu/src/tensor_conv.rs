@@ -142,11 +142,91 @@ macro_rules! tensor_conv_entries {
                 if !only_if.is_null() && *only_if == 0 {
                     return;
                 }
-                tensor_conv::<$wide>(input, fragments, weight, bias, has_bias, out, g, scale)
+                tensor_conv::<$wide>(input, fragments, weight, g, scale, 1, |acc| {
+                    store_tile(acc, bias, has_bias, out, &g, scale)
+                })
             }
         )+
     };
 }
+
+/// The entry points whose epilogue fires a neuron over T on the output (`ConvNeuronPool`):
+/// `$entry` runs [`tensor_conv`] with 64-bit tap masks when `$wide`.
+macro_rules! tensor_conv_neuron_entries {
+    ($($(#[$doc:meta])* $entry:ident => wide $wide:literal;)+) => {
+        $(
+            $(#[$doc])*
+            #[cfg(target_arch = "nvptx64")]
+            #[no_mangle]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe extern "ptx-kernel" fn $entry(
+                input: *const f32,
+                fragments: *const u32,
+                weight: *const f32,
+                bias: *const f32,
+                has_bias: u32,
+                spikes: *mut u8,
+                g: ConvGeometry,
+                scale: f32,
+                neuron: crate::neuron::NeuronParams,
+            ) {
+                tensor_conv::<$wide>(input, fragments, weight, g, scale, neuron.steps, |acc| {
+                    neuron_tile(acc, bias, has_bias, spikes, &g, scale, &neuron)
+                })
+            }
+        )+
+    };
+}
+
+tensor_conv_neuron_entries! {
+    /// [`tensor_conv2d`] whose CTAs take their 128 pixels as the T steps of `128 / T` positions
+    /// ([`tile_step_pixel`]) and, instead of writing
+    /// the output, run `neuron` over T on it in shared memory and write the spikes as bytes
+    /// (`[N, cout, oh, ow]`, N = T · B): a conv that only a neuron reads (the stem) never writes
+    /// its f32 map, and the neuron never reads it back. The spikes are the neuron kernel's on
+    /// the output of [`tensor_conv2d`], bit for bit: the same sums, the same charge equations.
+    ///
+    /// # Safety
+    /// As [`tensor_conv2d`]; `spikes` holds `N · cout · oh · ow` bytes; `neuron.steps` divides
+    /// both 128 and `N`.
+    tensor_conv2d_neuron => wide false;
+    /// [`tensor_conv2d_neuron`] for kernels of more than [`NARROW_TENSOR_TAPS`] taps (the 7×7
+    /// stem).
+    ///
+    /// # Safety
+    /// As [`tensor_conv2d_neuron`].
+    tensor_conv2d_wide_neuron => wide true;
+}
+
+/// `(image, output row, output column)` of GEMM column `p` when each CTA tile of 128 columns
+/// holds all `steps` time steps of `128 / steps` positions (a batch folded `[T, B]`, positions
+/// numbered over `B` images): column `r` of tile `c` is step `r / (128 / steps)` of position
+/// `c · 128 / steps + r % (128 / steps)`, so a warp still stages 32 consecutive positions of one
+/// image. `None` past the last position. With `steps` 1 it is [`ConvGeometry::pixel`].
+#[inline(always)]
+pub const fn tile_step_pixel(g: &ConvGeometry, p: u32, steps: u32) -> Option<(u32, u32, u32)> {
+    if steps == 1 {
+        // Folded away in the plain entries, which pass a constant 1.
+        return if p < g.pixels() {
+            Some(g.pixel(p))
+        } else {
+            None
+        };
+    }
+    let positions = TENSOR_TILE_P / steps;
+    let (tile, r) = (p / TENSOR_TILE_P, p % TENSOR_TILE_P);
+    let (t, position) = (r / positions, tile * positions + r % positions);
+    let (images, plane) = (g.n / steps, g.oh * g.ow);
+    if position >= images * plane {
+        return None;
+    }
+    let (b, at) = (position / plane, position % plane);
+    Some((t * images + b, at / g.ow, at % g.ow))
+}
+
+/// Floats between two output channels' rows of the staged tile in [`neuron_tile`]: 128 pixels
+/// and 4 of padding, so that the accumulator stores of a warp fall in 32 distinct banks.
+pub const NEURON_STAGE_STRIDE: u32 = TENSOR_TILE_P + 4;
 
 tensor_conv_entries! {
     /// `out = conv(input, weight) + bias` (NCHW, one group), `fragments` the weights times `scale`
@@ -177,11 +257,10 @@ unsafe fn tensor_conv<const WIDE: bool>(
     input: *const f32,
     fragments: *const u32,
     weight: *const f32,
-    bias: *const f32,
-    has_bias: u32,
-    out: *mut f32,
     g: ConvGeometry,
     scale: f32,
+    steps: u32,
+    epilogue: impl FnOnce(&[[[f32; 4]; 8]; 2]),
 ) {
     use crate::gpu;
     let tid = gpu::thread_x();
@@ -216,12 +295,15 @@ unsafe fn tensor_conv<const WIDE: bool>(
     }
 
     // The pixel this thread stages, and which of its taps fall inside the image.
-    let p = p0 + tid;
-    let (img, oy, ox) = g.pixel(if p < pixels { p } else { 0 });
+    let pixel_at = tile_step_pixel(&g, p0 + tid, steps);
+    let (img, oy, ox) = match pixel_at {
+        Some(at) => at,
+        None => (0, 0, 0),
+    };
     let iy0 = (oy * g.sh) as i32 - g.ph as i32;
     let ix0 = (ox * g.sw) as i32 - g.pw as i32;
     let mut inside = 0u64;
-    if p < pixels {
+    if pixel_at.is_some() {
         for r in 0..g.kh {
             for s in 0..g.kw {
                 let iy = iy0 + (r * g.dh) as i32;
@@ -340,7 +422,7 @@ unsafe fn tensor_conv<const WIDE: bool>(
         }
     }
 
-    store_tile(&acc, bias, has_bias, out, &g, scale);
+    epilogue(&acc);
 }
 
 /// One `k16` step of a warp's `m16` tile: the eight `n8` weight fragments at `b_base` in shared
@@ -769,6 +851,80 @@ unsafe fn store_tile(
             }
         });
     });
+}
+
+/// [`tensor_conv2d_neuron`]'s epilogue: the CTA's outputs (divided by `scale`, plus the bias,
+/// as [`store_tile`] computes them) staged in shared memory `[channel][pixel]`, then the neuron
+/// over T for each (position, channel) of the tile, its spikes written as bytes.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn neuron_tile(
+    acc: &[[[f32; 4]; 8]; 2],
+    bias: *const f32,
+    has_bias: u32,
+    spikes: *mut u8,
+    g: &ConvGeometry,
+    scale: f32,
+    neuron: &crate::neuron::NeuronParams,
+) {
+    use crate::gpu;
+    use crate::neuron::{charge, fire};
+    let tid = gpu::thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (row_in_tile, quad) = (lane / 4, lane % 4);
+    let p0 = gpu::block_x() * TENSOR_TILE_P;
+    let m0 = gpu::block_y() * TENSOR_TILE_M;
+    let unscale = 1.0 / scale;
+    let stage = gpu::dynamic_shared_base();
+    // Every warp is done with the stage buffers this overwrites.
+    gpu::sync_threads();
+    unroll!(m_tile in [0, 1] {
+        unroll!(half in [0, 1] {
+            let pixel = warp * 32 + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
+            unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                unroll!(e in [0, 1] {
+                    let channel = tile as u32 * 8 + 2 * quad + e as u32;
+                    let co = m0 + channel;
+                    let b = if has_bias != 0 && co < g.cout { *bias.add(co as usize) } else { 0.0 };
+                    let value = acc[m_tile][tile][2 * half + e] * unscale + b;
+                    gpu::store_shared_f32(stage + 4 * (channel * NEURON_STAGE_STRIDE + pixel), value);
+                });
+            });
+        });
+    });
+    gpu::sync_threads();
+
+    let steps = neuron.steps;
+    let positions = TENSOR_TILE_P / steps;
+    let hard = neuron.hard_reset != 0;
+    let v_r = if hard { neuron.v_reset } else { 0.0 };
+    let plane_out = g.oh * g.ow;
+    let image_step = ((g.n / steps) * g.cout * plane_out) as usize;
+    // A thread keeps one position (consecutive threads take consecutive positions: conflict-free
+    // shared reads, byte stores to consecutive addresses) and steps over channels; 128 threads
+    // cover `128 / positions` = T channels at a time.
+    let position = tid % positions;
+    let Some((img, oy, ox)) = tile_step_pixel(g, p0 + position, steps) else {
+        return;
+    };
+    // Channel `m0`'s spike at step 0; channel `co`'s is `co − m0` planes on, step t's `t · B`
+    // images on.
+    let base = ((img * g.cout + m0) * plane_out + oy * g.ow + ox) as usize;
+    let mut channel = tid / positions;
+    while channel < TENSOR_TILE_M && m0 + channel < g.cout {
+        let mut at = base + (channel * plane_out) as usize;
+        let row = stage + 4 * (channel * NEURON_STAGE_STRIDE + position);
+        let mut v = v_r;
+        for t in 0..steps {
+            let x = gpu::load_shared_f32(row + 4 * t * positions);
+            let h = charge(neuron.mode, v, x, neuron.k, v_r);
+            let (spike, next) = fire(h, neuron.v_threshold, hard, v_r);
+            v = next;
+            *spikes.add(at) = spike as u8;
+            at += image_step;
+        }
+        channel += steps;
+    }
 }
 
 /// The inputs one output pixel's im2col row reads.
