@@ -185,7 +185,7 @@ fn multi_step_cuda(
         x,
         addend.map_or(SecondOperand::None, SecondOperand::Addend),
         spikes.slice_mut(),
-        bitmap,
+        bitmap.map_or(Marks::None, Marks::Bitmap),
         firing,
         charge,
         k,
@@ -223,7 +223,7 @@ fn launch_neuron<T: DeviceRepr>(
     x: &DeviceTensor,
     operand: SecondOperand,
     spikes: &mut CudaSlice<T>,
-    bitmap: Option<&mut CudaSlice<u32>>,
+    marks: Marks,
     firing: &Firing,
     charge: Charge,
     k: f32,
@@ -263,8 +263,16 @@ fn launch_neuron<T: DeviceRepr>(
         }
     }
     launch.arg(spikes);
-    if let Some(bitmap) = bitmap {
-        launch.arg(bitmap);
+    let plane_words;
+    match marks {
+        Marks::None => {}
+        Marks::Bitmap(bitmap) => {
+            launch.arg(bitmap);
+        }
+        Marks::Planes(bitmaps, words, flags) => {
+            plane_words = words;
+            launch.arg(bitmaps).arg(&plane_words).arg(flags);
+        }
     }
     launch
         .arg(&steps)
@@ -276,9 +284,10 @@ fn launch_neuron<T: DeviceRepr>(
         .arg(&hard);
     // SAFETY: the arguments match the entry's signature (`neuron_multi_step` and `_u8`, or
     // `_add` with `y` (`_connect` with a shortcut) of x's shape, checked by the caller;
-    // `_marked` with a bitmap of a bit per
-    // element and `neuron_marking_fits`, checked by the caller); `spikes` holds `x.len()` elements of
-    // the entry's output type; whole allocations, so 16-byte aligned; `neuron_threads` threads.
+    // `_marked` with a bitmap of a bit per element (`_connect_marked`: two, and a flag word)
+    // and `neuron_marking_fits`, checked by the caller); `spikes` holds `x.len()`
+    // elements of the entry's output type; whole allocations, so 16-byte aligned;
+    // `neuron_threads` threads.
     unsafe {
         launch.launch(LaunchConfig {
             grid_dim: (neuron_threads(per_step).div_ceil(NEURON_THREADS), 1, 1),
@@ -287,6 +296,16 @@ fn launch_neuron<T: DeviceRepr>(
         })?
     };
     Ok(())
+}
+
+/// What a marking neuron kernel writes besides its output, after it in the entry's parameters.
+enum Marks<'a> {
+    None,
+    /// A bit per spike (`_marked` entries).
+    Bitmap(&'a mut CudaSlice<u32>),
+    /// Two bit planes per value, `plane_words` apart, and the out-of-range flag
+    /// (`_connect_marked`).
+    Planes(&'a mut CudaSlice<u32>, u32, &'a mut CudaSlice<u32>),
 }
 
 /// What a neuron kernel reads besides `x`, after it in the entry's parameters.
@@ -644,13 +663,17 @@ pub(crate) fn forward_cuda_added(
 /// A built-in neuron on `x` whose spikes are joined with `shortcut` by a SEW connect function,
 /// on the GPU in one kernel (`neuron_multi_step_connect`: the spikes never written): `function
 /// (shortcut, spikes)`, or `function(spikes, shortcut)` when `spikes_first`. `None` for another
-/// operator.
+/// operator. With `mark_masks`, on a map of whole words of 32 channels (and steps of whole
+/// 128-neuron warps), the kernel also sets the two bit planes of every output in bitmaps
+/// (`_connect_marked`) and `spike_bitmap_planes` turns them into the integer spike kernel's
+/// masks, attached to the output: a spike convolution reading it skips its packing pass.
 pub(crate) fn forward_cuda_connected(
     op: &dyn Operator,
     x: &DeviceTensor,
     shortcut: &DeviceTensor,
     function: BinaryFunction,
     spikes_first: bool,
+    mark_masks: bool,
 ) -> Option<Result<DeviceTensor>> {
     let neuron = as_builtin_neuron(op)?;
     Some((|| {
@@ -662,20 +685,47 @@ pub(crate) fn forward_cuda_connected(
                 shortcut.shape()
             )));
         }
-        let mut out = DeviceTensor::uninit(x.backend(), x.shape().to_vec())?;
+        let backend = x.backend();
+        let mut out = DeviceTensor::uninit(backend, x.shape().to_vec())?;
+        out.len_u32()?;
+        let per_step = x.shape().iter().skip(1).product::<usize>() as u32;
+        let marking = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
         let (charge, k) = neuron.kernel_charge();
+        let operand = SecondOperand::Shortcut(shortcut, function, spikes_first);
+        let Some(dims) = marking else {
+            launch_neuron(
+                op.type_name(),
+                "neuron_multi_step_connect",
+                x,
+                operand,
+                out.slice_mut(),
+                Marks::None,
+                neuron.firing(),
+                charge,
+                k,
+            )?;
+            return Ok(out);
+        };
+        let stream = backend.stream();
+        let plane_words = x.len() / 32 + 1;
+        // SAFETY: the marking kernel writes every word of both bitmaps but each one's last,
+        // which only feeds bits past the map (see `spike_bitmap_masks`).
+        let mut bitmaps = unsafe { stream.alloc::<u32>(2 * plane_words)? };
+        let mut out_of_range = stream.alloc_zeros::<u32>(1)?;
         launch_neuron(
             op.type_name(),
-            "neuron_multi_step_connect",
+            "neuron_multi_step_connect_marked",
             x,
-            SecondOperand::Shortcut(shortcut, function, spikes_first),
+            operand,
             out.slice_mut(),
-            None,
+            Marks::Planes(&mut bitmaps, plane_words as u32, &mut out_of_range),
             neuron.firing(),
             charge,
             k,
         )?;
-        Ok(out)
+        let masks =
+            SpikeMasks::from_plane_bitmaps(backend, &bitmaps, plane_words, out_of_range, dims)?;
+        Ok(out.with_spike_masks(masks))
     })())
 }
 
@@ -725,7 +775,7 @@ pub(crate) fn neuron_max_pool_cuda(
             x,
             SecondOperand::None,
             &mut spikes,
-            None,
+            Marks::None,
             neuron.firing(),
             charge,
             k,

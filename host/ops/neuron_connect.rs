@@ -58,15 +58,20 @@ impl Operator for NeuronConnect {
     /// One kernel for a built-in neuron (the spikes never written), else the two operators'
     /// kernels one after the other.
     fn forward_cuda(&self, inputs: &[&DeviceTensor]) -> Result<DeviceTensor> {
+        self.forward_cuda_marking(inputs, false)
+    }
+
+    /// With `mark_masks`, the kernel also marks its outputs' two bit planes for an integer
+    /// spike convolution that reads them (see `forward_cuda_connected`).
+    fn forward_cuda_marking(
+        &self,
+        inputs: &[&DeviceTensor],
+        mark_masks: bool,
+    ) -> Result<DeviceTensor> {
         let [x, shortcut] = expect_inputs::<2, _>(Self::TYPE_NAME, inputs)?;
         let function = self.function.kernel_function();
-        match forward_cuda_connected(
-            self.neuron.as_ref(),
-            x,
-            shortcut,
-            function,
-            self.spikes_first,
-        ) {
+        let neuron = self.neuron.as_ref();
+        match forward_cuda_connected(neuron, x, shortcut, function, self.spikes_first, mark_masks) {
             Some(out) => out,
             None => {
                 let spikes = self.neuron.forward_cuda(&[x])?;
@@ -109,6 +114,7 @@ impl Operator for NeuronConnect {
 mod tests {
     use super::*;
     use crate::ops::neuron::{Firing, IFNode, LIFNode};
+    use crate::tensor::Tensor;
     use crate::testing::{random_sparse, random_uniform};
 
     #[test]
@@ -175,5 +181,88 @@ mod tests {
         let (a, b) = (Tensor::zeros(vec![2, 3]), Tensor::zeros(vec![2, 4]));
         assert!(fused.forward(&[&a, &b]).is_err());
         assert!(fused.forward(&[&a]).is_err());
+    }
+
+    /// On the GPU a marking NeuronConnect's bit planes are those of the packing pass over its
+    /// output, word for word, with the flags of sums in range; the integer spike kernel then
+    /// computes a conv on them equal to the CPU's. Sums past 3 raise the out-of-range flag and
+    /// the f32 kernel computes the conv. One neuron per thread and four; outputs poisoned.
+    #[test]
+    fn gpu_marked_planes_feed_the_integer_kernel() {
+        use crate::cuda::{set_poison_new_tensors, DeviceTensor};
+        use crate::ops::connect::Add;
+        use crate::ops::conv2d::Conv2d;
+        use crate::ops::tensor_conv::{tensor_conv_cuda, SpikePlanes, TensorConvWeights};
+        use crate::testing::{assert_close_elementwise, gpu_or_skip, random_spikes};
+        let Some(backend) = gpu_or_skip("gpu_marked_planes_feed_the_integer_kernel") else {
+            return;
+        };
+        set_poison_new_tensors(true);
+        let stream = backend.stream();
+        let conv = Conv2d::new(
+            random_uniform(&[48, 64, 3, 3], -1.0, 1.0, 5),
+            Some(random_uniform(&[48], -1.0, 1.0, 6)),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            1,
+        )
+        .unwrap();
+        let weights = TensorConvWeights::upload(&conv, &backend).unwrap();
+        // [T, B, C, H, W]: 8192 neurons a step (one per thread), then 2^22 (four per thread).
+        for (i, shape) in [vec![3, 2, 64, 8, 8], vec![2, 16, 64, 64, 64]]
+            .iter()
+            .enumerate()
+        {
+            let seed = 100 + 10 * i as u64;
+            let x = random_uniform(shape, -1.0, 2.5, seed);
+            let sum =
+                |a, b| Add.forward(&[&random_spikes(shape, 0.3, a), &random_spikes(shape, 0.2, b)]);
+            for (shortcut, in_range) in [
+                (sum(seed + 1, seed + 2).unwrap(), true),
+                (random_sparse(shape, 0.3, true, seed + 3), false),
+            ] {
+                let op = NeuronConnect {
+                    neuron: Box::new(LIFNode::new(2.0, true, Firing::default()).unwrap()),
+                    function: ConnectFunction::Add,
+                    spikes_first: false,
+                };
+                let (dx, ds) = (
+                    DeviceTensor::upload(&backend, &x).unwrap(),
+                    DeviceTensor::upload(&backend, &shortcut).unwrap(),
+                );
+                let out = op.forward_cuda_marking(&[&dx, &ds], true).unwrap();
+                let host = out.download().unwrap();
+                assert_eq!(host, op.forward(&[&x, &shortcut]).unwrap(), "case {i}");
+                let masks = out.spike_masks().expect("planes marked").clone();
+                assert_eq!(masks.planes, 2);
+                let n = (shape[0] * shape[1]) as u32;
+                let dims = (n, 64, (shape[3] * shape[4]) as u32);
+                let packed = SpikePlanes::pack(&out, dims).unwrap();
+                let flag = stream.clone_dtoh(&*masks.non_binary).unwrap();
+                assert_eq!(flag, [!in_range as u32], "case {i}");
+                if in_range {
+                    assert_eq!(
+                        stream.clone_dtoh(&masks.words).unwrap(),
+                        stream.clone_dtoh(&packed.words).unwrap(),
+                        "case {i}"
+                    );
+                    assert_eq!(stream.clone_dtoh(&packed.out_of_range).unwrap(), [0]);
+                }
+                // The conv over [T · B, C, H, W].
+                let folded = Tensor::new(
+                    vec![shape[0] * shape[1], 64, shape[3], shape[4]],
+                    host.into_data(),
+                )
+                .unwrap();
+                let want = conv.forward(&[&folded]).unwrap();
+                let mut got = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+                got.fill(f32::NAN).unwrap();
+                // The kernels fold `[T, B]` themselves; a reshape would drop the masks.
+                tensor_conv_cuda(&conv, &weights, &out, &mut got).unwrap();
+                assert_close_elementwise(&got.download().unwrap(), &want, &format!("case {i}"));
+            }
+        }
+        set_poison_new_tensors(false);
     }
 }

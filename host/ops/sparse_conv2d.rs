@@ -601,6 +601,10 @@ pub(crate) struct SpikeMasks {
     pub non_binary: Arc<CudaSlice<u32>>,
     /// `(n, Cin, H·W)` of the map they describe.
     pub dims: (u32, u32, u32),
+    /// 1: `words` are channel masks of spikes; 2: each pixel's two bit-plane words of small
+    /// integers side by side (`tensor_conv2d_spike_planes`), `non_binary` then being set where
+    /// some value is out of the planes' range.
+    pub planes: u32,
 }
 
 impl SpikeMasks {
@@ -639,6 +643,50 @@ impl SpikeMasks {
             words,
             non_binary,
             dims,
+            planes: 1,
+        })
+    }
+
+    /// The integer kernel's masks of a `(n, Cin, H·W)` map from the two bit-plane bitmaps a
+    /// marking neuron wrote (`spike_bitmap_planes`; `bitmaps` holds two of `plane_words` words)
+    /// and its out-of-range flag.
+    pub(crate) fn from_plane_bitmaps(
+        backend: &CudaBackend,
+        bitmaps: &CudaSlice<u32>,
+        plane_words: usize,
+        out_of_range: CudaSlice<u32>,
+        dims: (u32, u32, u32),
+    ) -> Result<Self> {
+        let (n, cin, hw) = dims;
+        let stream = backend.stream();
+        let total = n as usize * mask_words(cin) as usize * hw as usize;
+        // SAFETY: the transpose writes every word of both planes.
+        let mut words = unsafe { stream.alloc::<u32>(2 * total.max(1))? };
+        let transpose = backend.function("spike_bitmap_planes")?;
+        let plane_words = u32::try_from(plane_words)
+            .map_err(|_| Error::Shape(format!("{dims:?} is too large for the GPU kernels")))?;
+        let mut launch = stream.launch_builder(&transpose);
+        launch
+            .arg(bitmaps)
+            .arg(&mut words)
+            .arg(&n)
+            .arg(&cin)
+            .arg(&hw)
+            .arg(&plane_words);
+        // SAFETY: arguments match `spike_bitmap_planes`' signature and contract (whole words
+        // of channels, each bitmap one word longer than its bits).
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (bitmap_masks_blocks(n, cin, hw).max(1), 1, 1),
+                block_dim: (PACK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+        Ok(Self {
+            words,
+            non_binary: Arc::new(out_of_range),
+            dims,
+            planes: 2,
         })
     }
 }
@@ -647,7 +695,7 @@ impl SpikeMasks {
 /// marked, when it did, else a `spike_mask_pack` launch over it; the caller has checked that
 /// `n · ceil(cin / 32) · hw` fits a `u32`.
 pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Result<Arc<SpikeMasks>> {
-    if let Some(masks) = x.spike_masks().filter(|m| m.dims == dims) {
+    if let Some(masks) = x.spike_masks().filter(|m| m.dims == dims && m.planes == 1) {
         return Ok(masks.clone());
     }
     let (n, cin, hw) = dims;
@@ -678,6 +726,7 @@ pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Resul
         words,
         non_binary: Arc::new(non_binary),
         dims,
+        planes: 1,
     }))
 }
 

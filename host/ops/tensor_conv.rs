@@ -10,14 +10,14 @@
 //!
 //! [`SparseConv2d::tune_cuda`]: super::sparse_conv2d::SparseConv2d::tune_cuda
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use sparseflow_kernels::neuron::NeuronParams;
 use sparseflow_kernels::sparse_conv::PACK_THREADS;
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
-    PLANE_FLAG_WORDS, TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_P,
+    TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_P,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -201,55 +201,55 @@ pub(crate) fn tensor_conv_cuda(
     let geometry = ByValue(g);
     let grid_dim = tensor_conv_grid(&g);
 
-    // Spikes take the spike kernel on channel masks: the masks a marking neuron left on `x`,
-    // else the bit planes of a packing pass, whose flags then pick one of three kernels: the
-    // spike kernel (binary), the integer kernel (SEW sums up to `MAX_PLANE_VALUE`), or the f32
-    // kernel launched after them (any other value). The others return at once.
-    let mut only_if: Option<CudaView<u32>> = None;
+    // Spikes and small integers take a spike kernel on masks: the spike masks or integer bit
+    // planes a marking neuron left on `x`, else the bit planes of a packing pass. The kernel
+    // returns at once where the masks' flag says some value is not what they describe, and the
+    // f32 kernel launched after it then computes the output (it returns at once otherwise).
+    let mut only_if = None;
     let planes;
     if let Some(spike_fragments) = &weights.spike_fragments {
         // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
         let dims = (g.n, g.cin, g.h * g.w);
-        let mut launch_spikes =
-            |entry: &'static str, masks: &CudaSlice<u32>, flags: &CudaSlice<u32>| {
-                let spikes = backend.function(entry)?;
-                allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
-                let mut launch = stream.launch_builder(&spikes);
-                launch
-                    .arg(masks)
-                    .arg(flags)
-                    .arg(spike_fragments)
-                    .arg(bias)
-                    .arg(&has_bias)
-                    .arg(&mut *out.slice_mut())
-                    .arg(&geometry)
-                    .arg(&weights.scale);
-                // SAFETY: the arguments match both entries' signature; Cin is a multiple of 32
-                // (the fragments exist only then), the fragments were packed for this conv's taps
-                // and channels, and `masks` holds the planes the entry reads.
-                unsafe {
-                    launch.launch(LaunchConfig {
-                        grid_dim,
-                        block_dim: (TENSOR_CONV_THREADS, 1, 1),
-                        shared_mem_bytes: TENSOR_SPIKES_SHARED_BYTES,
-                    })
-                }
-                .map(|_| ())
-                .map_err(Error::from)
-            };
-        match x.spike_masks().filter(|m| m.dims == dims) {
-            Some(marked) => {
-                launch_spikes("tensor_conv2d_spikes", &marked.words, &marked.non_binary)?;
-                only_if = Some(marked.non_binary.slice(..));
-            }
+        let (entry, masks, flag) = match x.spike_masks().filter(|m| m.dims == dims) {
+            Some(marked) if marked.planes == 2 => (
+                "tensor_conv2d_spike_planes",
+                &marked.words,
+                &*marked.non_binary,
+            ),
+            Some(marked) => ("tensor_conv2d_spikes", &marked.words, &*marked.non_binary),
             None => {
                 planes = SpikePlanes::pack(x, dims)?;
-                launch_spikes("tensor_conv2d_spikes", &planes.words, &planes.flags)?;
-                launch_spikes("tensor_conv2d_spike_planes", &planes.words, &planes.flags)?;
-                only_if = Some(planes.flags.slice(1..));
+                (
+                    "tensor_conv2d_spike_planes",
+                    &planes.words,
+                    &planes.out_of_range,
+                )
             }
-        }
+        };
+        let spikes = backend.function(entry)?;
+        allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
+        let mut launch = stream.launch_builder(&spikes);
+        launch
+            .arg(masks)
+            .arg(flag)
+            .arg(spike_fragments)
+            .arg(bias)
+            .arg(&has_bias)
+            .arg(out.slice_mut())
+            .arg(&geometry)
+            .arg(&weights.scale);
+        // SAFETY: the arguments match both entries' signature; Cin is a multiple of 32 (the
+        // fragments exist only then), the fragments were packed for this conv's taps and
+        // channels, and `masks` holds the planes the entry reads.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim,
+                block_dim: (TENSOR_CONV_THREADS, 1, 1),
+                shared_mem_bytes: TENSOR_SPIKES_SHARED_BYTES,
+            })?
+        };
+        only_if = Some(flag);
     }
 
     let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
@@ -270,7 +270,7 @@ pub(crate) fn tensor_conv_cuda(
         .arg(out.slice_mut())
         .arg(&geometry)
         .arg(&weights.scale);
-    match &only_if {
+    match only_if {
         Some(flag) => launch.arg(flag),
         // A null `only_if`: run.
         None => launch.arg(&always),
@@ -356,29 +356,29 @@ pub(crate) fn tensor_conv_neuron_cuda(
     Ok(())
 }
 
-/// The two bit planes of an input for the spike kernels (`spike_plane_pack`) and their flags
-/// (`sparseflow_kernels::tensor_conv::PLANE_FLAG_WORDS`).
-struct SpikePlanes {
-    /// Plane 0 (bit 0 of each value), then plane 1, each `[n][Cin / 32][H·W]` words.
-    words: CudaSlice<u32>,
-    flags: CudaSlice<u32>,
+/// The two bit planes of an input for the integer spike kernel (`spike_plane_pack`) and
+/// whether some value is out of their range.
+pub(crate) struct SpikePlanes {
+    /// `[n][Cin / 32][H·W][2]` words: plane 0 (bit 0 of each value), then plane 1.
+    pub(crate) words: CudaSlice<u32>,
+    pub(crate) out_of_range: CudaSlice<u32>,
 }
 
 impl SpikePlanes {
     /// Packs `x`, a `(n, Cin, H·W)` map with `Cin` a multiple of 32.
-    fn pack(x: &DeviceTensor, (n, cin, hw): (u32, u32, u32)) -> Result<Self> {
+    pub(crate) fn pack(x: &DeviceTensor, (n, cin, hw): (u32, u32, u32)) -> Result<Self> {
         let backend = x.backend();
         let stream = backend.stream();
         let total = n * (cin / 32) * hw;
         // SAFETY: the packing kernel writes every word of both planes.
         let mut words = unsafe { stream.alloc::<u32>(2 * total.max(1) as usize)? };
-        let mut flags = stream.alloc_zeros::<u32>(PLANE_FLAG_WORDS)?;
+        let mut out_of_range = stream.alloc_zeros::<u32>(1)?;
         let pack = backend.function("spike_plane_pack")?;
         let mut launch = stream.launch_builder(&pack);
         launch
             .arg(x.slice())
             .arg(&mut words)
-            .arg(&mut flags)
+            .arg(&mut out_of_range)
             .arg(&n)
             .arg(&cin)
             .arg(&hw);
@@ -390,7 +390,10 @@ impl SpikePlanes {
                 shared_mem_bytes: 0,
             })?
         };
-        Ok(Self { words, flags })
+        Ok(Self {
+            words,
+            out_of_range,
+        })
     }
 }
 

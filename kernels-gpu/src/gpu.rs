@@ -119,6 +119,22 @@ pub unsafe fn load_nc_f32x2(ptr: *const f32) -> (f32, f32) {
     (a, b)
 }
 
+/// Two consecutive `u32` through the read-only data cache.
+///
+/// # Safety
+/// `ptr` is 8-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_nc_u32x2(ptr: *const u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!(
+        "ld.global.nc.v2.u32 {{{a}, {b}}}, [{ptr}];",
+        a = out(reg32) a,
+        b = out(reg32) b,
+        ptr = in(reg64) ptr,
+    );
+    [a, b]
+}
+
 /// Four consecutive floats through the read-only data cache.
 ///
 /// # Safety

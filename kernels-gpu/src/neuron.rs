@@ -148,6 +148,71 @@ impl SpikeSink for MarkedSpikes {
     }
 }
 
+/// [`MarkedSpikes`] for small integers (a SEW ADD's sums): bit 0 of each value in the bitmap
+/// at `bitmaps`, bit 1 in the one `plane_words` words on (the integer spike kernel's two bit
+/// planes, transposed by `spike_bitmap_planes`); `*out_of_range` is raised where a value is not
+/// an integer in `0..=MAX_PLANE_VALUE` (then the f32 kernel computes the conv).
+#[cfg(target_arch = "nvptx64")]
+#[derive(Clone, Copy)]
+struct MarkedPlanes {
+    out: *mut f32,
+    bitmaps: *mut u32,
+    plane_words: usize,
+    out_of_range: *mut u32,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl MarkedPlanes {
+    /// Raises the flag if any lane's value is out of the planes' range; every lane calls it.
+    #[inline(always)]
+    unsafe fn flag(self, outside: bool) {
+        use crate::gpu;
+        if gpu::warp_any(outside) && gpu::thread_x() % gpu::WARP_SIZE == 0 {
+            gpu::atomic_or_u32(self.out_of_range, 1);
+        }
+    }
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl SpikeSink for MarkedPlanes {
+    #[inline(always)]
+    unsafe fn write(self, idx: usize, value: f32) {
+        use crate::gpu;
+        SpikeSink::write(self.out, idx, value);
+        let (v, exact) = crate::tensor_conv::plane_value(value);
+        let (low, high) = (gpu::warp_ballot(v & 1 != 0), gpu::warp_ballot(v & 2 != 0));
+        if gpu::thread_x() % gpu::WARP_SIZE == 0 {
+            *self.bitmaps.add(idx / 32) = low;
+            *self.bitmaps.add(self.plane_words + idx / 32) = high;
+        }
+        self.flag(!exact);
+    }
+    #[inline(always)]
+    unsafe fn write4(self, idx: usize, values: [f32; 4]) {
+        use crate::gpu;
+        SpikeSink::write4(self.out, idx, values);
+        let lane = gpu::thread_x() % gpu::WARP_SIZE;
+        let (mut low, mut high, mut out_of_range) = (0u32, 0u32, false);
+        for (e, &value) in values.iter().enumerate() {
+            let (v, exact) = crate::tensor_conv::plane_value(value);
+            low |= (v & 1) << e;
+            high |= (v >> 1 & 1) << e;
+            out_of_range |= !exact;
+        }
+        // As `MarkedSpikes::write4`, once per plane.
+        let (mut low, mut high) = (low << (4 * (lane % 8)), high << (4 * (lane % 8)));
+        for mask in [1, 2, 4] {
+            low |= gpu::shfl_xor_u32(low, mask);
+            high |= gpu::shfl_xor_u32(high, mask);
+        }
+        if lane % 8 == 0 {
+            *self.bitmaps.add(idx / 32) = low;
+            *self.bitmaps.add(self.plane_words + idx / 32) = high;
+        }
+        self.flag(out_of_range);
+    }
+}
+
 /// Whether a step of `per_step` neurons can be marked in a bitmap: every warp of the launch
 /// whole (no lane returns early) and on whole words, one neuron or four per thread.
 pub const fn neuron_marking_fits(per_step: u32) -> bool {
@@ -383,6 +448,26 @@ neuron_entries! {
     /// As [`neuron_multi_step`]; `shortcut` holds as many floats as `x`, 16-byte aligned.
     neuron_multi_step_connect(shortcut: *const f32, function: u32, spikes_first: u32, out: *mut f32)
         => (None, Some(Connect { shortcut, function, spikes_first: spikes_first != 0 }), out);
+    /// [`neuron_multi_step_connect`] that also sets the two bit planes of each output in
+    /// `bitmaps` and raises `out_of_range` (see `MarkedPlanes`).
+    ///
+    /// # Safety
+    /// As [`neuron_multi_step_connect`]; `bitmaps` holds two bitmaps of `plane_words` =
+    /// `steps · per_step / 32 + 1` words, `out_of_range` one word (zeroed by the host);
+    /// [`neuron_marking_fits`]`(per_step)`.
+    neuron_multi_step_connect_marked(
+        shortcut: *const f32,
+        function: u32,
+        spikes_first: u32,
+        out: *mut f32,
+        bitmaps: *mut u32,
+        plane_words: u32,
+        out_of_range: *mut u32
+    ) => (
+        None,
+        Some(Connect { shortcut, function, spikes_first: spikes_first != 0 }),
+        MarkedPlanes { out, bitmaps, plane_words: plane_words as usize, out_of_range }
+    );
 }
 
 #[cfg(test)]

@@ -191,6 +191,40 @@ pub unsafe extern "ptx-kernel" fn spike_bitmap_masks(
     cin: u32,
     hw: u32,
 ) {
+    bitmap_masks::<1>(bitmap, masks, n, cin, hw, 0)
+}
+
+/// [`spike_bitmap_masks`] for the two bit-plane bitmaps of small integers (`bitmaps`: plane 0,
+/// then plane 1 `plane_words` words on), into the integer kernel's masks: each pixel's two
+/// plane words side by side (`masks`: `n · cin / 32 · hw · 2` words).
+///
+/// # Safety
+/// As [`spike_bitmap_masks`], for each plane.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn spike_bitmap_planes(
+    bitmaps: *const u32,
+    masks: *mut u32,
+    n: u32,
+    cin: u32,
+    hw: u32,
+    plane_words: u32,
+) {
+    bitmap_masks::<2>(bitmaps, masks, n, cin, hw, plane_words)
+}
+
+/// The transpose of [`spike_bitmap_masks`] for `PLANES` bitmaps `plane_words` apart, mask word
+/// `PLANES · idx + plane`.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn bitmap_masks<const PLANES: usize>(
+    bitmap: *const u32,
+    masks: *mut u32,
+    n: u32,
+    cin: u32,
+    hw: u32,
+    plane_words: u32,
+) {
     use crate::gpu;
     let lane = gpu::thread_x() % gpu::WARP_SIZE;
     let warp = (gpu::block_x() * PACK_THREADS + gpu::thread_x()) / gpu::WARP_SIZE;
@@ -207,22 +241,26 @@ pub unsafe extern "ptx-kernel" fn spike_bitmap_masks(
     );
     let p0 = block * BITMAP_PIXELS_PER_WARP;
     let bit = ((img * cin + 32 * word + lane) * hw + p0) as usize;
-    let lo = gpu::load_nc_u32(bitmap.add(bit / 32));
-    let hi = if bit % 32 != 0 {
-        gpu::load_nc_u32(bitmap.add(bit / 32 + 1))
-    } else {
-        0
-    };
-    let row = bitmap_bits(lo, hi, (bit % 32) as u32);
-    let mut mine = 0;
-    for i in 0..BITMAP_PIXELS_PER_WARP {
-        let column = gpu::warp_ballot((row >> i) & 1 != 0);
-        if lane == i {
-            mine = column;
+    for plane in 0..PLANES {
+        let bitmap = bitmap.add(plane * plane_words as usize);
+        let lo = gpu::load_nc_u32(bitmap.add(bit / 32));
+        let hi = if bit % 32 != 0 {
+            gpu::load_nc_u32(bitmap.add(bit / 32 + 1))
+        } else {
+            0
+        };
+        let row = bitmap_bits(lo, hi, (bit % 32) as u32);
+        let mut mine = 0;
+        for i in 0..BITMAP_PIXELS_PER_WARP {
+            let column = gpu::warp_ballot((row >> i) & 1 != 0);
+            if lane == i {
+                mine = column;
+            }
         }
-    }
-    if p0 + lane < hw {
-        *masks.add(((img * words + word) * hw + p0 + lane) as usize) = mine;
+        if p0 + lane < hw {
+            let idx = ((img * words + word) * hw + p0 + lane) as usize;
+            *masks.add(PLANES * idx + plane) = mine;
+        }
     }
 }
 

@@ -507,11 +507,6 @@ pub const INTEGER_BIAS_PAIR: u32 = 0x6400_6400;
 /// The largest value a two-plane input may hold.
 pub const MAX_PLANE_VALUE: u32 = 3;
 
-/// The flags `spike_plane_pack` sets: word 0 when some value is not 0 or 1 (the binary kernel
-/// then does nothing), word 1 when some value is not an integer in `0..=MAX_PLANE_VALUE` (only
-/// the f32 kernel then computes the output).
-pub const PLANE_FLAG_WORDS: usize = 2;
-
 /// The kernel's A-fragment registers for `m16` tile `m_tile` and `k16` step `step`, from its
 /// pixels' words `now` (mask words, or [`integer_lane_bits`] when `PLANES` is 2).
 #[cfg(target_arch = "nvptx64")]
@@ -555,12 +550,8 @@ macro_rules! tensor_spike_entries {
                 g: ConvGeometry,
                 scale: f32,
             ) {
-                let skip = if $planes == 1 {
-                    *flags != 0
-                } else {
-                    *flags == 0 || *flags.add(1) != 0
-                };
-                if skip {
+                // The input is not what the masks describe: the f32 kernel computes it.
+                if *flags != 0 {
                     return;
                 }
                 tensor_conv_spikes::<$planes>(masks, fragments, bias, has_bias, out, g, scale)
@@ -571,45 +562,46 @@ macro_rules! tensor_spike_entries {
 
 tensor_spike_entries! {
     /// `out = conv(spikes, weight) + bias` on the tensor cores, the spikes given as the channel
-    /// masks of `spike_mask_pack`, `spike_bitmap_masks` or plane 0 of `spike_plane_pack`
-    /// (`masks`: `[n][Cin / 32][H·W]`, bit `j` of word `w` is channel `32·w + j`). No input is
+    /// masks of `spike_mask_pack` or `spike_bitmap_masks` (`masks`: `[n][Cin / 32][H·W]`, bit `j` of word `w` is channel `32·w + j`). No input is
     /// gathered or converted: each lane builds its A fragments from the mask words of its four
     /// pixels, so a stage costs four loads and a few integer operations per lane against 64 MMAs
     /// per warp. `fragments` holds the weights in tap-major order (`k = tap · Cin + ci`, see the
     /// host's packing), stages of 32 channels of one tap.
     ///
-    /// When the packing pass found a non-binary input (`flags[0] != 0`), it does nothing: the
-    /// integer or the f32 kernel launched after it computes the output.
+    /// When the packing pass found a non-binary input (`*flags != 0`), it does nothing: the f32
+    /// kernel launched after it computes the output.
     ///
     /// # Safety
     /// `Cin` is a multiple of 32 and `kh · kw · Cin / 32` stages fit `fragments`; the buffers hold
     /// what `g` implies; launch with [`tensor_conv_grid`], [`TENSOR_CONV_THREADS`] threads and
     /// [`TENSOR_SPIKES_SHARED_BYTES`] of dynamic shared memory.
     tensor_conv2d_spikes => planes 1;
-    /// [`tensor_conv2d_spikes`] on integers `0..=MAX_PLANE_VALUE` given as the two bit planes of
-    /// `spike_plane_pack` (`masks`: plane 0, then plane 1, each `[n][Cin / 32][H·W]`); it runs
-    /// only when `flags[0] != 0` and `flags[1] == 0` (see [`PLANE_FLAG_WORDS`]).
+    /// [`tensor_conv2d_spikes`] on integers `0..=MAX_PLANE_VALUE` (spikes among them) given as
+    /// the two bit planes of `spike_plane_pack` or `spike_bitmap_planes` (`masks`: `[n][Cin /
+    /// 32][H·W][2]`, plane 0 then plane 1); it does nothing when some value was out of that
+    /// range (`*flags != 0`).
     ///
     /// # Safety
-    /// As [`tensor_conv2d_spikes`]; `masks` holds both planes, `flags` two words.
+    /// As [`tensor_conv2d_spikes`]; `masks` holds both planes.
     tensor_conv2d_spike_planes => planes 2;
 }
 
 /// Packs an input of `Cin` (a multiple of 32) channels into the two bit planes of
 /// [`tensor_conv2d_spike_planes`]: thread `idx` of `n · Cin / 32 · hw` reads the 32 channels of
-/// one word at one pixel and writes bit 0 of each value to `planes[idx]`, bit 1 to
-/// `planes[idx + total]`, and raises `flags` (see [`PLANE_FLAG_WORDS`]).
+/// one word at one pixel and writes bit 0 of each value to `planes[2 · idx]`, bit 1 to
+/// `planes[2 · idx + 1]` (a pixel's planes side by side: one load in the kernel), and raises
+/// `*out_of_range` where a value is not an integer in `0..=MAX_PLANE_VALUE`.
 ///
 /// # Safety
-/// `input` holds `n · cin · hw` floats, `planes` `2 · n · cin / 32 · hw` u32, `flags` two u32
-/// (zeroed by the host). Launch with `PACK_THREADS` threads and `ceil(total / PACK_THREADS)`
-/// blocks.
+/// `input` holds `n · cin · hw` floats, `planes` `2 · n · cin / 32 · hw` u32, `out_of_range`
+/// one u32 (zeroed by the host). Launch with `PACK_THREADS` threads and `ceil(total /
+/// PACK_THREADS)` blocks.
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn spike_plane_pack(
     input: *const f32,
     planes: *mut u32,
-    flags: *mut u32,
+    out_of_range: *mut u32,
     n: u32,
     cin: u32,
     hw: u32,
@@ -618,7 +610,7 @@ pub unsafe extern "ptx-kernel" fn spike_plane_pack(
     let words = cin / 32;
     let total = n * words * hw;
     let idx = gpu::block_x() * crate::sparse_conv::PACK_THREADS + gpu::thread_x();
-    let (mut non_binary, mut out_of_range) = (false, false);
+    let mut outside = false;
     if idx < total {
         let pixel = idx % hw;
         let word = (idx / hw) % words;
@@ -634,19 +626,14 @@ pub unsafe extern "ptx-kernel" fn spike_plane_pack(
             let (value, exact) = plane_value(v);
             low |= (value & 1) << j;
             high |= (value >> 1 & 1) << j;
-            non_binary |= value > 1;
-            out_of_range |= !exact;
+            outside |= !exact;
         }
-        *planes.add(idx as usize) = low;
-        *planes.add((total + idx) as usize) = high;
+        *planes.add(2 * idx as usize) = low;
+        *planes.add(2 * idx as usize + 1) = high;
     }
-    // Every thread reaches the votes (none returned early), so the warp is complete.
-    let lane0 = gpu::thread_x() % gpu::WARP_SIZE == 0;
-    if gpu::warp_any(non_binary) && lane0 {
-        gpu::atomic_or_u32(flags, 1);
-    }
-    if gpu::warp_any(out_of_range) && lane0 {
-        gpu::atomic_or_u32(flags.add(1), 1);
+    // Every thread reaches the vote (none returned early), so the warp is complete.
+    if gpu::warp_any(outside) && gpu::thread_x() % gpu::WARP_SIZE == 0 {
+        gpu::atomic_or_u32(out_of_range, 1);
     }
 }
 
@@ -659,8 +646,7 @@ pub fn plane_value(v: f32) -> (u32, bool) {
     (value, value as f32 == v && value <= MAX_PLANE_VALUE)
 }
 
-/// The spike kernel: `PLANES` bit planes of mask words, each `[n][Cin / 32][H·W]`, one after
-/// the other.
+/// The spike kernel: `PLANES` bit planes of mask words, `[n][Cin / 32][H·W][PLANES]`.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 unsafe fn tensor_conv_spikes<const PLANES: usize>(
@@ -690,12 +676,11 @@ unsafe fn tensor_conv_spikes<const PLANES: usize>(
     let cta_fragments = fragments.add(fragment_word(0, m0 / 8, 0, cout_padded));
     let step_words = (cout_padded / 8 * 32) as usize * FRAGMENT_WORDS;
     let load = |r: u32, s: u32, word: u32| {
-        let low = pixels.load(r, s, word, 0);
+        let m = pixels.load::<PLANES>(r, s, word);
         if PLANES == 1 {
-            return low;
+            return m.map(|planes| planes[0]);
         }
-        let high = pixels.load(r, s, word, 1);
-        [0, 1, 2, 3].map(|i| integer_lane_bits(low[i], high[i], lane % 4))
+        m.map(|planes| integer_lane_bits(planes[0], planes[PLANES - 1], lane % 4))
     };
 
     let mut acc = [[[0.0f32; 4]; 8]; 2];
@@ -753,8 +738,6 @@ struct PixelMasks {
     corner_x: [i32; 4],
     /// Each pixel's image's first mask word.
     image: [u32; 4],
-    /// Mask words per bit plane.
-    plane_words: u32,
     h: u32,
     w: u32,
     dh: u32,
@@ -771,7 +754,6 @@ impl PixelMasks {
             corner_y: [i32::MIN / 2; 4],
             corner_x: [0; 4],
             image: [0; 4],
-            plane_words: g.n * (g.cin / 32) * g.h * g.w,
             h: g.h,
             w: g.w,
             dh: g.dh,
@@ -789,22 +771,25 @@ impl PixelMasks {
         this
     }
 
-    /// The mask words of bit plane `plane`, channel word `word` at tap `(r, s)` of the four
-    /// pixels (0 in the padding).
+    /// The mask words of channel word `word` at tap `(r, s)` of the four pixels, each pixel's
+    /// `PLANES` planes side by side (0 in the padding): one load per pixel.
     #[inline(always)]
-    unsafe fn load(&self, r: u32, s: u32, word: u32, plane: u32) -> [u32; 4] {
-        let mut m = [0u32; 4];
+    unsafe fn load<const PLANES: usize>(&self, r: u32, s: u32, word: u32) -> [[u32; PLANES]; 4] {
+        let mut m = [[0u32; PLANES]; 4];
         let plane_size = self.h * self.w;
         unroll!(i in [0, 1, 2, 3] {
             let iy = self.corner_y[i] + (r * self.dh) as i32;
             let ix = self.corner_x[i] + (s * self.dw) as i32;
             if (iy as u32) < self.h && (ix as u32) < self.w {
-                let at = plane * self.plane_words
-                    + self.image[i]
-                    + word * plane_size
-                    + iy as u32 * self.w
-                    + ix as u32;
-                m[i] = crate::gpu::load_nc_u32(self.masks.add(at as usize));
+                let at = self.image[i] + word * plane_size + iy as u32 * self.w + ix as u32;
+                let words = self.masks.add(PLANES * at as usize);
+                if PLANES == 1 {
+                    m[i][0] = crate::gpu::load_nc_u32(words);
+                } else {
+                    let [low, high] = crate::gpu::load_nc_u32x2(words);
+                    m[i][0] = low;
+                    m[i][PLANES - 1] = high;
+                }
             }
         });
         m
