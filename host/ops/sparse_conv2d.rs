@@ -616,35 +616,7 @@ impl SpikeMasks {
         bitmap: &CudaSlice<u32>,
         dims: (u32, u32, u32),
     ) -> Result<Self> {
-        let (n, cin, hw) = dims;
-        let stream = backend.stream();
-        let total = n as usize * mask_words(cin) as usize * hw as usize;
-        // SAFETY: the transpose writes every mask word.
-        let mut words = unsafe { stream.alloc::<u32>(total.max(1))? };
-        let non_binary = backend.zero_word();
-        let transpose = backend.function("spike_bitmap_masks")?;
-        let mut launch = stream.launch_builder(&transpose);
-        launch
-            .arg(bitmap)
-            .arg(&mut words)
-            .arg(&n)
-            .arg(&cin)
-            .arg(&hw);
-        // SAFETY: arguments match `spike_bitmap_masks`' signature and contract (the caller's
-        // map has whole words of channels and a bitmap one word longer than its bits).
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: (bitmap_masks_blocks(n, cin, hw).max(1), 1, 1),
-                block_dim: (PACK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })?
-        };
-        Ok(Self {
-            words,
-            non_binary,
-            dims,
-            planes: 1,
-        })
+        Self::transposed(backend, bitmap, None, backend.zero_word(), dims)
     }
 
     /// The integer kernel's masks of a `(n, Cin, H·W)` map from the two bit-plane bitmaps a
@@ -657,24 +629,44 @@ impl SpikeMasks {
         out_of_range: CudaSlice<u32>,
         dims: (u32, u32, u32),
     ) -> Result<Self> {
-        let (n, cin, hw) = dims;
-        let stream = backend.stream();
-        let total = n as usize * mask_words(cin) as usize * hw as usize;
-        // SAFETY: the transpose writes every word of both planes.
-        let mut words = unsafe { stream.alloc::<u32>(2 * total.max(1))? };
-        let transpose = backend.function("spike_bitmap_planes")?;
         let plane_words = u32::try_from(plane_words)
             .map_err(|_| Error::Shape(format!("{dims:?} is too large for the GPU kernels")))?;
+        let flag = Arc::new(out_of_range);
+        Self::transposed(backend, bitmaps, Some(plane_words), flag, dims)
+    }
+
+    /// `spike_bitmap_masks` over one bitmap, or `spike_bitmap_planes` over two `plane_words`
+    /// apart.
+    fn transposed(
+        backend: &CudaBackend,
+        bitmaps: &CudaSlice<u32>,
+        plane_words: Option<u32>,
+        non_binary: Arc<CudaSlice<u32>>,
+        dims: (u32, u32, u32),
+    ) -> Result<Self> {
+        let (n, cin, hw) = dims;
+        let stream = backend.stream();
+        let planes = if plane_words.is_some() { 2 } else { 1 };
+        let total = n as usize * mask_words(cin) as usize * hw as usize;
+        // SAFETY: the transpose writes every word of every plane.
+        let mut words = unsafe { stream.alloc::<u32>(planes * total.max(1))? };
+        let entry = match plane_words {
+            Some(_) => "spike_bitmap_planes",
+            None => "spike_bitmap_masks",
+        };
+        let transpose = backend.function(entry)?;
         let mut launch = stream.launch_builder(&transpose);
         launch
             .arg(bitmaps)
             .arg(&mut words)
             .arg(&n)
             .arg(&cin)
-            .arg(&hw)
-            .arg(&plane_words);
-        // SAFETY: arguments match `spike_bitmap_planes`' signature and contract (whole words
-        // of channels, each bitmap one word longer than its bits).
+            .arg(&hw);
+        if let Some(plane_words) = &plane_words {
+            launch.arg(plane_words);
+        }
+        // SAFETY: arguments match the entry's signature and contract (the caller's map has
+        // whole words of channels and each bitmap is one word longer than its bits).
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: (bitmap_masks_blocks(n, cin, hw).max(1), 1, 1),
@@ -684,9 +676,9 @@ impl SpikeMasks {
         };
         Ok(Self {
             words,
-            non_binary: Arc::new(out_of_range),
+            non_binary,
             dims,
-            planes: 2,
+            planes: planes as u32,
         })
     }
 }
@@ -698,23 +690,40 @@ pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Resul
     if let Some(masks) = x.spike_masks().filter(|m| m.dims == dims && m.planes == 1) {
         return Ok(masks.clone());
     }
-    let (n, cin, hw) = dims;
+    let (words, non_binary) = launch_mask_pack(x, "spike_mask_pack", dims, 1)?;
+    Ok(Arc::new(SpikeMasks {
+        words,
+        non_binary: Arc::new(non_binary),
+        dims,
+        planes: 1,
+    }))
+}
+
+/// A packing pass over `x` (`(n, cin, hw)`): `entry` (`spike_mask_pack`, or `spike_plane_pack`
+/// with `words_per_pixel` 2) writes `words_per_pixel` mask words per (image, channel word,
+/// pixel) and raises the returned flag word where a value is not what the masks describe.
+pub(crate) fn launch_mask_pack(
+    x: &DeviceTensor,
+    entry: &'static str,
+    (n, cin, hw): (u32, u32, u32),
+    words_per_pixel: u32,
+) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
     let backend = x.backend();
     let stream = backend.stream();
     let total = n * mask_words(cin) * hw;
-    // SAFETY: the packing kernel writes every mask word.
-    let mut words = unsafe { stream.alloc::<u32>(total.max(1) as usize)? };
-    let mut non_binary = stream.alloc_zeros::<u32>(1)?;
-    let pack = backend.function("spike_mask_pack")?;
+    // SAFETY: the packing kernels write every mask word.
+    let mut words = unsafe { stream.alloc::<u32>((words_per_pixel * total).max(1) as usize)? };
+    let mut flag = stream.alloc_zeros::<u32>(1)?;
+    let pack = backend.function(entry)?;
     let mut launch = stream.launch_builder(&pack);
     launch
         .arg(x.slice())
         .arg(&mut words)
-        .arg(&mut non_binary)
+        .arg(&mut flag)
         .arg(&n)
         .arg(&cin)
         .arg(&hw);
-    // SAFETY: arguments match `spike_mask_pack`'s signature and contract.
+    // SAFETY: arguments match both packing kernels' signature and contract.
     unsafe {
         launch.launch(LaunchConfig {
             grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
@@ -722,12 +731,7 @@ pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Resul
             shared_mem_bytes: 0,
         })?
     };
-    Ok(Arc::new(SpikeMasks {
-        words,
-        non_binary: Arc::new(non_binary),
-        dims,
-        planes: 1,
-    }))
+    Ok((words, flag))
 }
 
 /// The input density above which the dense GEMM beats the sparse gather on this kind of layer.

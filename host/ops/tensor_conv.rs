@@ -13,7 +13,6 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use sparseflow_kernels::neuron::NeuronParams;
-use sparseflow_kernels::sparse_conv::PACK_THREADS;
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
@@ -23,7 +22,9 @@ use sparseflow_kernels::tensor_conv::{
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
+use crate::ops::sparse_conv2d::launch_mask_pack;
 use crate::ops::Operator;
+use sparseflow_kernels::dense_conv::ConvGeometry;
 
 /// The largest scaled weight: a power of two below half precision's maximum (65504), so that
 /// `hi` never overflows.
@@ -170,6 +171,21 @@ pub fn pack_fragments(
     words
 }
 
+/// The dynamic shared memory the f32 tensor-core kernels take for `g`, or an error where no
+/// entry computes it (too many taps, or more shared memory than the device has).
+fn checked_shared_bytes(conv: &Conv2d, g: &ConvGeometry, backend: &CudaBackend) -> Result<u32> {
+    let shared = tensor_conv_shared_bytes(g.k_dim());
+    if g.kh * g.kw > MAX_TENSOR_TAPS || shared as usize > backend.max_shared_memory_per_block() {
+        return Err(Error::MissingKernelVariant(format!(
+            "tensor_conv2d for {}: {} taps, {shared} bytes of shared memory (at most {MAX_TENSOR_TAPS} taps and {} bytes)",
+            conv.describe(),
+            g.kh * g.kw,
+            backend.max_shared_memory_per_block()
+        )));
+    }
+    Ok(shared)
+}
+
 /// The convolution of `x` (`[..., Cin, H, W]` on the device) into `out` on the tensor cores.
 /// Exact-half inputs (spikes, small integers) take the tensor cores; a stage of 32 taps holding
 /// any other value is summed with f32 FMAs instead, so every input is computed to fp32 accuracy.
@@ -185,15 +201,7 @@ pub(crate) fn tensor_conv_cuda(
         return Ok(());
     }
     let backend = x.backend();
-    let shared = tensor_conv_shared_bytes(g.k_dim());
-    if g.kh * g.kw > MAX_TENSOR_TAPS || shared as usize > backend.max_shared_memory_per_block() {
-        return Err(Error::MissingKernelVariant(format!(
-            "tensor_conv2d for {}: {} taps, {shared} bytes of shared memory (at most {MAX_TENSOR_TAPS} taps and {} bytes)",
-            conv.describe(),
-            g.kh * g.kw,
-            backend.max_shared_memory_per_block()
-        )));
-    }
+    let shared = checked_shared_bytes(conv, &g, backend)?;
     let stream = backend.stream();
     let has_bias = weights.bias.is_some() as u32;
     // Without a bias the kernel never reads the pointer; any valid one will do.
@@ -314,14 +322,7 @@ pub(crate) fn tensor_conv_neuron_cuda(
         return Ok(());
     }
     let backend = x.backend();
-    let shared = tensor_conv_shared_bytes(g.k_dim());
-    if g.kh * g.kw > MAX_TENSOR_TAPS || shared as usize > backend.max_shared_memory_per_block() {
-        return Err(Error::MissingKernelVariant(format!(
-            "tensor_conv2d_neuron for {}: {} taps, {shared} bytes of shared memory",
-            conv.describe(),
-            g.kh * g.kw
-        )));
-    }
+    let shared = checked_shared_bytes(conv, &g, backend)?;
     let entry = if g.kh * g.kw <= NARROW_TENSOR_TAPS {
         "tensor_conv2d_neuron"
     } else {
@@ -366,30 +367,8 @@ pub(crate) struct SpikePlanes {
 
 impl SpikePlanes {
     /// Packs `x`, a `(n, Cin, H·W)` map with `Cin` a multiple of 32.
-    pub(crate) fn pack(x: &DeviceTensor, (n, cin, hw): (u32, u32, u32)) -> Result<Self> {
-        let backend = x.backend();
-        let stream = backend.stream();
-        let total = n * (cin / 32) * hw;
-        // SAFETY: the packing kernel writes every word of both planes.
-        let mut words = unsafe { stream.alloc::<u32>(2 * total.max(1) as usize)? };
-        let mut out_of_range = stream.alloc_zeros::<u32>(1)?;
-        let pack = backend.function("spike_plane_pack")?;
-        let mut launch = stream.launch_builder(&pack);
-        launch
-            .arg(x.slice())
-            .arg(&mut words)
-            .arg(&mut out_of_range)
-            .arg(&n)
-            .arg(&cin)
-            .arg(&hw);
-        // SAFETY: arguments match `spike_plane_pack`'s signature and contract.
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
-                block_dim: (PACK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })?
-        };
+    pub(crate) fn pack(x: &DeviceTensor, dims: (u32, u32, u32)) -> Result<Self> {
+        let (words, out_of_range) = launch_mask_pack(x, "spike_plane_pack", dims, 2)?;
         Ok(Self {
             words,
             out_of_range,
