@@ -9,6 +9,8 @@
 //! epilogue (`tensor_conv2d_neuron`), writing spikes as bytes that the pool reads: the f32 map
 //! never goes to memory. The spikes are those of the conv kernel followed by the neuron kernel,
 //! bit for bit. On the CPU, and where the kernel does not apply, the operators run in turn.
+use sparseflow_kernels::tensor_conv::TENSOR_TILE_P;
+
 use crate::cuda::DeviceTensor;
 use crate::error::Result;
 use crate::impl_as_any;
@@ -35,10 +37,9 @@ impl ConvNeuronPool {
     fn forward_cuda_fused(&self, x: &DeviceTensor) -> Option<Result<DeviceTensor>> {
         let conv = self.conv.as_any().downcast_ref::<SparseConv2d>()?;
         let pooled = self.neuron_pool.as_any().downcast_ref::<NeuronMaxPool>()?;
-        let (&steps, rest) = x.shape().split_first()?;
-        let steps = u32::try_from(steps).ok()?;
+        let steps = u32::try_from(*x.shape().first()?).ok()?;
         let neuron = kernel_neuron_params(pooled.neuron.as_ref(), steps)?;
-        let fits = x.shape().len() == 5 && steps > 0 && 128 % steps == 0 && !rest.is_empty();
+        let fits = x.shape().len() == 5 && steps > 0 && TENSOR_TILE_P % steps == 0;
         if !fits || !supports(&conv.conv) {
             return None;
         }

@@ -241,10 +241,7 @@ fn launch_neuron<T: DeviceRepr>(
     let backend = x.backend();
     let function = backend.function(entry)?;
     let (steps, per_step) = (steps as u32, per_step as u32);
-    let (hard, reset) = match firing.v_reset {
-        Some(r) => (1u32, r),
-        None => (0, 0.0),
-    };
+    let (hard, reset) = kernel_reset(firing);
     let mode = charge as u32;
     let mut launch = backend.stream().launch_builder(&function);
     launch.arg(x.slice());
@@ -296,6 +293,14 @@ fn launch_neuron<T: DeviceRepr>(
         })?
     };
     Ok(())
+}
+
+/// The kernels' reset arguments: `(1, v_reset)` for a hard reset, `(0, 0.0)` for a soft one.
+fn kernel_reset(firing: &Firing) -> (u32, f32) {
+    match firing.v_reset {
+        Some(r) => (1, r),
+        None => (0, 0.0),
+    }
 }
 
 /// What a marking neuron kernel writes besides its output, after it in the entry's parameters.
@@ -735,10 +740,7 @@ pub(crate) fn kernel_neuron_params(op: &dyn Operator, steps: u32) -> Option<Neur
     let neuron = as_builtin_neuron(op)?;
     let (charge, k) = neuron.kernel_charge();
     let firing = neuron.firing();
-    let (hard_reset, v_reset) = match firing.v_reset {
-        Some(r) => (1, r),
-        None => (0, 0.0),
-    };
+    let (hard_reset, v_reset) = kernel_reset(firing);
     Some(NeuronParams {
         steps,
         mode: charge as u32,
