@@ -15,10 +15,34 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const KERNEL_DIR: &str = "kernels-gpu";
-const COMMITTED_PTX: &str = "kernels-gpu/ptx/sparseflow_kernels.ptx";
 const COMMITTED_TOOLCHAIN: &str = "kernels-gpu/ptx/TOOLCHAIN";
-const PTX_NAME: &str = "sparseflow_kernels.ptx";
-const TARGET_CPU: &str = "sm_80";
+
+/// One PTX module built from the kernel crate.
+struct Module {
+    /// The committed copy, relative to the repository root.
+    committed: &'static str,
+    /// Its name in `OUT_DIR` (what the library embeds).
+    name: &'static str,
+    target_cpu: &'static str,
+    /// A `--cfg` for the kernel crate, if any.
+    cfg: Option<&'static str>,
+}
+
+/// The generic module (sm_80 and later) and the Hopper one, which adds the `wgmma` kernels.
+const MODULES: [Module; 2] = [
+    Module {
+        committed: "kernels-gpu/ptx/sparseflow_kernels.ptx",
+        name: "sparseflow_kernels.ptx",
+        target_cpu: "sm_80",
+        cfg: None,
+    },
+    Module {
+        committed: "kernels-gpu/ptx/sparseflow_kernels_sm90.ptx",
+        name: "sparseflow_kernels_sm90.ptx",
+        target_cpu: "sm_90a",
+        cfg: Some("sparseflow_sm90"),
+    },
+];
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -32,10 +56,12 @@ fn main() {
     for path in [
         "kernels-gpu/src",
         "kernels-gpu/Cargo.toml",
-        COMMITTED_PTX,
         COMMITTED_TOOLCHAIN,
     ] {
         println!("cargo:rerun-if-changed={path}");
+    }
+    for module in &MODULES {
+        println!("cargo:rerun-if-changed={}", module.committed);
     }
     for var in [
         "SPARSEFLOW_PTX",
@@ -64,23 +90,46 @@ fn main() {
             fail("SPARSEFLOW_PTX=check/write need the kernels-gpu/ sources of the repository");
         }
         println!("cargo:rustc-cfg=sparseflow_ptx_from_kernels_crate");
-        fs::write(out_dir.join(PTX_NAME), "").unwrap();
+        for module in &MODULES {
+            fs::write(out_dir.join(module.name), "").unwrap();
+        }
         println!("cargo:rustc-env=SPARSEFLOW_PTX_ORIGIN=committed");
         return;
     }
-    let committed = fs::read_to_string(root.join(COMMITTED_PTX)).ok();
     let toolchain = Toolchain::locate();
+    let mut origins = Vec::new();
+    for module in &MODULES {
+        let (ptx, origin) = build_module(module, mode, &root, &out_dir, &toolchain);
+        fs::write(out_dir.join(module.name), ptx).unwrap();
+        origins.push(origin);
+    }
+    origins.dedup();
+    println!(
+        "cargo:rustc-env=SPARSEFLOW_PTX_ORIGIN={}",
+        origins.join("+")
+    );
+}
 
-    let (ptx, origin) = match (mode, &toolchain) {
+/// The PTX of `module` and where it came from ("built" or "committed"), as `mode` asks.
+fn build_module(
+    module: &Module,
+    mode: Mode,
+    root: &Path,
+    out_dir: &Path,
+    toolchain: &Result<Toolchain, String>,
+) -> (String, &'static str) {
+    let committed_path = module.committed;
+    let committed = fs::read_to_string(root.join(committed_path)).ok();
+    match (mode, toolchain) {
         (Mode::Committed, _) | (Mode::Auto, Err(_)) => {
             if let (Mode::Auto, Err(why)) = (mode, &toolchain) {
                 println!(
-                    "cargo:warning=using the committed PTX ({COMMITTED_PTX}): the nvptx kernel toolchain is not installed ({why})"
+                    "cargo:warning=using the committed PTX ({committed_path}): the nvptx kernel toolchain is not installed ({why})"
                 );
             }
             let ptx = committed.clone().unwrap_or_else(|| {
                 fail(&format!(
-                    "{COMMITTED_PTX} is missing and the kernels cannot be built here"
+                    "{committed_path} is missing and the kernels cannot be built here"
                 ))
             });
             (ptx, "committed")
@@ -88,7 +137,7 @@ fn main() {
         (Mode::Check | Mode::Write, Err(why)) => fail(&format!(
             "SPARSEFLOW_PTX needs the nvptx kernel toolchain, which is not usable: {why}"
         )),
-        (_, Ok(tc)) => match tc.build(&root, &out_dir) {
+        (_, Ok(tc)) => match tc.build(module, root, out_dir) {
             Ok(ptx) => {
                 let stale = committed.as_deref() != Some(ptx.as_str());
                 let recorded =
@@ -103,13 +152,13 @@ fn main() {
                     "kernel sources changed without regenerating it: run `SPARSEFLOW_PTX=write cargo build` and commit kernels-gpu/ptx/".to_string()
                 };
                 match mode {
-                    Mode::Check if stale => fail(&format!("{COMMITTED_PTX} is stale: {why}")),
+                    Mode::Check if stale => fail(&format!("{committed_path} is stale: {why}")),
                     Mode::Write => {
-                        fs::write(root.join(COMMITTED_PTX), &ptx).unwrap();
+                        fs::write(root.join(committed_path), &ptx).unwrap();
                         fs::write(root.join(COMMITTED_TOOLCHAIN), &tc.version).unwrap();
-                        println!("cargo:warning=wrote {COMMITTED_PTX}");
+                        println!("cargo:warning=wrote {committed_path}");
                     }
-                    _ if stale => println!("cargo:warning={COMMITTED_PTX} is stale: {why}"),
+                    _ if stale => println!("cargo:warning={committed_path} is stale: {why}"),
                     _ => {}
                 }
                 (ptx, "built")
@@ -124,9 +173,7 @@ fn main() {
             }
             Err(err) => fail(&err),
         },
-    };
-    fs::write(out_dir.join(PTX_NAME), ptx).unwrap();
-    println!("cargo:rustc-env=SPARSEFLOW_PTX_ORIGIN={origin}");
+    }
 }
 
 struct Toolchain {
@@ -175,8 +222,8 @@ impl Toolchain {
 
     /// Runs the recipe of DESIGN.md in a clean environment and its own target directory, so no
     /// outer `RUSTFLAGS`/`CARGO_*` setting leaks into the device build.
-    fn build(&self, root: &Path, out_dir: &Path) -> Result<String, String> {
-        let target_dir = out_dir.join("nvptx-target");
+    fn build(&self, module: &Module, root: &Path, out_dir: &Path) -> Result<String, String> {
+        let target_dir = out_dir.join(format!("nvptx-target-{}", module.target_cpu));
         let mut cmd = Command::new(&self.cargo);
         cmd.env_clear()
             .current_dir(root.join(KERNEL_DIR))
@@ -208,7 +255,10 @@ impl Toolchain {
             .arg("--target-dir")
             .arg(&target_dir)
             .args(["--", "--emit=asm", "-C", "linker=true"])
-            .arg(format!("-Ctarget-cpu={TARGET_CPU}"));
+            .arg(format!("-Ctarget-cpu={}", module.target_cpu));
+        if let Some(cfg) = module.cfg {
+            cmd.args(["--cfg", cfg]);
+        }
         let out = cmd
             .output()
             .map_err(|e| format!("cannot run {}: {e}", self.cargo.display()))?;

@@ -20,6 +20,15 @@ pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparseflow_kernels
 /// the `sparseflow-kernels` crate).
 #[cfg(sparseflow_ptx_from_kernels_crate)]
 pub const PTX: &str = sparseflow_kernels::COMMITTED_PTX;
+/// The same kernels built for sm_90a, plus the `wgmma` ones (`kernels-gpu/src/wgmma_conv.rs`):
+/// the module loaded on devices of compute capability 9.0.
+#[cfg(not(sparseflow_ptx_from_kernels_crate))]
+pub const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/sparseflow_kernels_sm90.ptx"));
+#[cfg(sparseflow_ptx_from_kernels_crate)]
+pub const PTX_SM90: &str = sparseflow_kernels::COMMITTED_PTX_SM90;
+/// Set to `sm80` to load the generic module on a Hopper GPU too (no `wgmma` kernels): for A/B
+/// timings and for checking one path against the other.
+pub const KERNEL_ARCH_VAR: &str = "SPARSEFLOW_KERNEL_ARCH";
 /// `built` when build.rs compiled the kernels, `committed` when it used the committed PTX.
 pub const PTX_ORIGIN: &str = env!("SPARSEFLOW_PTX_ORIGIN");
 
@@ -29,6 +38,8 @@ pub struct CudaBackend {
     name: String,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    /// Whether `module` is the sm_90a one, with the `wgmma` kernels.
+    hopper: bool,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     max_shared_memory_per_block: usize,
     /// One `u32` zero: the "no non-binary input" flag of masks built from spike bitmaps
@@ -90,7 +101,11 @@ impl CudaBackend {
         let max_shared_memory_per_block = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )? as usize;
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
+        let capability = ctx.compute_capability()?;
+        let hopper = capability == (9, 0)
+            && std::env::var(KERNEL_ARCH_VAR).map_or(true, |arch| arch != "sm80");
+        let ptx = if hopper { PTX_SM90 } else { PTX };
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
         let stream = ctx.default_stream();
         let zero_word = Arc::new(stream.alloc_zeros::<u32>(1)?);
         Ok(Self {
@@ -98,6 +113,7 @@ impl CudaBackend {
             name,
             stream,
             module,
+            hopper,
             functions: Mutex::new(HashMap::new()),
             zero_word,
             max_shared_memory_per_block,
@@ -111,6 +127,11 @@ impl CudaBackend {
     /// The device's marketing name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the loaded module has the Hopper (`wgmma`) kernels.
+    pub fn has_wgmma(&self) -> bool {
+        self.hopper
     }
 
     /// The most dynamic shared memory one block may opt into (bytes).

@@ -18,6 +18,9 @@ use sparseflow_kernels::tensor_conv::{
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
     TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_P,
 };
+use sparseflow_kernels::wgmma_conv::{
+    wgmma_conv_grid, wgmma_half, WGMMA_CONV_THREADS, WGMMA_SHARED_BYTES,
+};
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
@@ -38,6 +41,9 @@ pub struct TensorConvWeights {
     /// The same in tap-major order (`k = tap · Cin + ci`), for `tensor_conv2d_spikes`; present
     /// when `Cin` is a multiple of 32.
     spike_fragments: Option<CudaSlice<u32>>,
+    /// The spike fragments' weights packed for the `wgmma` kernels (`wgmma_half`); present on
+    /// Hopper devices (`CudaBackend::has_wgmma`) when `spike_fragments` is.
+    wgmma_weights: Option<CudaSlice<u32>>,
     /// `w · scale` in f32, `[padded_cout, K]`, for stages whose input is not exactly half.
     scaled: CudaSlice<f32>,
     bias: Option<CudaSlice<f32>>,
@@ -77,7 +83,8 @@ impl TensorConvWeights {
             conv.in_channels(),
             conv.kernel_size().0 * conv.kernel_size().1,
         );
-        let spike_fragments = if spike_path_supports(conv) {
+        let (mut spike_fragments, mut wgmma_weights) = (None, None);
+        if spike_path_supports(conv) {
             // Stage `s` holds channels `32·(s % words)..` of tap `s / words`, permuted within the
             // stage by `spike_stage_channel`; PyTorch's column is `ci · taps + tap`.
             let words = cin / 32;
@@ -86,13 +93,17 @@ impl TensorConvWeights {
                 let ci = stage % words * 32 + spike_stage_channel(step, kk) as usize;
                 ci * taps + stage / words
             };
-            Some(stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale, column))?)
-        } else {
-            None
-        };
+            if backend.has_wgmma() {
+                let packed = pack_wgmma_weights(weight, cout, k_dim, scale, column);
+                wgmma_weights = Some(stream.clone_htod(&packed)?);
+            }
+            let packed = pack_fragments(weight, cout, k_dim, scale, column);
+            spike_fragments = Some(stream.clone_htod(&packed)?);
+        }
         Ok(Self {
             fragments: stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale, |k| k))?,
             spike_fragments,
+            wgmma_weights,
             scaled: stream.clone_htod(&scaled)?,
             bias: conv
                 .bias
@@ -171,6 +182,37 @@ pub fn pack_fragments(
     words
 }
 
+/// `weight` (`[cout, K]`) times `scale`, split into half pairs and packed for the `wgmma`
+/// kernels (`sparseflow_kernels::wgmma_conv::wgmma_half`, two halves a word), zero-padded as
+/// [`pack_fragments`] pads; the kernel's reduction index `k` reads weight column `column(k)`.
+pub fn pack_wgmma_weights(
+    weight: &[f32],
+    cout: usize,
+    k_dim: usize,
+    scale: f32,
+    column: impl Fn(usize) -> usize,
+) -> Vec<u32> {
+    let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
+    let mut halves = vec![0u16; (k_padded * cout_padded * 2) as usize];
+    for k in 0..k_padded {
+        for co in 0..cout_padded {
+            let (ku, cu) = (k as usize, co as usize);
+            let w = if ku < k_dim && cu < cout {
+                weight[cu * k_dim + column(ku)] * scale
+            } else {
+                0.0
+            };
+            let (hi, lo) = split(w);
+            halves[wgmma_half(k, co, 0, cout_padded)] = hi.to_bits();
+            halves[wgmma_half(k, co, 1, cout_padded)] = lo.to_bits();
+        }
+    }
+    halves
+        .chunks_exact(2)
+        .map(|pair| pair[0] as u32 | (pair[1] as u32) << 16)
+        .collect()
+}
+
 /// The dynamic shared memory the f32 tensor-core kernels take for `g`, or an error where no
 /// entry computes it (too many taps, or more shared memory than the device has).
 fn checked_shared_bytes(conv: &Conv2d, g: &ConvGeometry, backend: &CudaBackend) -> Result<u32> {
@@ -219,42 +261,55 @@ pub(crate) fn tensor_conv_cuda(
         // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
         let dims = (g.n, g.cin, g.h * g.w);
+        // (binary entry, two-plane entry, weights, grid, threads, shared memory)
+        let (binary, integer, spike_weights, grid, threads, shared_mem_bytes) =
+            match &weights.wgmma_weights {
+                Some(packed) => (
+                    "wgmma_conv2d_spikes",
+                    "wgmma_conv2d_spike_planes",
+                    packed,
+                    wgmma_conv_grid(&g),
+                    WGMMA_CONV_THREADS,
+                    WGMMA_SHARED_BYTES,
+                ),
+                None => (
+                    "tensor_conv2d_spikes",
+                    "tensor_conv2d_spike_planes",
+                    spike_fragments,
+                    grid_dim,
+                    TENSOR_CONV_THREADS,
+                    TENSOR_SPIKES_SHARED_BYTES,
+                ),
+            };
         let (entry, masks, flag) = match x.spike_masks().filter(|m| m.dims == dims) {
-            Some(marked) if marked.planes == 2 => (
-                "tensor_conv2d_spike_planes",
-                &marked.words,
-                &*marked.non_binary,
-            ),
-            Some(marked) => ("tensor_conv2d_spikes", &marked.words, &*marked.non_binary),
+            Some(marked) if marked.planes == 2 => (integer, &marked.words, &*marked.non_binary),
+            Some(marked) => (binary, &marked.words, &*marked.non_binary),
             None => {
                 planes = SpikePlanes::pack(x, dims)?;
-                (
-                    "tensor_conv2d_spike_planes",
-                    &planes.words,
-                    &planes.out_of_range,
-                )
+                (integer, &planes.words, &planes.out_of_range)
             }
         };
         let spikes = backend.function(entry)?;
-        allow_shared_memory(&spikes, TENSOR_SPIKES_SHARED_BYTES)?;
+        allow_shared_memory(&spikes, shared_mem_bytes)?;
         let mut launch = stream.launch_builder(&spikes);
         launch
             .arg(masks)
             .arg(flag)
-            .arg(spike_fragments)
+            .arg(spike_weights)
             .arg(bias)
             .arg(&has_bias)
             .arg(out.slice_mut())
             .arg(&geometry)
             .arg(&weights.scale);
-        // SAFETY: the arguments match both entries' signature; Cin is a multiple of 32 (the
-        // fragments exist only then), the fragments were packed for this conv's taps and
-        // channels, and `masks` holds the planes the entry reads.
+        // SAFETY: the arguments match the four entries' signature; Cin is a multiple of 32 (the
+        // fragments exist only then), the weights were packed for this conv's taps and channels
+        // in the layout of the entry's family (`wgmma_weights` only with the sm_90a module
+        // loaded), and `masks` holds the planes the entry reads.
         unsafe {
             launch.launch(LaunchConfig {
-                grid_dim,
-                block_dim: (TENSOR_CONV_THREADS, 1, 1),
-                shared_mem_bytes: TENSOR_SPIKES_SHARED_BYTES,
+                grid_dim: grid,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes,
             })?
         };
         only_if = Some(flag);

@@ -37,12 +37,17 @@ mod gpu;
 /// the kernels, such as one from crates.io, embeds this copy.
 #[cfg(not(target_arch = "nvptx64"))]
 pub const COMMITTED_PTX: &str = include_str!("../ptx/sparseflow_kernels.ptx");
+/// The same kernels built for sm_90a (`--cfg sparseflow_sm90`), with the `wgmma` entry points
+/// of [`wgmma_conv`] added (`ptx/sparseflow_kernels_sm90.ptx`).
+#[cfg(not(target_arch = "nvptx64"))]
+pub const COMMITTED_PTX_SM90: &str = include_str!("../ptx/sparseflow_kernels_sm90.ptx");
 pub mod neuron;
 pub mod pattern_conv;
 pub mod pool;
 pub mod prescan;
 pub mod sparse_conv;
 pub mod tensor_conv;
+pub mod wgmma_conv;
 
 #[cfg(target_arch = "nvptx64")]
 #[panic_handler]

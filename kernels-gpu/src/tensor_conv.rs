@@ -508,10 +508,15 @@ pub const INTEGER_BIAS_PAIR: u32 = 0x6400_6400;
 pub const MAX_PLANE_VALUE: u32 = 3;
 
 /// The kernel's A-fragment registers for `m16` tile `m_tile` and `k16` step `step`, from its
-/// pixels' words `now` (mask words, or [`integer_lane_bits`] when `PLANES` is 2).
+/// pixels' words `now` (mask words, or [`integer_lane_bits`] when `PLANES` is 2; two pixels per
+/// `m16` tile, see [`PixelMasks`]).
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
-fn stage_fragment<const PLANES: usize>(now: &[u32; 4], m_tile: usize, step: u32) -> [u32; 4] {
+pub(crate) fn stage_fragment<const PLANES: usize, const PIXELS: usize>(
+    now: &[u32; PIXELS],
+    m_tile: usize,
+    step: u32,
+) -> [u32; 4] {
     // Columns 2·quad (+ 1) and 2·quad + 8 (+ 1): channels 8·step + quad (+ 4), each with its
     // + 16 twin (the integer words are already shifted by quad).
     let pair = |pixel: usize, offset: u32| {
@@ -664,7 +669,7 @@ unsafe fn tensor_conv_spikes<const PLANES: usize>(
     let m0 = gpu::block_y() * TENSOR_TILE_M;
     let cout_padded = padded_cout(g.cout);
     let shared = gpu::dynamic_shared_base();
-    let pixels = PixelMasks::new(
+    let pixels = PixelMasks::<4>::new(
         masks,
         &g,
         gpu::block_x() * TENSOR_TILE_P + warp * 32 + lane / 4,
@@ -712,7 +717,7 @@ unsafe fn tensor_conv_spikes<const PLANES: usize>(
         unroll!(m_tile in [0, 1] {
             let mut partial = [[0.0f32; 4]; 8];
             unroll!(step in [0, 1] {
-                let a = stage_fragment::<PLANES>(&now, m_tile, step as u32);
+                let a = stage_fragment::<PLANES, 4>(&now, m_tile, step as u32);
                 let b_base = base + step as u32 * TENSOR_STEP_FRAGMENT_BYTES + lane * 16;
                 partial = step_products(a, b_base, partial);
             });
@@ -727,17 +732,17 @@ unsafe fn tensor_conv_spikes<const PLANES: usize>(
     store_tile(&acc, bias, has_bias, out, &g, scale);
 }
 
-/// The four output pixels whose A-fragment rows a lane of `tensor_conv2d_spikes` builds: pixel
-/// `i` is row `lane / 4 + 8 · (i % 2)` of the warp's `m16` tile `i / 2`.
+/// The output pixels whose A-fragment rows a lane of a spike kernel builds (`PIXELS`, 2 or 4):
+/// pixel `i` is row `lane / 4 + 8 · (i % 2)` of the warp's `m16` tile `i / 2`.
 #[cfg(target_arch = "nvptx64")]
-struct PixelMasks {
+pub(crate) struct PixelMasks<const PIXELS: usize> {
     masks: *const u32,
     /// Each pixel's window corner (input row and column of tap (0, 0)); far outside the image
     /// for pixels past the batch.
-    corner_y: [i32; 4],
-    corner_x: [i32; 4],
+    corner_y: [i32; PIXELS],
+    corner_x: [i32; PIXELS],
     /// Each pixel's image's first mask word.
-    image: [u32; 4],
+    image: [u32; PIXELS],
     h: u32,
     w: u32,
     dh: u32,
@@ -745,15 +750,15 @@ struct PixelMasks {
 }
 
 #[cfg(target_arch = "nvptx64")]
-impl PixelMasks {
+impl<const PIXELS: usize> PixelMasks<PIXELS> {
     /// `first` is pixel 0's index in the batch.
     #[inline(always)]
-    unsafe fn new(masks: *const u32, g: &ConvGeometry, first: u32) -> Self {
+    pub(crate) unsafe fn new(masks: *const u32, g: &ConvGeometry, first: u32) -> Self {
         let mut this = Self {
             masks,
-            corner_y: [i32::MIN / 2; 4],
-            corner_x: [0; 4],
-            image: [0; 4],
+            corner_y: [i32::MIN / 2; PIXELS],
+            corner_x: [0; PIXELS],
+            image: [0; PIXELS],
             h: g.h,
             w: g.w,
             dh: g.dh,
@@ -761,7 +766,7 @@ impl PixelMasks {
         };
         unroll!(i in [0, 1, 2, 3] {
             let p = first + (i as u32 / 2) * 16 + 8 * (i as u32 % 2);
-            if p < g.pixels() {
+            if i < PIXELS && p < g.pixels() {
                 let (img, oy, ox) = g.pixel(p);
                 this.corner_y[i] = (oy * g.sh) as i32 - g.ph as i32;
                 this.corner_x[i] = (ox * g.sw) as i32 - g.pw as i32;
@@ -771,16 +776,21 @@ impl PixelMasks {
         this
     }
 
-    /// The mask words of channel word `word` at tap `(r, s)` of the four pixels, each pixel's
+    /// The mask words of channel word `word` at tap `(r, s)` of the pixels, each pixel's
     /// `PLANES` planes side by side (0 in the padding): one load per pixel.
     #[inline(always)]
-    unsafe fn load<const PLANES: usize>(&self, r: u32, s: u32, word: u32) -> [[u32; PLANES]; 4] {
-        let mut m = [[0u32; PLANES]; 4];
+    pub(crate) unsafe fn load<const PLANES: usize>(
+        &self,
+        r: u32,
+        s: u32,
+        word: u32,
+    ) -> [[u32; PLANES]; PIXELS] {
+        let mut m = [[0u32; PLANES]; PIXELS];
         let plane_size = self.h * self.w;
         unroll!(i in [0, 1, 2, 3] {
-            let iy = self.corner_y[i] + (r * self.dh) as i32;
-            let ix = self.corner_x[i] + (s * self.dw) as i32;
-            if (iy as u32) < self.h && (ix as u32) < self.w {
+            let iy = self.corner_y[i % PIXELS] + (r * self.dh) as i32;
+            let ix = self.corner_x[i % PIXELS] + (s * self.dw) as i32;
+            if i < PIXELS && (iy as u32) < self.h && (ix as u32) < self.w {
                 let at = self.image[i] + word * plane_size + iy as u32 * self.w + ix as u32;
                 let words = self.masks.add(PLANES * at as usize);
                 if PLANES == 1 {
@@ -796,12 +806,13 @@ impl PixelMasks {
     }
 }
 
-/// Writes a CTA's `[2][8][4]` accumulator fragments per warp, divided by `scale` and plus the
-/// bias, to the NCHW output (pixels past the batch and channels past `cout` skipped).
+/// Writes a CTA's `[M_TILES][8][4]` accumulator fragments per warp (warp `w`'s `m16` tiles
+/// are pixels `16 · M_TILES · w` on from the CTA's first, `block_x` tiles of all warps' pixels), divided by `scale` and plus the bias, to the NCHW output
+/// (pixels past the batch and channels past `cout` skipped).
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
-unsafe fn store_tile(
-    acc: &[[[f32; 4]; 8]; 2],
+pub(crate) unsafe fn store_tile<const M_TILES: usize>(
+    acc: &[[[f32; 4]; 8]; M_TILES],
     bias: *const f32,
     has_bias: u32,
     out: *mut f32,
@@ -812,15 +823,16 @@ unsafe fn store_tile(
     let tid = gpu::thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (row_in_tile, quad) = (lane / 4, lane % 4);
-    let p0 = gpu::block_x() * TENSOR_TILE_P;
+    // The CTA's tile: its warps' pixels, one after the other.
+    let p0 = gpu::block_x() * (gpu::block_dim_x() / 32) * 16 * M_TILES as u32;
     let m0 = gpu::block_y() * TENSOR_TILE_M;
     let pixels = g.pixels();
     let unscale = 1.0 / scale;
     let plane_out = g.oh * g.ow;
     unroll!(m_tile in [0, 1] {
         unroll!(half in [0, 1] {
-            let p = p0 + warp * 32 + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
-            if p < pixels {
+            let p = p0 + warp * 16 * M_TILES as u32 + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
+            if m_tile < M_TILES && p < pixels {
                 let (img, oy, ox) = g.pixel(p);
                 let base = img * g.cout * plane_out + oy * g.ow + ox;
                 unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {

@@ -1,0 +1,281 @@
+//! The spike kernel of [`crate::tensor_conv`] on Hopper's warpgroup MMA (`wgmma`, sm_90a).
+//!
+//! Same product, same accuracy: spikes (or SEW sums 0–3, as two bit planes) build the A
+//! fragments in registers straight from the mask words, and the weights are the same `hi + lo`
+//! half pairs. What changes is who reads the weights. `mma.sync` makes every warp load its B
+//! fragments from shared memory into registers (on the H100 those loads, not the MMAs, bound the
+//! `mma.sync` kernel); `wgmma` has the tensor cores read B from shared memory once per warpgroup
+//! of four warps, and runs asynchronously while the warps decode the next stage's masks.
+//!
+//! A CTA is two warpgroups (eight warps) and owns 128 output pixels × 64 output channels, as the
+//! `mma.sync` kernel does; warp `w` owns pixels `16·w..16·w + 16` (two per lane). Per stage of
+//! 32 channels of one tap (its weights copied three stages ahead) each warpgroup multiplies two
+//! `k16` steps of A against the stage's `hi` and `lo` weights (`m64n64k16` each), into fresh
+//! registers that are added to the totals in f32. (Four warpgroups of 64 pixels, sharing each
+//! stage's weights, measured slower: one CTA per SM instead of two.)
+//!
+//! The weights are packed per (stage, 64-channel tile) in the canonical K-major layout without
+//! swizzling ([`wgmma_half`]): 8 KB a stage, copied to shared memory by `cp.async`.
+//!
+//! These entry points exist only in the sm_90a module (`--cfg sparseflow_sm90`), which the host
+//! loads on devices of compute capability 9.0.
+
+use crate::tensor_conv::TENSOR_TILE_M;
+
+/// Threads per CTA: two warpgroups, which share each stage's weights.
+pub const WGMMA_CONV_THREADS: u32 = 256;
+/// Output pixels per CTA: 64 per warpgroup.
+pub const WGMMA_TILE_P: u32 = WGMMA_CONV_THREADS / 2;
+/// Halves of one stage's weights for one 64-channel tile: two `k16` steps × (`hi`, `lo`) × 16
+/// × 64.
+pub const WGMMA_CHUNK_HALVES: usize = 2 * 2 * 16 * TENSOR_TILE_M as usize;
+/// Bytes of one `k16` step's `hi` (or `lo`) weights: eight core-matrix pairs of 256 bytes.
+pub const WGMMA_OPERAND_BYTES: u32 = 16 * TENSOR_TILE_M * 2;
+/// Bytes between the two core matrices of a row group along K (the descriptor's leading
+/// dimension offset) and between row groups of 8 channels (its stride dimension offset).
+pub const WGMMA_LEADING_BYTES: u32 = 128;
+pub const WGMMA_STRIDE_BYTES: u32 = 256;
+/// Stage buffers of weights in shared memory: while the tensor cores work on one stage, the
+/// copies of the next three are in flight (an L2 round trip takes longer than a stage's MMAs).
+pub const WGMMA_BUFFERS: u32 = 4;
+/// Dynamic shared memory per CTA: the stage buffers.
+pub const WGMMA_SHARED_BYTES: u32 = WGMMA_BUFFERS * WGMMA_CHUNK_HALVES as u32 * 2;
+
+/// The index, in the packed weights, of the half holding weight `(k, co)` (`lo` 0: its `hi`
+/// half; 1: its `lo` half), `k` in the spike kernel's stage order (32 per stage, permuted by
+/// [`crate::tensor_conv::spike_stage_channel`] as the host packs them).
+///
+/// Chunks of [`WGMMA_CHUNK_HALVES`] are `[stage][cout / 64]`; within one, `[step][lo]` operands
+/// of [`WGMMA_OPERAND_BYTES`], each `[co / 8][k / 8][co % 8][k % 8]` (8 × 8 core matrices of 16
+/// bytes a row).
+pub const fn wgmma_half(k: u32, co: u32, lo: u32, cout_padded: u32) -> usize {
+    let (stage, step, kk) = (k / 32, k % 32 / 16, k % 16);
+    let (tile, c) = (co / TENSOR_TILE_M, co % TENSOR_TILE_M);
+    let chunk = stage as usize * (cout_padded / TENSOR_TILE_M) as usize + tile as usize;
+    let operand = step * 2 + lo;
+    let within = ((operand * 8 + c / 8) * 2 + kk / 8) * 64 + (c % 8) * 8 + kk % 8;
+    chunk * WGMMA_CHUNK_HALVES + within as usize
+}
+
+/// A shared-memory matrix descriptor of `wgmma` (PTX ISA "Matrix Descriptor Format") for a
+/// K-major operand without swizzling: core matrices of 8 rows × 16 bytes at shared address
+/// `addr`, `leading` bytes apart along K and `stride` bytes apart along M/N.
+pub const fn wgmma_descriptor(addr: u32, leading: u32, stride: u32) -> u64 {
+    const fn encode(x: u32) -> u64 {
+        ((x & 0x3FFFF) >> 4) as u64
+    }
+    encode(addr) | encode(leading) << 16 | encode(stride) << 32
+}
+
+/// The launch grid: pixel tiles of [`WGMMA_TILE_P`] × output-channel tiles of 64.
+pub const fn wgmma_conv_grid(g: &crate::dense_conv::ConvGeometry) -> (u32, u32, u32) {
+    (
+        g.pixels().div_ceil(WGMMA_TILE_P),
+        g.cout.div_ceil(TENSOR_TILE_M),
+        1,
+    )
+}
+
+/// The entry points: `PLANES` bit planes of the input, as in `tensor_spike_entries`.
+macro_rules! wgmma_spike_entries {
+    ($($(#[$doc:meta])* $entry:ident => planes $planes:literal;)+) => {
+        $(
+            $(#[$doc])*
+            #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+            #[no_mangle]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe extern "ptx-kernel" fn $entry(
+                masks: *const u32,
+                flags: *const u32,
+                weights: *const u32,
+                bias: *const f32,
+                has_bias: u32,
+                out: *mut f32,
+                g: crate::dense_conv::ConvGeometry,
+                scale: f32,
+            ) {
+                // The input is not what the masks describe: the f32 kernel computes it.
+                if *flags != 0 {
+                    return;
+                }
+                wgmma_conv_spikes::<$planes>(masks, weights, bias, has_bias, out, g, scale)
+            }
+        )+
+    };
+}
+
+wgmma_spike_entries! {
+    /// `tensor_conv2d_spikes` on `wgmma`: the same arguments but `weights`, packed by
+    /// [`wgmma_half`] (two halves a word, the lower index in the low bits).
+    ///
+    /// # Safety
+    /// As `tensor_conv2d_spikes`; launch with `tensor_conv_grid`, [`WGMMA_CONV_THREADS`] threads
+    /// and [`WGMMA_SHARED_BYTES`] of dynamic shared memory, on a device of compute capability 9.0.
+    wgmma_conv2d_spikes => planes 1;
+    /// `tensor_conv2d_spike_planes` on `wgmma` (see [`wgmma_conv2d_spikes`]).
+    ///
+    /// # Safety
+    /// As [`wgmma_conv2d_spikes`]; `masks` holds both planes.
+    wgmma_conv2d_spike_planes => planes 2;
+}
+
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn wgmma_conv_spikes<const PLANES: usize>(
+    masks: *const u32,
+    weights: *const u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: crate::dense_conv::ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    use crate::tensor_conv::{
+        integer_lane_bits, padded_cout, stage_fragment, store_tile, PixelMasks,
+    };
+    let tid = gpu::thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let shared = gpu::dynamic_shared_base();
+    let pixels = PixelMasks::<2>::new(
+        masks,
+        &g,
+        gpu::block_x() * WGMMA_TILE_P + warp * 16 + lane / 4,
+    );
+    let words = g.cin / 32;
+    let stages = g.kh * g.kw * words;
+    let tiles = padded_cout(g.cout) / TENSOR_TILE_M;
+    let chunk_bytes = WGMMA_CHUNK_HALVES as u32 * 2;
+    let buffer = |stage: u32| shared + (stage % WGMMA_BUFFERS) * chunk_bytes;
+    // Starts the copies of `stage`'s weights (if there is such a stage) and commits them as one
+    // group, so that every stage owns exactly one group to wait for.
+    let copy_weights = |stage: u32| {
+        if stage < stages {
+            let chunk = (stage * tiles + gpu::block_y()) as usize * WGMMA_CHUNK_HALVES / 2;
+            // One 16-byte piece a thread.
+            gpu::async_copy_16(
+                buffer(stage) + tid * 16,
+                weights.add(chunk + tid as usize * 4),
+            );
+        }
+        gpu::async_copy_commit();
+    };
+    // The masks of a stage are loaded two stages ahead: `(r, s, word)` is the next stage to load,
+    // stepped word-fastest.
+    let (mut r, mut s, mut word) = (0u32, 0u32, 0u32);
+    let mut load_next = || {
+        let m = if r < g.kh {
+            pixels.load::<PLANES>(r, s, word)
+        } else {
+            [[0; PLANES]; 2]
+        };
+        word += 1;
+        if word == words {
+            word = 0;
+            s += 1;
+            if s == g.kw {
+                s = 0;
+                r += 1;
+            }
+        }
+        if PLANES == 1 {
+            return m.map(|planes| planes[0]);
+        }
+        m.map(|planes| integer_lane_bits(planes[0], planes[PLANES - 1], lane % 4))
+    };
+
+    let mut acc = [[[0.0f32; 4]; 8]; 1];
+    let mut now = load_next();
+    let mut next = load_next();
+    // Copies run `WGMMA_BUFFERS - 1` stages ahead: the buffer a copy overwrites held the
+    // previous stage, whose MMAs every warpgroup has waited for.
+    const AHEAD: u32 = WGMMA_BUFFERS - 1;
+    for stage in 0..AHEAD {
+        copy_weights(stage);
+    }
+    for stage in 0..stages {
+        gpu::async_copy_wait_pending::<{ AHEAD - 1 }>();
+        gpu::fence_proxy_async_shared();
+        // This stage's weights are visible to the tensor cores, and no warpgroup still reads
+        // the buffer the next copy overwrites.
+        gpu::sync_threads();
+        copy_weights(stage + AHEAD);
+        let after = load_next();
+        let base = buffer(stage);
+        let a = [
+            stage_fragment::<PLANES, 2>(&now, 0, 0),
+            stage_fragment::<PLANES, 2>(&now, 0, 1),
+        ];
+        // Fresh partial sums per stage, added in f32 (see `tensor_conv`). The wait also frees
+        // the A registers, which the next stage rewrites (the MMAs read them asynchronously).
+        let mut partial = [0.0f32; 32];
+        gpu::wgmma_fence();
+        unroll!(operand in [0, 1, 2, 3] {
+            let b = wgmma_descriptor(
+                base + operand as u32 * WGMMA_OPERAND_BYTES,
+                WGMMA_LEADING_BYTES,
+                WGMMA_STRIDE_BYTES,
+            );
+            gpu::wgmma_m64n64k16_f16(&mut partial, a[operand / 2], b, operand != 0);
+        });
+        gpu::wgmma_commit();
+        gpu::wgmma_wait_pending::<0>(&mut partial);
+        unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+            unroll!(i in [0, 1, 2, 3] {
+                acc[0][tile][i] += partial[4 * tile + i];
+            });
+        });
+        now = next;
+        next = after;
+    }
+    store_tile(&acc, bias, has_bias, out, &g, scale);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_layout_is_a_bijection_onto_whole_chunks() {
+        let (k_padded, cout_padded) = (96u32, 128u32);
+        let total = (k_padded * cout_padded * 2) as usize;
+        let mut seen = vec![false; total];
+        for k in 0..k_padded {
+            for co in 0..cout_padded {
+                for lo in 0..2 {
+                    let at = wgmma_half(k, co, lo, cout_padded);
+                    assert!(at < total && !seen[at], "({k}, {co}, {lo}) -> {at}");
+                    seen[at] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn core_matrices_follow_the_descriptor_strides() {
+        // Row `co % 8` of a core matrix is 16 bytes on from the row before; the second k8 half
+        // is WGMMA_LEADING_BYTES on, the next 8 channels WGMMA_STRIDE_BYTES on.
+        let at = |k, co, lo| wgmma_half(k, co, lo, 64) * 2;
+        assert_eq!(at(0, 1, 0) - at(0, 0, 0), 16);
+        assert_eq!(at(1, 0, 0) - at(0, 0, 0), 2);
+        assert_eq!(at(8, 0, 0) - at(0, 0, 0), WGMMA_LEADING_BYTES as usize);
+        assert_eq!(at(0, 8, 0) - at(0, 0, 0), WGMMA_STRIDE_BYTES as usize);
+        assert_eq!(at(0, 0, 1) - at(0, 0, 0), WGMMA_OPERAND_BYTES as usize);
+        assert_eq!(at(16, 0, 0) - at(0, 0, 0), 2 * WGMMA_OPERAND_BYTES as usize);
+        assert_eq!(
+            at(32, 0, 0) - at(0, 0, 0),
+            (WGMMA_SHARED_BYTES / WGMMA_BUFFERS) as usize
+        );
+    }
+
+    #[test]
+    fn descriptor_fields_sit_where_ptx_reads_them() {
+        // Address bits 4..18 at 0, leading offset at 16, stride offset at 32, no swizzle.
+        let d = wgmma_descriptor(0x1_2340, 128, 256);
+        assert_eq!(d & 0x3FFF, 0x1234);
+        assert_eq!(d >> 16 & 0x3FFF, 8);
+        assert_eq!(d >> 32 & 0x3FFF, 16);
+        assert_eq!(d >> 62, 0);
+    }
+}
