@@ -10,8 +10,8 @@
 //! A CTA is two warpgroups (eight warps) and owns 128 output pixels × 64 output channels, as the
 //! `mma.sync` kernel does; warp `w` owns pixels `16·w..16·w + 16` (two per lane). Per stage of
 //! 32 channels of one tap (its weights copied three stages ahead) each warpgroup multiplies two
-//! `k16` steps of A against the stage's `hi` and `lo` weights (`m64n64k16` each), into fresh
-//! registers that are added to the totals in f32. (Four warpgroups of 64 pixels, sharing each
+//! `k16` steps of A against the stage's `hi` and `lo` weights (`m64n64k16` each), summed on the
+//! tensor cores over [`WGMMA_RUN_STAGES`] stages and then added to the totals in f32. (Four warpgroups of 64 pixels, sharing each
 //! stage's weights, measured slower: one CTA per SM instead of two.)
 //!
 //! The weights are packed per (stage, 64-channel tile) in the canonical K-major layout without
@@ -38,6 +38,17 @@ pub const WGMMA_STRIDE_BYTES: u32 = 256;
 /// Stage buffers of weights in shared memory: while the tensor cores work on one stage, the
 /// copies of the next three are in flight (an L2 round trip takes longer than a stage's MMAs).
 pub const WGMMA_BUFFERS: u32 = 4;
+/// Stages whose products a warpgroup sums on the tensor cores before adding them to its totals
+/// in f32. The tensor cores truncate as they accumulate (see `tensor_conv`), so runs stay short;
+/// one stage per run spent more issue slots on the f32 additions than on the MMAs' operands.
+pub const WGMMA_RUN_STAGES: u32 = 4;
+/// 16-byte pieces of a stage's weights each thread copies.
+const COPIES_PER_THREAD: u32 = WGMMA_CHUNK_HALVES as u32 * 2 / 16 / WGMMA_CONV_THREADS;
+const _: () = assert!(
+    COPIES_PER_THREAD == 2,
+    "copy_weights copies two pieces a thread"
+);
+
 /// Dynamic shared memory per CTA: the stage buffers.
 pub const WGMMA_SHARED_BYTES: u32 = WGMMA_BUFFERS * WGMMA_CHUNK_HALVES as u32 * 2;
 
@@ -152,11 +163,11 @@ unsafe fn wgmma_conv_spikes<const PLANES: usize>(
     let copy_weights = |stage: u32| {
         if stage < stages {
             let chunk = (stage * tiles + gpu::block_y()) as usize * WGMMA_CHUNK_HALVES / 2;
-            // One 16-byte piece a thread.
-            gpu::async_copy_16(
-                buffer(stage) + tid * 16,
-                weights.add(chunk + tid as usize * 4),
-            );
+            // The stage's 16-byte pieces, spread over the threads.
+            unroll!(i in [0, 1] {
+                let piece = tid + i as u32 * WGMMA_CONV_THREADS;
+                gpu::async_copy_16(buffer(stage) + piece * 16, weights.add(chunk + piece as usize * 4));
+            });
         }
         gpu::async_copy_commit();
     };
@@ -185,6 +196,8 @@ unsafe fn wgmma_conv_spikes<const PLANES: usize>(
     };
 
     let mut acc = [[[0.0f32; 4]; 8]; 1];
+    // Overwritten by each run's first MMA: never read before it.
+    let mut partial = [0.0f32; 32];
     let mut now = load_next();
     let mut next = load_next();
     // Copies run `WGMMA_BUFFERS - 1` stages ahead: the buffer a copy overwrites held the
@@ -193,40 +206,49 @@ unsafe fn wgmma_conv_spikes<const PLANES: usize>(
     for stage in 0..AHEAD {
         copy_weights(stage);
     }
-    for stage in 0..stages {
-        gpu::async_copy_wait_pending::<{ AHEAD - 1 }>();
-        gpu::fence_proxy_async_shared();
-        // This stage's weights are visible to the tensor cores, and no warpgroup still reads
-        // the buffer the next copy overwrites.
-        gpu::sync_threads();
-        copy_weights(stage + AHEAD);
-        let after = load_next();
-        let base = buffer(stage);
-        let a = [
-            stage_fragment::<PLANES, 2>(&now, 0, 0),
-            stage_fragment::<PLANES, 2>(&now, 0, 1),
-        ];
-        // Fresh partial sums per stage, added in f32 (see `tensor_conv`). The wait also frees
-        // the A registers, which the next stage rewrites (the MMAs read them asynchronously).
-        let mut partial = [0.0f32; 32];
-        gpu::wgmma_fence();
-        unroll!(operand in [0, 1, 2, 3] {
-            let b = wgmma_descriptor(
-                base + operand as u32 * WGMMA_OPERAND_BYTES,
-                WGMMA_LEADING_BYTES,
-                WGMMA_STRIDE_BYTES,
-            );
-            gpu::wgmma_m64n64k16_f16(&mut partial, a[operand / 2], b, operand != 0);
-        });
-        gpu::wgmma_commit();
-        gpu::wgmma_wait_pending::<0>(&mut partial);
+    // The descriptor of the first buffer's first operand; the others are whole 16-byte units on.
+    let descriptor0 = wgmma_descriptor(buffer(0), WGMMA_LEADING_BYTES, WGMMA_STRIDE_BYTES);
+    let mut stage = 0;
+    // Runs of `WGMMA_RUN_STAGES` stages (nested loops: ptxas serializes the MMAs when `partial`
+    // is read in a branch).
+    while stage < stages {
+        let run_start = stage;
+        let run_end = if stage + WGMMA_RUN_STAGES < stages {
+            stage + WGMMA_RUN_STAGES
+        } else {
+            stages
+        };
+        while stage < run_end {
+            gpu::async_copy_wait_pending::<{ AHEAD - 1 }>();
+            gpu::fence_proxy_async_shared();
+            // This stage's weights are visible to the tensor cores, and no warpgroup still reads
+            // the buffer the next copy overwrites.
+            gpu::sync_threads();
+            copy_weights(stage + AHEAD);
+            let after = load_next();
+            let a = [
+                stage_fragment::<PLANES, 2>(&now, 0, 0),
+                stage_fragment::<PLANES, 2>(&now, 0, 1),
+            ];
+            let buffer_units = (stage % WGMMA_BUFFERS * WGMMA_CHUNK_HALVES as u32 * 2 / 16) as u64;
+            gpu::wgmma_fence();
+            unroll!(operand in [0, 1, 2, 3] {
+                let units = buffer_units + (operand as u32 * WGMMA_OPERAND_BYTES / 16) as u64;
+                let accumulate = stage != run_start || operand != 0;
+                gpu::wgmma_m64n64k16_f16(&mut partial, a[operand / 2], descriptor0 + units, accumulate);
+            });
+            gpu::wgmma_commit();
+            // The MMAs read the A registers asynchronously, and the next stage rewrites them.
+            gpu::wgmma_wait_pending::<0>(&mut partial);
+            now = next;
+            next = after;
+            stage += 1;
+        }
         unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
             unroll!(i in [0, 1, 2, 3] {
                 acc[0][tile][i] += partial[4 * tile + i];
             });
         });
-        now = next;
-        next = after;
     }
     store_tile(&acc, bias, has_bias, out, &g, scale);
 }
