@@ -2,23 +2,41 @@
 //!
 //! Same product, same accuracy: spikes (or SEW sums 0–3, as two bit planes) build the A
 //! fragments in registers straight from the mask words, and the weights are the same `hi + lo`
-//! half pairs. What changes is who reads the weights. `mma.sync` makes every warp load its B
-//! fragments from shared memory into registers (on the H100 those loads, not the MMAs, bound the
-//! `mma.sync` kernel); `wgmma` has the tensor cores read B from shared memory once per warpgroup
-//! of four warps, and runs asynchronously while the warps decode the next stage's masks.
+//! half pairs. What changes is who reads the weights: `mma.sync` makes every warp load its B
+//! fragments from shared memory into registers, `wgmma` has the tensor cores read them from
+//! shared memory once per warpgroup of four warps.
 //!
 //! A CTA is two warpgroups (eight warps) and owns 128 output pixels × 64 output channels, as the
 //! `mma.sync` kernel does; warp `w` owns pixels `16·w..16·w + 16` (two per lane). Per stage of
 //! 32 channels of one tap (its weights copied three stages ahead) each warpgroup multiplies two
 //! `k16` steps of A against the stage's `hi` and `lo` weights (`m64n64k16` each), summed on the
-//! tensor cores over [`WGMMA_RUN_STAGES`] stages and then added to the totals in f32. (Four warpgroups of 64 pixels, sharing each
-//! stage's weights, measured slower: one CTA per SM instead of two.)
+//! tensor cores over [`WGMMA_RUN_STAGES`] stages and then added to the totals in f32.
 //!
 //! The weights are packed per (stage, 64-channel tile) in the canonical K-major layout without
 //! swizzling ([`wgmma_half`]): 8 KB a stage, copied to shared memory by `cp.async`.
 //!
 //! These entry points exist only in the sm_90a module (`--cfg sparseflow_sm90`), which the host
 //! loads on devices of compute capability 9.0.
+//!
+//! # What bounds it, and what was tried (H100, batch 128, 5% spikes)
+//!
+//! ncu: the tensor pipe is 40% busy and issue slots 58%; the stalls are fixed-latency waits,
+//! the CTA barrier and the math pipes of the per-stage decode, not the MMAs. A stage costs a
+//! warp ~140 instructions (mask loads, decode, copies, barrier, descriptors) against four MMAs.
+//! Against this kernel (256→256 @14: 0.184 ms; 512 @7: 0.183 ms; the `mma.sync` kernel 0.233 /
+//! 0.238 ms), each measured in one run:
+//! - fresh f32 partial sums every stage (no runs): 0.201 / 0.193 ms;
+//! - four warpgroups of 64 pixels sharing each stage's weights: 0.211 / 0.247 (one CTA per SM);
+//! - a stage's MMAs left in flight while the next decodes (two A register sets, totals in shared
+//!   memory): 0.210 / 0.211;
+//! - 128 channels a CTA, the whole reduction accumulated on the tensor cores: 0.161 / 0.174, but
+//!   errors of 4e-6 of the largest output at K = 4608 (the truncating accumulation), enough
+//!   for the network's spikes to flip at thresholds; with runs of four and the totals in shared
+//!   memory 0.194 / 0.221; with one warpgroup a CTA and the totals in registers 0.191 / 0.175
+//!   (small spills at 168 registers) — on the network no faster than this kernel.
+//!
+//! The lever left is the per-stage instruction count: a producer warp issuing the copies (TMA,
+//! with an mbarrier instead of the CTA barrier) and A fragments shared across channel tiles.
 
 use crate::tensor_conv::TENSOR_TILE_M;
 
