@@ -7,20 +7,26 @@
 //! lookup per kernel row, channel and segment instead of `kh · kw · Cin` multiply-adds, whatever
 //! the density.
 //!
-//! Window rows wider than 4 bits are split into two segments, one table each (7 bits: 16 + 8 rows
-//! instead of 128), so one kernel row's tables for the stem (3 channels) fit in L1: twice the
-//! lookups, each a cache hit. The ResNet stem (7×7, 3 channels) on Poisson-encoded images then
-//! takes 42 lookups per pixel instead of 147 multiply-adds (dense) or about 74 weight rows (the
-//! element gather at 50% spikes). The lookups are branch-free: pattern 0 is a row of zeros like
-//! any other.
+//! On the CPU a window row of up to 8 bits is one segment and one lookup (the 7×7 stem: 128 rows
+//! per kernel row and channel), where the tables fit [`MAX_TABLE_FLOATS`]; else, and always on
+//! the GPU (whose CTAs hold a table slice in shared memory), rows wider than 4 bits are split
+//! into two segments, one table each (7 bits: 16 + 8 rows instead of 128), at twice the lookups.
+//! The ResNet stem (7×7, 3 channels) on Poisson-encoded images then takes 21 lookups per pixel on
+//! the CPU (42 on the GPU) instead of 147 multiply-adds (dense) or about 74 weight rows (the
+//! element gather at 50% spikes); its tables, 172 KB, stay in L2. (Two segments, the tables in
+//! L1, took 7.9 ms for the stem's conv, LIF and pool at T=4, N=1 on the 2-core Xeon; one
+//! segment 6.3–6.6 ms.) The lookups are branch-free: pattern 0 is a row of zeros like any other.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use sparseflow_kernels::pattern_conv::{
     PatternGeometry, PatternSegments, MAX_PATTERN_BITS, PACK_ROW_THREADS, PATTERN_CHUNK,
-    PATTERN_THREADS, PATTERN_TILE,
+    PATTERN_THREADS, PATTERN_TILE, SEGMENT_BITS,
 };
+
+/// The widest segment of the CPU's tables: a whole window row of up to 8 bits, one lookup.
+pub const CPU_SEGMENT_BITS: u32 = 8;
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
@@ -61,26 +67,33 @@ pub struct PatternTables {
 }
 
 impl PatternTables {
-    /// Whether [`PatternTables::new`] builds tables for `conv` (outputs padded to `padded`).
-    pub fn supports(conv: &Conv2d, padded: usize) -> bool {
+    /// Whether [`PatternTables::new`] builds tables for `conv` (outputs padded to `padded`,
+    /// segments of at most `segment_bits`).
+    pub fn supports(conv: &Conv2d, padded: usize, segment_bits: u32) -> bool {
         let (kh, kw) = conv.kernel_size();
+        let segments = PatternSegments::with_max_bits(kw as u32, segment_bits);
         conv.groups == 1
             && conv.dilation == (1, 1)
             && (2..=MAX_PATTERN_BITS as usize).contains(&kw)
-            && kh * conv.in_channels() * PatternSegments::new(kw as u32).block as usize * padded
-                <= MAX_TABLE_FLOATS
+            && kh * conv.in_channels() * segments.block as usize * padded <= MAX_TABLE_FLOATS
     }
 
-    /// The tables of `conv`, when its geometry allows them: one group, dilation 1, `kw` of
-    /// 2..=8 and a table of at most [`MAX_TABLE_FLOATS`].
-    pub fn new(conv: &Conv2d, padded: usize) -> Option<Self> {
-        if !Self::supports(conv, padded) {
+    /// The CPU's tables of `conv`: one segment per window row ([`CPU_SEGMENT_BITS`]) where
+    /// those fit [`MAX_TABLE_FLOATS`], else the GPU's split.
+    pub fn for_cpu(conv: &Conv2d, padded: usize) -> Option<Self> {
+        Self::new(conv, padded, CPU_SEGMENT_BITS).or_else(|| Self::new(conv, padded, SEGMENT_BITS))
+    }
+
+    /// The tables of `conv` with segments of at most `segment_bits`, when its geometry allows
+    /// them: one group, dilation 1, `kw` of 2..=8 and a table of at most [`MAX_TABLE_FLOATS`].
+    pub fn new(conv: &Conv2d, padded: usize, segment_bits: u32) -> Option<Self> {
+        if !Self::supports(conv, padded, segment_bits) {
             return None;
         }
         let (kh, kw) = conv.kernel_size();
         let cin = conv.in_channels();
         let cout = conv.out_channels();
-        let segments = PatternSegments::new(kw as u32);
+        let segments = PatternSegments::with_max_bits(kw as u32, segment_bits);
         let block = segments.block as usize;
         let rows = kh * cin * block;
         let w = conv.weight.data();
@@ -338,7 +351,7 @@ impl DevicePatternTables {
     pub fn upload(conv: &Conv2d, backend: &CudaBackend) -> Result<Option<Self>> {
         let cout = conv.out_channels();
         let padded = cout.div_ceil(PATTERN_CHUNK as usize) * PATTERN_CHUNK as usize;
-        let Some(tables) = PatternTables::new(conv, padded) else {
+        let Some(tables) = PatternTables::new(conv, padded, SEGMENT_BITS) else {
             return Ok(None);
         };
         let mut bias = vec![0.0f32; padded];

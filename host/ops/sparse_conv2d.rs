@@ -47,6 +47,7 @@ use crate::ops::tensor_conv::{self, tensor_conv_cuda, TensorConvWeights};
 use crate::ops::{expect_inputs, Operator};
 use crate::optimize::block_selector::{BlockSelector, BlockSize};
 use crate::tensor::Tensor;
+use sparseflow_kernels::pattern_conv::SEGMENT_BITS;
 
 /// How the prescan block size is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,7 +291,9 @@ impl SparseConv2d {
     pub fn cuda_kernel(&self, h: usize) -> Result<CudaKernel> {
         match self.cuda_variant(h) {
             Ok(variant) => Ok(CudaKernel::Gather(variant)),
-            Err(Error::MissingKernelVariant(_)) if PatternTables::supports(&self.conv, 32) => {
+            Err(Error::MissingKernelVariant(_))
+                if PatternTables::supports(&self.conv, 32, SEGMENT_BITS) =>
+            {
                 Ok(CudaKernel::PatternTables)
             }
             Err(e) => Err(e),
@@ -564,7 +567,7 @@ impl SparseConv2d {
     fn pattern_tables(&self, padded: usize) -> Option<Arc<PatternTables>> {
         let mut cached = self.patterns.lock().unwrap_or_else(|p| p.into_inner());
         cached
-            .get_or_insert_with(|| PatternTables::new(&self.conv, padded).map(Arc::new))
+            .get_or_insert_with(|| PatternTables::for_cpu(&self.conv, padded).map(Arc::new))
             .clone()
     }
 

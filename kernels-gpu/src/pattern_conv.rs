@@ -46,7 +46,12 @@ pub struct PatternSegments {
 impl PatternSegments {
     /// `kw` in `1..=MAX_PATTERN_BITS`: one segment up to [`SEGMENT_BITS`], else two near-halves.
     pub const fn new(kw: u32) -> Self {
-        let count = kw.div_ceil(SEGMENT_BITS);
+        Self::with_max_bits(kw, SEGMENT_BITS)
+    }
+
+    /// `kw` in `1..=2 · max_bits`: one segment up to `max_bits`, else two near-halves.
+    pub const fn with_max_bits(kw: u32, max_bits: u32) -> Self {
+        let count = kw.div_ceil(max_bits);
         let lo = kw.div_ceil(count);
         let hi = kw - lo;
         if count == 1 {
