@@ -156,6 +156,24 @@ fn split(v: f32) -> (f16, f16) {
     (hi, f16::from_f32(v - hi.to_f32()))
 }
 
+/// The split halves of `weight[co][column(k)] · scale` (`weight` is `[cout, K]`) for any `(k,
+/// co)` of the padded product, 0 in the padding: what both packings store.
+fn scaled_halves<'a>(
+    weight: &'a [f32],
+    cout: usize,
+    k_dim: usize,
+    scale: f32,
+    column: impl Fn(usize) -> usize + 'a,
+) -> impl Fn(usize, usize) -> (f16, f16) + 'a {
+    move |k, co| {
+        if k < k_dim && co < cout {
+            split(weight[co * k_dim + column(k)] * scale)
+        } else {
+            (f16::ZERO, f16::ZERO)
+        }
+    }
+}
+
 /// `weight` (`[cout, K]`) times `scale`, split into half pairs and packed in `mma` fragment
 /// order (`sparseflow_kernels::tensor_conv::fragment_word`), zero-padded to whole stages and
 /// channel tiles; the kernel's reduction index `k` reads weight column `column(k)`.
@@ -167,15 +185,10 @@ pub fn pack_fragments(
     column: impl Fn(usize) -> usize,
 ) -> Vec<u32> {
     let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
+    let halves = scaled_halves(weight, cout, k_dim, scale, column);
     let mut words = vec![0u32; (k_padded * cout_padded * 2) as usize];
     for (word, shift, k, co) in fragment_halves(k_padded, cout_padded) {
-        let (k, co) = (k as usize, co as usize);
-        let w = if k < k_dim && co < cout {
-            weight[co * k_dim + column(k)] * scale
-        } else {
-            0.0
-        };
-        let (hi, lo) = split(w);
+        let (hi, lo) = halves(k as usize, co as usize);
         words[word] |= (hi.to_bits() as u32) << shift;
         words[word + FRAGMENT_WORDS / 2] |= (lo.to_bits() as u32) << shift;
     }
@@ -193,16 +206,11 @@ pub fn pack_wgmma_weights(
     column: impl Fn(usize) -> usize,
 ) -> Vec<u32> {
     let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
+    let split_at = scaled_halves(weight, cout, k_dim, scale, column);
     let mut halves = vec![0u16; (k_padded * cout_padded * 2) as usize];
     for k in 0..k_padded {
         for co in 0..cout_padded {
-            let (ku, cu) = (k as usize, co as usize);
-            let w = if ku < k_dim && cu < cout {
-                weight[cu * k_dim + column(ku)] * scale
-            } else {
-                0.0
-            };
-            let (hi, lo) = split(w);
+            let (hi, lo) = split_at(k as usize, co as usize);
             halves[wgmma_half(k, co, 0, cout_padded)] = hi.to_bits();
             halves[wgmma_half(k, co, 1, cout_padded)] = lo.to_bits();
         }
@@ -465,6 +473,37 @@ mod tests {
                 (got - want).abs() <= want.abs() * 2f64.powi(-21) + 1e-6,
                 "k {k} co {co}: {got} vs {want}"
             );
+        }
+    }
+
+    #[test]
+    fn wgmma_weights_hold_the_scaled_weights_of_their_columns() {
+        let (cout, k_dim) = (70, 64);
+        let weight = random_uniform(&[cout, k_dim], -0.3, 0.3, 12);
+        let weight = weight.data();
+        let scale = weight_scale(weight);
+        // A column map like the spike kernels' (a permutation of K).
+        let column = |k: usize| (k * 5 + 3) % k_dim;
+        let halves = pack_wgmma_weights(weight, cout, k_dim, scale, column);
+        let (k_padded, cout_padded) = (padded_k(k_dim as u32), padded_cout(cout as u32));
+        assert_eq!(halves.len() as u32, k_padded * cout_padded);
+        let half =
+            |at: usize| f16::from_bits((halves[at / 2] >> (16 * (at % 2))) as u16).to_f32() as f64;
+        for k in 0..k_padded {
+            for co in 0..cout_padded {
+                let got = half(wgmma_half(k, co, 0, cout_padded))
+                    + half(wgmma_half(k, co, 1, cout_padded));
+                let (k, co) = (k as usize, co as usize);
+                let want = if co < cout {
+                    weight[co * k_dim + column(k)] as f64 * scale as f64
+                } else {
+                    0.0
+                };
+                assert!(
+                    (got - want).abs() <= want.abs() * 2f64.powi(-21) + 1e-6,
+                    "k {k} co {co}: {got} vs {want}"
+                );
+            }
         }
     }
 

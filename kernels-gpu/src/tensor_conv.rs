@@ -536,13 +536,18 @@ pub(crate) fn stage_fragment<const PLANES: usize, const PIXELS: usize>(
     ]
 }
 
-/// The spike kernel's entry points: `PLANES` bit planes of the input, 1 for spikes, 2 for
-/// small integers (SEW sums).
-macro_rules! tensor_spike_entries {
-    ($($(#[$doc:meta])* $entry:ident => planes $planes:literal;)+) => {
+/// Entry points of a spike kernel (`$kernel`, this module's or `wgmma_conv`'s): `PLANES` bit
+/// planes of the input, 1 for spikes, 2 for small integers (SEW sums); each entry returns at
+/// once where the masks' flag says the input is not what they describe (the f32 kernel launched
+/// after it computes the output).
+macro_rules! spike_conv_entries {
+    (
+        #[cfg($cfg:meta)] $kernel:ident;
+        $($(#[$doc:meta])* $entry:ident => planes $planes:literal;)+
+    ) => {
         $(
             $(#[$doc])*
-            #[cfg(target_arch = "nvptx64")]
+            #[cfg($cfg)]
             #[no_mangle]
             #[allow(clippy::too_many_arguments)]
             pub unsafe extern "ptx-kernel" fn $entry(
@@ -552,20 +557,21 @@ macro_rules! tensor_spike_entries {
                 bias: *const f32,
                 has_bias: u32,
                 out: *mut f32,
-                g: ConvGeometry,
+                g: $crate::dense_conv::ConvGeometry,
                 scale: f32,
             ) {
                 // The input is not what the masks describe: the f32 kernel computes it.
                 if *flags != 0 {
                     return;
                 }
-                tensor_conv_spikes::<$planes>(masks, fragments, bias, has_bias, out, g, scale)
+                $kernel::<$planes>(masks, fragments, bias, has_bias, out, g, scale)
             }
         )+
     };
 }
 
-tensor_spike_entries! {
+spike_conv_entries! {
+    #[cfg(target_arch = "nvptx64")] tensor_conv_spikes;
     /// `out = conv(spikes, weight) + bias` on the tensor cores, the spikes given as the channel
     /// masks of `spike_mask_pack` or `spike_bitmap_masks` (`masks`: `[n][Cin / 32][H·W]`, bit `j` of word `w` is channel `32·w + j`). No input is
     /// gathered or converted: each lane builds its A fragments from the mask words of its four

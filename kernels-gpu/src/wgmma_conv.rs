@@ -105,35 +105,8 @@ pub const fn wgmma_conv_grid(g: &crate::dense_conv::ConvGeometry) -> (u32, u32, 
     )
 }
 
-/// The entry points: `PLANES` bit planes of the input, as in `tensor_spike_entries`.
-macro_rules! wgmma_spike_entries {
-    ($($(#[$doc:meta])* $entry:ident => planes $planes:literal;)+) => {
-        $(
-            $(#[$doc])*
-            #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
-            #[no_mangle]
-            #[allow(clippy::too_many_arguments)]
-            pub unsafe extern "ptx-kernel" fn $entry(
-                masks: *const u32,
-                flags: *const u32,
-                weights: *const u32,
-                bias: *const f32,
-                has_bias: u32,
-                out: *mut f32,
-                g: crate::dense_conv::ConvGeometry,
-                scale: f32,
-            ) {
-                // The input is not what the masks describe: the f32 kernel computes it.
-                if *flags != 0 {
-                    return;
-                }
-                wgmma_conv_spikes::<$planes>(masks, weights, bias, has_bias, out, g, scale)
-            }
-        )+
-    };
-}
-
-wgmma_spike_entries! {
+spike_conv_entries! {
+    #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))] wgmma_conv_spikes;
     /// `tensor_conv2d_spikes` on `wgmma`: the same arguments but `weights`, packed by
     /// [`wgmma_half`] (two halves a word, the lower index in the low bits).
     ///
