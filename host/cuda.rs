@@ -102,10 +102,17 @@ impl CudaBackend {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )? as usize;
         let capability = ctx.compute_capability()?;
-        let hopper = capability == (9, 0)
+        let wants_hopper = capability == (9, 0)
             && std::env::var(KERNEL_ARCH_VAR).map_or(true, |arch| arch != "sm80");
-        let ptx = if hopper { PTX_SM90 } else { PTX };
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        // A driver too old for the sm_90a module's PTX version still runs the generic one.
+        let hopper_module = wants_hopper
+            .then(|| ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX_SM90)).ok())
+            .flatten();
+        let hopper = hopper_module.is_some();
+        let module = match hopper_module {
+            Some(module) => module,
+            None => ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?,
+        };
         let stream = ctx.default_stream();
         let zero_word = Arc::new(stream.alloc_zeros::<u32>(1)?);
         Ok(Self {
