@@ -142,7 +142,7 @@ macro_rules! tensor_conv_entries {
                 if !only_if.is_null() && *only_if == 0 {
                     return;
                 }
-                tensor_conv::<$wide>(input, fragments, weight, g, scale, 1, |acc| {
+                tensor_conv::<$wide>(input, fragments, weight, g, 1, |acc| {
                     store_tile(acc, bias, has_bias, out, &g, scale)
                 })
             }
@@ -170,7 +170,7 @@ macro_rules! tensor_conv_neuron_entries {
                 scale: f32,
                 neuron: crate::neuron::NeuronParams,
             ) {
-                tensor_conv::<$wide>(input, fragments, weight, g, scale, neuron.steps, |acc| {
+                tensor_conv::<$wide>(input, fragments, weight, g, neuron.steps, |acc| {
                     neuron_tile(acc, bias, has_bias, spikes, &g, scale, &neuron)
                 })
             }
@@ -252,13 +252,11 @@ tensor_conv_entries! {
 /// 32-bit mask and each tap's bit (one AND to test).
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn tensor_conv<const WIDE: bool>(
     input: *const f32,
     fragments: *const u32,
     weight: *const f32,
     g: ConvGeometry,
-    scale: f32,
     steps: u32,
     epilogue: impl FnOnce(&[[[f32; 4]; 8]; 2]),
 ) {
@@ -271,7 +269,6 @@ unsafe fn tensor_conv<const WIDE: bool>(
     let k_dim = g.k_dim();
     let k_padded = padded_k(k_dim);
     let cout_padded = padded_cout(g.cout);
-    let pixels = g.pixels();
     let shared = gpu::dynamic_shared_base();
 
     // The tap table: for every `k`, the input's offset from the window's corner in the image
