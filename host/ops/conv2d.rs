@@ -103,7 +103,7 @@ impl Conv2d {
         if self.groups == 0 {
             return Err(Error::InvalidArgument("Conv2d groups must be >= 1".into()));
         }
-        if ws[0] % self.groups != 0 {
+        if !ws[0].is_multiple_of(self.groups) {
             return Err(Error::Shape(format!(
                 "Conv2d out_channels {} is not divisible by groups {}",
                 ws[0], self.groups

@@ -39,7 +39,7 @@ impl ConvNeuronPool {
         let pooled = self.neuron_pool.as_any().downcast_ref::<NeuronMaxPool>()?;
         let steps = u32::try_from(*x.shape().first()?).ok()?;
         let neuron = kernel_neuron_params(pooled.neuron.as_ref(), steps)?;
-        let fits = x.shape().len() == 5 && steps > 0 && TENSOR_TILE_P % steps == 0;
+        let fits = x.shape().len() == 5 && steps > 0 && TENSOR_TILE_P.is_multiple_of(steps);
         if !fits || !supports(&conv.conv) {
             return None;
         }

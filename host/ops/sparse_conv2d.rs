@@ -41,7 +41,8 @@ use crate::ops::pattern_conv::{
     pattern_conv_cpu, pattern_conv_cuda, DevicePatternTables, PatternTables, MIN_ROWS_PER_LOOKUP,
 };
 use crate::ops::spike_gather::{
-    accumulate, cached_upload, has_avx2, DeviceGatherWeights, DisjointWrites, GatherWeights,
+    accumulate, cached_upload, has_avx2, has_avx512, DeviceGatherWeights, DisjointWrites,
+    GatherWeights,
 };
 use crate::ops::tensor_conv::{self, tensor_conv_cuda, TensorConvWeights};
 use crate::ops::{expect_inputs, Operator};
@@ -1086,7 +1087,7 @@ fn band_shape(oh: usize, ow: usize, n: usize) -> (usize, usize) {
     let target = GROUP_PIXELS.div_ceil(plane);
     let group = (1..=target.min(n.max(1)))
         .rev()
-        .find(|g| n % g == 0)
+        .find(|g| n.is_multiple_of(*g))
         .unwrap_or(1);
     (oh.max(1), group)
 }
@@ -1123,6 +1124,12 @@ fn sparse_conv_cpu(
             rows: band.rows,
             start: band.start,
         };
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: AVX-512F, AVX2 and FMA were detected.
+            unsafe { job.run_avx512(buffer, band.width) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: AVX2 and FMA were detected.
@@ -1339,6 +1346,15 @@ impl BandJob<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn run_avx2(&self, buffer: &mut [f32], width: usize) {
+        self.run(buffer, width)
+    }
+
+    /// [`Self::run`] with 512-bit vectors: a 64-lane accumulator is four registers, and each
+    /// active input's row four additions instead of eight (2-core Xeon, 3×3 64→64 @56, batch 8,
+    /// 5%: sparse 2.23 → 2.04 ms, medians of four runs each).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn run_avx512(&self, buffer: &mut [f32], width: usize) {
         self.run(buffer, width)
     }
 

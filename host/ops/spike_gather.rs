@@ -176,6 +176,18 @@ pub fn cached_upload(
 /// True when the CPU can run the AVX2 builds of the sparse kernels: AVX2 and FMA (their
 /// accumulators then live in ymm registers), plus POPCNT and BMI1/2, which every AVX2 CPU has
 /// and without which `count_ones` and `trailing_zeros` are bit-twiddling loops.
+/// Whether this CPU has AVX-512F on top of [`has_avx2`]'s features.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2() && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
