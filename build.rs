@@ -26,6 +26,8 @@ struct Module {
     target_cpu: &'static str,
     /// A `--cfg` for the kernel crate, if any.
     cfg: Option<&'static str>,
+    /// `-Ctarget-feature` for LLVM, if any.
+    features: Option<&'static str>,
 }
 
 /// The generic module (sm_80 and later) and the Hopper one, which adds the `wgmma` kernels.
@@ -35,12 +37,15 @@ const MODULES: [Module; 2] = [
         name: "sparseflow_kernels.ptx",
         target_cpu: "sm_80",
         cfg: None,
+        features: None,
     },
     Module {
         committed: "kernels-gpu/ptx/sparseflow_kernels_sm90.ptx",
         name: "sparseflow_kernels_sm90.ptx",
         target_cpu: "sm_90a",
         cfg: Some("sparseflow_sm90"),
+        // PTX ISA 8.4: `wgmma` with mixed integer types (unsigned inputs, signed weight limbs).
+        features: Some("+ptx84"),
     },
 ];
 
@@ -256,6 +261,9 @@ impl Toolchain {
             .arg(&target_dir)
             .args(["--", "--emit=asm", "-C", "linker=true"])
             .arg(format!("-Ctarget-cpu={}", module.target_cpu));
+        if let Some(features) = module.features {
+            cmd.arg(format!("-Ctarget-feature={features}"));
+        }
         if let Some(cfg) = module.cfg {
             cmd.args(["--cfg", cfg]);
         }

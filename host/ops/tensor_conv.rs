@@ -16,10 +16,11 @@ use sparseflow_kernels::neuron::NeuronParams;
 use sparseflow_kernels::tensor_conv::{
     fragment_halves, padded_cout, padded_k, spike_stage_channel, tensor_conv_grid,
     tensor_conv_shared_bytes, FRAGMENT_WORDS, MAX_TENSOR_TAPS, NARROW_TENSOR_TAPS,
-    TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_P,
+    TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_M, TENSOR_TILE_P,
 };
 use sparseflow_kernels::wgmma_conv::{
-    wgmma_conv_grid, wgmma_half, WGMMA_CONV_THREADS, WGMMA_SHARED_BYTES,
+    wgmma_conv_grid, wgmma_half, wgmma_int_stage_channel, wgmma_limb_byte, WGMMA_CONV_THREADS,
+    WGMMA_INT_CHUNK_BYTES, WGMMA_INT_SHARED_BYTES, WGMMA_INT_STAGE_CHANNELS, WGMMA_SHARED_BYTES,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -38,17 +39,34 @@ const SCALED_MAX: f32 = 16384.0;
 pub struct TensorConvWeights {
     /// `w · scale` as `hi + lo` half pairs in `mma` fragment order.
     fragments: CudaSlice<u32>,
-    /// The same in tap-major order (`k = tap · Cin + ci`), for `tensor_conv2d_spikes`; present
-    /// when `Cin` is a multiple of 32.
-    spike_fragments: Option<CudaSlice<u32>>,
-    /// The spike fragments' weights packed for the `wgmma` kernels (`wgmma_half`); present on
-    /// Hopper devices (`CudaBackend::has_wgmma`) when `spike_fragments` is.
-    wgmma_weights: Option<CudaSlice<u32>>,
+    /// The weights of the spike kernels, in the layout of the family this device runs; present
+    /// when `Cin` is a multiple of 32 (see [`spike_path_supports`]).
+    spike_weights: Option<SpikeWeights>,
     /// `w · scale` in f32, `[padded_cout, K]`, for stages whose input is not exactly half.
     scaled: CudaSlice<f32>,
     bias: Option<CudaSlice<f32>>,
     scale: f32,
 }
+
+/// The spike kernels' weights, for one of their three families.
+#[derive(Debug)]
+enum SpikeWeights {
+    /// `w · scale` as half pairs in `mma` fragment order, tap-major (`k = tap · Cin + ci`),
+    /// for `tensor_conv2d_spikes` (devices without `wgmma`).
+    Mma(CudaSlice<u32>),
+    /// The same halves packed by `wgmma_half`, for `wgmma_conv2d_spikes`.
+    WgmmaHalves(CudaSlice<u32>),
+    /// 23-bit integers in byte limbs packed by `wgmma_limb_byte`, for
+    /// `wgmma_int_conv2d_spikes`, and their scale.
+    WgmmaLimbs(CudaSlice<u32>, f32),
+}
+
+/// The reduction length (`Cin · taps`) from which Hopper takes the integer kernel: exact sums
+/// over the whole reduction and the MMAs of one stage in flight while the next decodes, but 158
+/// registers, so one CTA per SM, whose prologue and epilogue short reductions do not hide. H100,
+/// batch 128, 5%, one run (`wgmma` halves → integer): 3×3 64→64 @56 0.254 → 0.289 ms, 128 @28
+/// 0.212 → 0.216, 256 @14 0.189 → 0.188, 512 @7 0.187 → 0.168.
+const LIMBS_FROM_K: usize = 2304;
 
 impl TensorConvWeights {
     /// The copy in `cache` for `backend`, built from `conv`'s weights and bias when missing or
@@ -83,7 +101,7 @@ impl TensorConvWeights {
             conv.in_channels(),
             conv.kernel_size().0 * conv.kernel_size().1,
         );
-        let (mut spike_fragments, mut wgmma_weights) = (None, None);
+        let mut spike_weights = None;
         if spike_path_supports(conv) {
             // Stage `s` holds channels `32·(s % words)..` of tap `s / words`, permuted within the
             // stage by `spike_stage_channel`; PyTorch's column is `ci · taps + tap`.
@@ -93,17 +111,22 @@ impl TensorConvWeights {
                 let ci = stage % words * 32 + spike_stage_channel(step, kk) as usize;
                 ci * taps + stage / words
             };
-            if backend.has_wgmma() {
+            let limbs =
+                cin.is_multiple_of(WGMMA_INT_STAGE_CHANNELS as usize) && k_dim >= LIMBS_FROM_K;
+            spike_weights = Some(if backend.has_wgmma() && limbs {
+                let (packed, scale) = pack_wgmma_limbs(weight, cout, cin, taps);
+                SpikeWeights::WgmmaLimbs(stream.clone_htod(&packed)?, scale)
+            } else if backend.has_wgmma() {
                 let packed = pack_wgmma_weights(weight, cout, k_dim, scale, column);
-                wgmma_weights = Some(stream.clone_htod(&packed)?);
-            }
-            let packed = pack_fragments(weight, cout, k_dim, scale, column);
-            spike_fragments = Some(stream.clone_htod(&packed)?);
+                SpikeWeights::WgmmaHalves(stream.clone_htod(&packed)?)
+            } else {
+                let packed = pack_fragments(weight, cout, k_dim, scale, column);
+                SpikeWeights::Mma(stream.clone_htod(&packed)?)
+            });
         }
         Ok(Self {
             fragments: stream.clone_htod(&pack_fragments(weight, cout, k_dim, scale, |k| k))?,
-            spike_fragments,
-            wgmma_weights,
+            spike_weights,
             scaled: stream.clone_htod(&scaled)?,
             bias: conv
                 .bias
@@ -130,20 +153,29 @@ pub fn supports(conv: &Conv2d) -> bool {
 pub fn spike_path_supports(conv: &Conv2d) -> bool {
     let (kh, kw) = conv.kernel_size();
     let taps = kh * kw;
-    supports(conv) && conv.in_channels() % 32 == 0 && taps > 1 && taps <= MAX_TENSOR_TAPS as usize
+    supports(conv)
+        && conv.in_channels().is_multiple_of(32)
+        && taps > 1
+        && taps <= MAX_TENSOR_TAPS as usize
 }
 
 /// The power of two that brings the largest weight magnitude to at most [`SCALED_MAX`] (and
 /// small weights up, away from half precision's subnormals). 1 for all-zero or non-finite
 /// weights.
 pub fn weight_scale(weight: &[f32]) -> f32 {
+    power_of_two_scale(weight, SCALED_MAX)
+}
+
+/// The power of two that brings the largest weight magnitude to at most `limit`; 1 for all-zero
+/// or non-finite weights.
+fn power_of_two_scale(weight: &[f32], limit: f32) -> f32 {
     let max = weight.iter().fold(0.0f32, |m, w| m.max(w.abs()));
     if max == 0.0 || !max.is_finite() {
         return 1.0;
     }
-    let exponent = (SCALED_MAX / max).log2().floor().clamp(-100.0, 100.0);
+    let exponent = (limit / max).log2().floor().clamp(-100.0, 100.0);
     let scale = 2f32.powi(exponent as i32);
-    if max * scale > SCALED_MAX {
+    if max * scale > limit {
         scale / 2.0
     } else {
         scale
@@ -221,6 +253,42 @@ pub fn pack_wgmma_weights(
         .collect()
 }
 
+/// The largest scaled weight of the integer kernels: 23-bit integers, three byte limbs.
+const LIMB_SCALED_MAX: f32 = 8_388_607.0;
+
+/// `weight` (`[cout, Cin · taps]`, PyTorch's order) times a power of two that brings its largest
+/// magnitude to at most 2²³ − 1, rounded to integers `q = hi·2¹⁶ + mid·2⁸ + lo` and packed for
+/// the integer `wgmma` kernels (`wgmma_limb_byte`, four bytes a word; `hi` signed, `mid` and
+/// `lo` unsigned), zero-padded to whole 64-channel tiles; with that scale. Stage `s` holds
+/// channels `64·(s % (Cin / 64))..` of tap `s / (Cin / 64)`, each word of 32 permuted by
+/// `wgmma_int_stage_channel`.
+pub fn pack_wgmma_limbs(weight: &[f32], cout: usize, cin: usize, taps: usize) -> (Vec<u32>, f32) {
+    let scale = power_of_two_scale(weight, LIMB_SCALED_MAX);
+    let k_dim = cin * taps;
+    let pairs = cin / WGMMA_INT_STAGE_CHANNELS as usize;
+    let cout_padded = padded_cout(cout as u32);
+    let stages = taps * pairs;
+    let tiles = cout_padded as usize / TENSOR_TILE_M as usize;
+    let mut bytes = vec![0u8; stages * tiles * WGMMA_INT_CHUNK_BYTES as usize];
+    for k in 0..(stages * WGMMA_INT_STAGE_CHANNELS as usize) as u32 {
+        let (stage, step, kk) = (k as usize / 64, k as usize % 64 / 32, k % 32);
+        let ci = stage % pairs * 64 + step * 32 + wgmma_int_stage_channel(kk) as usize;
+        let column = ci * taps + stage / pairs;
+        for co in 0..cout {
+            let q = (weight[co * k_dim + column] * scale).round() as i32;
+            let limbs = [(q >> 16) as u8, (q >> 8) as u8, q as u8];
+            for (limb, byte) in limbs.into_iter().enumerate() {
+                bytes[wgmma_limb_byte(k, co as u32, limb as u32, cout_padded)] = byte;
+            }
+        }
+    }
+    let words = bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (words, scale)
+}
+
 /// The dynamic shared memory the f32 tensor-core kernels take for `g`, or an error where no
 /// entry computes it (too many taps, or more shared memory than the device has).
 fn checked_shared_bytes(conv: &Conv2d, g: &ConvGeometry, backend: &CudaBackend) -> Result<u32> {
@@ -265,27 +333,36 @@ pub(crate) fn tensor_conv_cuda(
     // f32 kernel launched after it then computes the output (it returns at once otherwise).
     let mut only_if = None;
     let planes;
-    if let Some(spike_fragments) = &weights.spike_fragments {
+    if let Some(spike_weights) = &weights.spike_weights {
         // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
         let dims = (g.n, g.cin, g.h * g.w);
-        // (binary entry, two-plane entry, weights, grid, threads, shared memory)
-        let (binary, integer, spike_weights, grid, threads, shared_mem_bytes) =
-            match &weights.wgmma_weights {
-                Some(packed) => (
+        let wgmma = (wgmma_conv_grid(&g), WGMMA_CONV_THREADS);
+        // (binary entry, two-plane entry, weights, scale, (grid, threads), shared memory)
+        let (binary, integer, packed, spike_scale, (grid, threads), shared_mem_bytes) =
+            match spike_weights {
+                SpikeWeights::WgmmaLimbs(packed, limb_scale) => (
+                    "wgmma_int_conv2d_spikes",
+                    "wgmma_int_conv2d_spike_planes",
+                    packed,
+                    *limb_scale,
+                    wgmma,
+                    WGMMA_INT_SHARED_BYTES,
+                ),
+                SpikeWeights::WgmmaHalves(packed) => (
                     "wgmma_conv2d_spikes",
                     "wgmma_conv2d_spike_planes",
                     packed,
-                    wgmma_conv_grid(&g),
-                    WGMMA_CONV_THREADS,
+                    weights.scale,
+                    wgmma,
                     WGMMA_SHARED_BYTES,
                 ),
-                None => (
+                SpikeWeights::Mma(packed) => (
                     "tensor_conv2d_spikes",
                     "tensor_conv2d_spike_planes",
-                    spike_fragments,
-                    grid_dim,
-                    TENSOR_CONV_THREADS,
+                    packed,
+                    weights.scale,
+                    (grid_dim, TENSOR_CONV_THREADS),
                     TENSOR_SPIKES_SHARED_BYTES,
                 ),
             };
@@ -303,16 +380,16 @@ pub(crate) fn tensor_conv_cuda(
         launch
             .arg(masks)
             .arg(flag)
-            .arg(spike_weights)
+            .arg(packed)
             .arg(bias)
             .arg(&has_bias)
             .arg(out.slice_mut())
             .arg(&geometry)
-            .arg(&weights.scale);
-        // SAFETY: the arguments match the four entries' signature; Cin is a multiple of 32 (the
-        // fragments exist only then), the weights were packed for this conv's taps and channels
-        // in the layout of the entry's family (`wgmma_weights` only with the sm_90a module
-        // loaded), and `masks` holds the planes the entry reads.
+            .arg(&spike_scale);
+        // SAFETY: the arguments match the six entries' signature; Cin is a multiple of 32 (64
+        // for the limbs: the spike weights exist only then), the weights were packed for this
+        // conv's taps and channels in the layout of the entry's family (the `wgmma` layouts only
+        // with the sm_90a module loaded), and `masks` holds the planes the entry reads.
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: grid,
@@ -373,7 +450,7 @@ pub(crate) fn tensor_conv_neuron_cuda(
 ) -> Result<()> {
     let g = conv.kernel_geometry(x.shape())?;
     let outputs = g.pixels() as usize * g.cout as usize;
-    if spikes.len() < outputs || neuron.steps == 0 || TENSOR_TILE_P % neuron.steps != 0 {
+    if spikes.len() < outputs || neuron.steps == 0 || !TENSOR_TILE_P.is_multiple_of(neuron.steps) {
         return Err(Error::InvalidArgument(format!(
             "tensor_conv2d_neuron for {}: {} spike bytes for {outputs} outputs, T = {}",
             conv.describe(),
@@ -507,6 +584,40 @@ mod tests {
         }
     }
 
+    /// Every weight comes back from its limbs to within half a unit of the scaled weight, read
+    /// at the kernel's `(k, co)` for its channel and tap.
+    #[test]
+    fn wgmma_limbs_hold_the_scaled_weights() {
+        let (cout, cin, taps) = (72, 128, 9);
+        let w = random_uniform(&[cout, cin * taps], -0.3, 0.3, 17);
+        let weight = w.data();
+        let (words, scale) = pack_wgmma_limbs(weight, cout, cin, taps);
+        let max = weight.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        assert!(max * scale <= LIMB_SCALED_MAX && max * scale > LIMB_SCALED_MAX / 2.0);
+        let byte = |at: usize| (words[at / 4] >> (8 * (at % 4))) as u8;
+        let cout_padded = padded_cout(cout as u32);
+        for k in 0..(cin * taps) as u32 {
+            let (stage, step, kk) = (k as usize / 64, k as usize % 64 / 32, k % 32);
+            let ci = stage % 2 * 64 + step * 32 + wgmma_int_stage_channel(kk) as usize;
+            let tap = stage / 2;
+            for co in 0..cout_padded {
+                let at = |limb| wgmma_limb_byte(k, co, limb, cout_padded);
+                let q = (byte(at(0)) as i8 as i64) * 65536
+                    + (byte(at(1)) as i64) * 256
+                    + byte(at(2)) as i64;
+                let want = if (co as usize) < cout {
+                    weight[co as usize * cin * taps + ci * taps + tap] as f64 * scale as f64
+                } else {
+                    0.0
+                };
+                assert!(
+                    (q as f64 - want).abs() <= 0.5,
+                    "k {k} co {co}: {q} vs {want}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn weight_scale_is_a_power_of_two_in_range() {
         for max in [1e-30f32, 1e-3, 0.7, 1.0, 3.0, 16384.0, 1e30] {
@@ -539,6 +650,10 @@ mod tests {
             (2, 32, 70, 15, 13, 3, 2, 1),
             (1, 64, 64, 12, 12, 7, 2, 3),
             (1, 5, 3, 1, 1, 3, 1, 1),
+            (2, 128, 64, 10, 10, 3, 1, 1),
+            // Hopper's integer kernel (K >= LIMBS_FROM_K): an even and an odd stage count.
+            (2, 256, 72, 6, 6, 3, 1, 1),
+            (1, 320, 64, 5, 7, 3, 2, 1),
         ] {
             for &(density, kind) in &[
                 (0.0, "binary"),

@@ -18,6 +18,20 @@
 //! These entry points exist only in the sm_90a module (`--cfg sparseflow_sm90`), which the host
 //! loads on devices of compute capability 9.0.
 //!
+//! # The integer kernel
+//!
+//! `wgmma_int_conv2d_spikes` / `_spike_planes` compute the same product exactly: the inputs are
+//! bytes (spikes 0/1, SEW sums 0–3, [`int_fragment`] spreads a lane's mask bits into them), the
+//! weights are scaled by a power of two to integers below 2²³ and split into three byte limbs
+//! (`hi` signed, `mid`, `lo` unsigned; [`wgmma_limb_byte`]), and `m64n64k32.s32.u8.{s8,u8}`
+//! sums each limb's products in s32 over the whole reduction. Only the final conversion
+//! (`hi·2¹⁶ + mid·2⁸ + lo`, times the scale) rounds, so no run-length bound and no f32 additions
+//! per stage: a stage is one tap's 64 channels (two `k32` steps × three limbs), and its six
+//! MMAs stay in flight while the next stage decodes into a second A register set. 96 registers
+//! of accumulators make it 158 in all, one CTA per SM: it wins on long reductions (3×3 512 @7:
+//! 0.168 against 0.187 ms), loses on short ones (64 @56: 0.289 against 0.254), where the
+//! host keeps the half-precision kernel.
+//!
 //! # What bounds it, and what was tried (H100, batch 128, 5% spikes)
 //!
 //! ncu: the tensor pipe is 40% busy and issue slots 58%; the stalls are fixed-latency waits,
@@ -244,6 +258,213 @@ unsafe fn wgmma_conv_spikes<const PLANES: usize>(
     store_tile(&acc, bias, has_bias, out, &g, scale);
 }
 
+/// Channels a stage of the integer kernel covers: one tap's 64 channels, two `k32` steps.
+pub const WGMMA_INT_STAGE_CHANNELS: u32 = 64;
+/// Byte limbs of each scaled weight: `q = hi·2¹⁶ + mid·2⁸ + lo`, `hi` signed, `mid` and `lo`
+/// unsigned, `|q| < 2²³`.
+pub const WGMMA_LIMBS: u32 = 3;
+/// Bytes of one `k32` step of one limb for one 64-channel tile.
+pub const WGMMA_INT_OPERAND_BYTES: u32 = 32 * TENSOR_TILE_M;
+/// Bytes of one stage's weights for one 64-channel tile: limbs × steps × operand.
+pub const WGMMA_INT_CHUNK_BYTES: u32 = WGMMA_LIMBS * 2 * WGMMA_INT_OPERAND_BYTES;
+/// Stage buffers of the integer kernel: copies run three stages ahead, and a stage's MMAs may
+/// still read its buffer while the next stage's are issued.
+pub const WGMMA_INT_BUFFERS: u32 = 5;
+/// Dynamic shared memory of the integer kernel: the stage buffers.
+pub const WGMMA_INT_SHARED_BYTES: u32 = WGMMA_INT_BUFFERS * WGMMA_INT_CHUNK_BYTES;
+/// 16-byte pieces of a stage's weights each thread copies.
+const INT_COPIES_PER_THREAD: u32 = WGMMA_INT_CHUNK_BYTES / 16 / WGMMA_CONV_THREADS;
+const _: () = assert!(INT_COPIES_PER_THREAD == 3);
+
+/// The channel, within a word of 32, that column `kk` (0..32) of an integer `k32` step
+/// carries: lane quad `t` holds columns `4t..4t + 4` and `16 + 4t..16 + 4t + 4` of A, which
+/// are then channels `8t..8t + 8`, byte `t` of the mask word.
+pub const fn wgmma_int_stage_channel(kk: u32) -> u32 {
+    8 * (kk % 16 / 4) + 4 * (kk / 16) + kk % 4
+}
+
+/// The byte, in the integer kernel's packed weights, of limb `limb` (0: `hi`, 1: `mid`,
+/// 2: `lo`) of weight `(k, co)`, `k` in stage order (64 a stage, column `kk` of step `k / 32 % 2`
+/// carrying channel [`wgmma_int_stage_channel`]`(kk)` of that step's word, as the host packs).
+///
+/// Chunks of [`WGMMA_INT_CHUNK_BYTES`] are `[stage][cout / 64]`; within one, `[limb][step]`
+/// operands of [`WGMMA_INT_OPERAND_BYTES`], each `[co / 8][kk / 16][co % 8][kk % 16]` (8 × 16-byte
+/// core matrices, the same strides as [`wgmma_half`]'s).
+pub const fn wgmma_limb_byte(k: u32, co: u32, limb: u32, cout_padded: u32) -> usize {
+    let (stage, step, kk) = (k / 64, k % 64 / 32, k % 32);
+    let (tile, c) = (co / TENSOR_TILE_M, co % TENSOR_TILE_M);
+    let chunk = stage as usize * (cout_padded / TENSOR_TILE_M) as usize + tile as usize;
+    let operand = limb * 2 + step;
+    let within =
+        operand * WGMMA_INT_OPERAND_BYTES + ((c / 8) * 2 + kk / 16) * 128 + (c % 8) * 16 + kk % 16;
+    chunk * WGMMA_INT_CHUNK_BYTES as usize + within as usize
+}
+
+/// Four bits `b3 b2 b1 b0` spread to the low bit of each byte (`b3·2²⁴ + b2·2¹⁶ + b1·2⁸ + b0`):
+/// the shifted copies of `x · 0x204081` land at disjoint bits.
+#[inline(always)]
+pub const fn spread_nibble(x: u32) -> u32 {
+    (x & 0xF).wrapping_mul(0x0020_4081) & 0x0101_0101
+}
+
+/// The A register of four consecutive channels from a lane's byte pair `bits` (see
+/// [`lane_byte_pair`]): the value of each channel (0–3) in its byte.
+#[inline(always)]
+pub const fn int_fragment(bits: u32, nibble: u32) -> u32 {
+    spread_nibble(bits >> (4 * nibble)) | spread_nibble(bits >> (8 + 4 * nibble)) << 1
+}
+
+/// Byte `quad` of a pixel's mask word (bits 0–7) and of its high plane (bits 8–15; 0 for
+/// spikes): the eight channels a lane quad's A columns carry.
+#[inline(always)]
+pub const fn lane_byte_pair(low: u32, high: u32, quad: u32) -> u32 {
+    (low >> (8 * quad) & 0xFF) | (high >> (8 * quad) & 0xFF) << 8
+}
+
+spike_conv_entries! {
+    #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))] wgmma_int_conv;
+    /// `tensor_conv2d_spikes` on `wgmma` in exact integer arithmetic: the inputs as bytes, the
+    /// weights scaled to 23-bit integers in three byte limbs (packed by [`wgmma_limb_byte`],
+    /// four bytes a word), summed over the whole reduction in s32, so the only rounding is the
+    /// final conversion. `Cin` a multiple of 64.
+    ///
+    /// # Safety
+    /// As `tensor_conv2d_spikes`; launch with [`wgmma_conv_grid`], [`WGMMA_CONV_THREADS`]
+    /// threads and [`WGMMA_INT_SHARED_BYTES`] of dynamic shared memory, on a device of compute
+    /// capability 9.0.
+    wgmma_int_conv2d_spikes => planes 1;
+    /// [`wgmma_int_conv2d_spikes`] on the two bit planes of small integers.
+    ///
+    /// # Safety
+    /// As [`wgmma_int_conv2d_spikes`]; `masks` holds both planes.
+    wgmma_int_conv2d_spike_planes => planes 2;
+}
+
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn wgmma_int_conv<const PLANES: usize>(
+    masks: *const u32,
+    weights: *const u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: crate::dense_conv::ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    use crate::tensor_conv::{padded_cout, store_tile, PixelMasks};
+    let tid = gpu::thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let quad = lane % 4;
+    let shared = gpu::dynamic_shared_base();
+    let pixels = PixelMasks::<2>::new(
+        masks,
+        &g,
+        gpu::block_x() * WGMMA_TILE_P + warp * 16 + lane / 4,
+    );
+    let pairs = g.cin / WGMMA_INT_STAGE_CHANNELS;
+    let stages = g.kh * g.kw * pairs;
+    let tiles = padded_cout(g.cout) / TENSOR_TILE_M;
+    // A buffer is refilled once every warpgroup has waited for the MMAs that read it, which
+    // stay in flight one stage longer than the stage: copies run three stages ahead of five
+    // buffers.
+    const AHEAD: u32 = WGMMA_INT_BUFFERS - 2;
+    let buffer = |stage: u32| shared + (stage % WGMMA_INT_BUFFERS) * WGMMA_INT_CHUNK_BYTES;
+    let copy_weights = |stage: u32| {
+        if stage < stages {
+            let chunk =
+                (stage * tiles + gpu::block_y()) as usize * (WGMMA_INT_CHUNK_BYTES / 4) as usize;
+            unroll!(i in [0, 1, 2] {
+                let piece = tid + i as u32 * WGMMA_CONV_THREADS;
+                gpu::async_copy_16(buffer(stage) + piece * 16, weights.add(chunk + piece as usize * 4));
+            });
+        }
+        gpu::async_copy_commit();
+    };
+    // The lane's byte pairs of both words of the next stage to load, `(r, s, pair)` stepped
+    // pair-fastest: `[pixel][word]`.
+    let (mut r, mut s, mut pair) = (0u32, 0u32, 0u32);
+    let mut load_next = || {
+        let mut bits = [[0u32; 2]; 2];
+        if r < g.kh {
+            unroll!(word in [0, 1] {
+                let m = pixels.load::<PLANES>(r, s, 2 * pair + word as u32);
+                unroll!(pixel in [0, 1] {
+                    bits[pixel][word] = lane_byte_pair(m[pixel][0], if PLANES == 1 { 0 } else { m[pixel][PLANES - 1] }, quad);
+                });
+            });
+        }
+        pair += 1;
+        if pair == pairs {
+            pair = 0;
+            s += 1;
+            if s == g.kw {
+                s = 0;
+                r += 1;
+            }
+        }
+        bits
+    };
+
+    let mut acc = [[0u32; 32]; 3];
+    let mut a = [[[0u32; 4]; 2]; 2];
+    let mut now = load_next();
+    let mut next = load_next();
+    for stage in 0..AHEAD {
+        copy_weights(stage);
+    }
+    let descriptor0 = wgmma_descriptor(buffer(0), WGMMA_LEADING_BYTES, WGMMA_STRIDE_BYTES);
+    let mut stage = 0;
+    while stage < stages {
+        // Two stages a turn, so that each A register set is a fixed one.
+        unroll!(set in [0, 1] {
+            if stage < stages {
+                gpu::async_copy_wait_pending::<{ AHEAD - 1 }>();
+                gpu::fence_proxy_async_shared();
+                gpu::sync_threads();
+                copy_weights(stage + AHEAD);
+                let after = load_next();
+                // Rows lane / 4 (pixel 0) and + 8 (pixel 1); columns 4·quad.. then 16 + 4·quad...
+                unroll!(word in [0, 1] {
+                    a[set][word] = [
+                        int_fragment(now[0][word], 0),
+                        int_fragment(now[1][word], 0),
+                        int_fragment(now[0][word], 1),
+                        int_fragment(now[1][word], 1),
+                    ];
+                });
+                let buffer_units = (stage % WGMMA_INT_BUFFERS * WGMMA_INT_CHUNK_BYTES / 16) as u64;
+                let accumulate = stage != 0;
+                gpu::wgmma_fence();
+                unroll!(step in [0, 1] {
+                    let units = |limb: u32| buffer_units + ((limb * 2 + step as u32) * WGMMA_INT_OPERAND_BYTES / 16) as u64;
+                    let later = accumulate || step != 0;
+                    gpu::wgmma_m64n64k32_u8_s8(&mut acc[0], a[set][step], descriptor0 + units(0), later);
+                    gpu::wgmma_m64n64k32_u8_u8(&mut acc[1], a[set][step], descriptor0 + units(1), later);
+                    gpu::wgmma_m64n64k32_u8_u8(&mut acc[2], a[set][step], descriptor0 + units(2), later);
+                });
+                gpu::wgmma_commit();
+                // This stage's MMAs stay in flight while the next decodes into the other register
+                // set; the set is rewritten two stages on, after this wait for the stage before.
+                gpu::wgmma_wait_pending_3::<1>(&mut acc);
+                now = next;
+                next = after;
+                stage += 1;
+            }
+        });
+    }
+    gpu::wgmma_wait_pending_3::<0>(&mut acc);
+    let mut total = [[[0.0f32; 4]; 8]; 1];
+    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+        unroll!(i in [0, 1, 2, 3] {
+            let e = 4 * tile + i;
+            let low = (acc[1][e] as i32).wrapping_mul(256).wrapping_add(acc[2][e] as i32);
+            total[0][tile][i] = (acc[0][e] as i32) as f32 * 65536.0 + low as f32;
+        });
+    });
+    store_tile(&total, bias, has_bias, out, &g, scale);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +501,54 @@ mod tests {
             at(32, 0, 0) - at(0, 0, 0),
             (WGMMA_SHARED_BYTES / WGMMA_BUFFERS) as usize
         );
+    }
+
+    #[test]
+    fn limb_layout_is_a_bijection_onto_whole_chunks() {
+        let (k_padded, cout_padded) = (192u32, 128u32);
+        let total = (k_padded * cout_padded * WGMMA_LIMBS) as usize;
+        let mut seen = vec![false; total];
+        for k in 0..k_padded {
+            for co in 0..cout_padded {
+                for limb in 0..WGMMA_LIMBS {
+                    let at = wgmma_limb_byte(k, co, limb, cout_padded);
+                    assert!(at < total && !seen[at], "({k}, {co}, {limb}) -> {at}");
+                    seen[at] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+        // Rows 16 bytes apart, the second k16 half LBO on, the next 8 channels SBO on.
+        let at = |k, co| wgmma_limb_byte(k, co, 0, 64);
+        assert_eq!(at(0, 1) - at(0, 0), 16);
+        assert_eq!(at(16, 0) - at(0, 0), WGMMA_LEADING_BYTES as usize);
+        assert_eq!(at(0, 8) - at(0, 0), WGMMA_STRIDE_BYTES as usize);
+    }
+
+    #[test]
+    fn lane_quads_read_their_channels_as_bytes() {
+        // Spikes on channels c of a word, or integer values v(c) = low bit + 2 · high bit.
+        let low = 0xA5C3_0F96u32;
+        let high = 0x3C5A_F00Fu32;
+        for quad in 0..4 {
+            let bits = lane_byte_pair(low, high, quad);
+            for nibble in 0..2 {
+                let reg = int_fragment(bits, nibble);
+                for byte in 0..4 {
+                    // Column 4·quad + byte (nibble 0) or 16 + 4·quad + byte (nibble 1).
+                    let kk = 16 * nibble + 4 * quad + byte;
+                    let c = wgmma_int_stage_channel(kk);
+                    let want = (low >> c & 1) + 2 * (high >> c & 1);
+                    assert_eq!(reg >> (8 * byte) & 0xFF, want, "quad {quad} kk {kk}");
+                }
+            }
+        }
+        // A permutation of the word's channels.
+        let mut seen = [false; 32];
+        for kk in 0..32 {
+            seen[wgmma_int_stage_channel(kk) as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
     }
 
     #[test]
