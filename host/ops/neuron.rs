@@ -136,22 +136,28 @@ where
 }
 
 /// The GPU twin of [`multi_step`] (spikes only): `neuron_multi_step` of `kernels-gpu`, whose
-/// charge equations are these, operation for operation. With `mark_masks`, on a map of whole
-/// words of 32 channels (and steps of whole 128-neuron warps), the kernel also sets each spike's
-/// bit in a bitmap by warp votes, and `spike_bitmap_masks` turns that into the channel masks
-/// attached to the output ([`DeviceTensor::spike_masks`]): a spike convolution reading it then
-/// skips its packing pass over the f32 map.
+/// charge equations are these, operation for operation; with `operand`, its `_add` or
+/// `_connect` kernel. With `mark_masks`, on a map of whole words of 32 channels (and steps of
+/// whole 128-neuron warps), the kernel also sets each spike's bit in a bitmap by warp votes (a
+/// connect's sums: their two bit planes in two bitmaps), and `spike_bitmap_masks`
+/// (`spike_bitmap_planes`) turns that into the masks attached to the output
+/// ([`DeviceTensor::spike_masks`]): a spike convolution reading it then skips its packing pass
+/// over the f32 map.
 #[allow(clippy::too_many_arguments)]
 fn multi_step_cuda(
     op: &str,
     x: &DeviceTensor,
-    addend: Option<&DeviceTensor>,
+    operand: SecondOperand,
     firing: &Firing,
     charge: Charge,
     k: f32,
     mark_masks: bool,
 ) -> Result<DeviceTensor> {
-    if let Some(y) = addend.filter(|y| y.shape() != x.shape()) {
+    let second = match operand {
+        SecondOperand::None => None,
+        SecondOperand::Addend(y) | SecondOperand::Shortcut(y, ..) => Some(y),
+    };
+    if let Some(y) = second.filter(|y| y.shape() != x.shape()) {
         return Err(Error::Shape(format!(
             "{op}: input shapes differ: {:?} vs {:?}",
             x.shape(),
@@ -162,40 +168,64 @@ fn multi_step_cuda(
     spikes.len_u32()?;
     let per_step = x.shape().iter().skip(1).product::<usize>() as u32;
     let backend = x.backend();
-    let marking = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
-    // The map's dims and its spike bitmap, when the neuron marks.
-    let mut marked = marking
-        .map(|dims| -> Result<_> {
-            // SAFETY: the marking neuron writes every word but the last, which only feeds bits
-            // past the map (see `spike_bitmap_masks`).
-            let bitmap = unsafe { backend.stream().alloc::<u32>(x.len() / 32 + 1)? };
-            Ok((dims, bitmap))
-        })
-        .transpose()?;
-    let entry = match (addend.is_some(), marked.is_some()) {
-        (false, false) => "neuron_multi_step",
-        (true, false) => "neuron_multi_step_add",
-        (false, true) => "neuron_multi_step_marked",
-        (true, true) => "neuron_multi_step_add_marked",
+    let Some(dims) = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step))
+    else {
+        let entry = match operand {
+            SecondOperand::None => "neuron_multi_step",
+            SecondOperand::Addend(_) => "neuron_multi_step_add",
+            SecondOperand::Shortcut(..) => "neuron_multi_step_connect",
+        };
+        let marks = Marks::None;
+        launch_neuron(
+            op,
+            entry,
+            x,
+            operand,
+            spikes.slice_mut(),
+            marks,
+            firing,
+            charge,
+            k,
+        )?;
+        return Ok(spikes);
     };
-    let bitmap = marked.as_mut().map(|(_, bitmap)| bitmap);
+    // A connect's sums mark two bit planes (and a flag for sums past them), spikes one.
+    let planes = if matches!(operand, SecondOperand::Shortcut(..)) {
+        2
+    } else {
+        1
+    };
+    let stream = backend.stream();
+    let plane_words = x.len() / 32 + 1;
+    // SAFETY: the marking kernels write every word of each bitmap but its last, which only
+    // feeds bits past the map (see `spike_bitmap_masks`).
+    let mut bitmaps = unsafe { stream.alloc::<u32>(planes * plane_words)? };
+    let mut out_of_range = stream.alloc_zeros::<u32>(1)?;
+    let (entry, marks) = match operand {
+        SecondOperand::None => ("neuron_multi_step_marked", Marks::Bitmap(&mut bitmaps)),
+        SecondOperand::Addend(_) => ("neuron_multi_step_add_marked", Marks::Bitmap(&mut bitmaps)),
+        SecondOperand::Shortcut(..) => (
+            "neuron_multi_step_connect_marked",
+            Marks::Planes(&mut bitmaps, plane_words as u32, &mut out_of_range),
+        ),
+    };
     launch_neuron(
         op,
         entry,
         x,
-        addend.map_or(SecondOperand::None, SecondOperand::Addend),
+        operand,
         spikes.slice_mut(),
-        bitmap.map_or(Marks::None, Marks::Bitmap),
+        marks,
         firing,
         charge,
         k,
     )?;
-    Ok(match marked {
-        Some((dims, bitmap)) => {
-            spikes.with_spike_masks(SpikeMasks::from_bitmap(backend, &bitmap, dims)?)
-        }
-        None => spikes,
-    })
+    let masks = if planes == 2 {
+        SpikeMasks::from_plane_bitmaps(backend, &bitmaps, plane_words, out_of_range, dims)?
+    } else {
+        SpikeMasks::from_bitmap(backend, &bitmaps, dims)?
+    };
+    Ok(spikes.with_spike_masks(masks))
 }
 
 /// `(n, C, H·W)` of a `[..., C, H, W]` map whose channel masks a neuron can mark: `C` whole
@@ -424,7 +454,15 @@ macro_rules! neuron_operator {
             ) -> Result<DeviceTensor> {
                 let [x] = expect_inputs::<1, _>($name, inputs)?;
                 let (charge, k) = self.cuda_charge();
-                multi_step_cuda($name, x, None, &self.firing, charge, k, mark_masks)
+                multi_step_cuda(
+                    $name,
+                    x,
+                    SecondOperand::None,
+                    &self.firing,
+                    charge,
+                    k,
+                    mark_masks,
+                )
             }
             fn params(&self) -> Vec<(&'static str, &Tensor)> {
                 self.param_list()
@@ -657,7 +695,7 @@ pub(crate) fn forward_cuda_added(
     Some(multi_step_cuda(
         op.type_name(),
         x,
-        Some(y),
+        SecondOperand::Addend(y),
         neuron.firing(),
         charge,
         k,
@@ -681,57 +719,17 @@ pub(crate) fn forward_cuda_connected(
     mark_masks: bool,
 ) -> Option<Result<DeviceTensor>> {
     let neuron = as_builtin_neuron(op)?;
-    Some((|| {
-        if shortcut.shape() != x.shape() {
-            return Err(Error::Shape(format!(
-                "{}: input shapes differ: {:?} vs {:?}",
-                op.type_name(),
-                x.shape(),
-                shortcut.shape()
-            )));
-        }
-        let backend = x.backend();
-        let mut out = DeviceTensor::uninit(backend, x.shape().to_vec())?;
-        out.len_u32()?;
-        let per_step = x.shape().iter().skip(1).product::<usize>() as u32;
-        let marking = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
-        let (charge, k) = neuron.kernel_charge();
-        let operand = SecondOperand::Shortcut(shortcut, function, spikes_first);
-        let Some(dims) = marking else {
-            launch_neuron(
-                op.type_name(),
-                "neuron_multi_step_connect",
-                x,
-                operand,
-                out.slice_mut(),
-                Marks::None,
-                neuron.firing(),
-                charge,
-                k,
-            )?;
-            return Ok(out);
-        };
-        let stream = backend.stream();
-        let plane_words = x.len() / 32 + 1;
-        // SAFETY: the marking kernel writes every word of both bitmaps but each one's last,
-        // which only feeds bits past the map (see `spike_bitmap_masks`).
-        let mut bitmaps = unsafe { stream.alloc::<u32>(2 * plane_words)? };
-        let mut out_of_range = stream.alloc_zeros::<u32>(1)?;
-        launch_neuron(
-            op.type_name(),
-            "neuron_multi_step_connect_marked",
-            x,
-            operand,
-            out.slice_mut(),
-            Marks::Planes(&mut bitmaps, plane_words as u32, &mut out_of_range),
-            neuron.firing(),
-            charge,
-            k,
-        )?;
-        let masks =
-            SpikeMasks::from_plane_bitmaps(backend, &bitmaps, plane_words, out_of_range, dims)?;
-        Ok(out.with_spike_masks(masks))
-    })())
+    let (charge, k) = neuron.kernel_charge();
+    let operand = SecondOperand::Shortcut(shortcut, function, spikes_first);
+    Some(multi_step_cuda(
+        op.type_name(),
+        x,
+        operand,
+        neuron.firing(),
+        charge,
+        k,
+        mark_masks,
+    ))
 }
 
 /// A built-in neuron as a kernel argument for a map of `steps` time steps (for kernels that
@@ -825,7 +823,8 @@ mod tests {
             let dy = DeviceTensor::upload(&backend, &y).unwrap();
             for addend in [None, Some(&dy)] {
                 let run = |mark| {
-                    multi_step_cuda("LIF", &dx, addend, &lif.firing, charge, k, mark).unwrap()
+                    let operand = addend.map_or(SecondOperand::None, SecondOperand::Addend);
+                    multi_step_cuda("LIF", &dx, operand, &lif.firing, charge, k, mark).unwrap()
                 };
                 let (marked, plain) = (run(true), run(false));
                 assert!(plain.spike_masks().is_none());
@@ -847,7 +846,8 @@ mod tests {
         }
         let x = DeviceTensor::upload(&backend, &random_uniform(&[2, 1, 32, 3, 3], -1.0, 2.5, 7))
             .unwrap();
-        let unmarked = multi_step_cuda("LIF", &x, None, &lif.firing, charge, k, true).unwrap();
+        let unmarked =
+            multi_step_cuda("LIF", &x, SecondOperand::None, &lif.firing, charge, k, true).unwrap();
         assert!(
             unmarked.spike_masks().is_none(),
             "288 neurons per step: not marked"

@@ -192,7 +192,8 @@ mod tests {
         use crate::cuda::{set_poison_new_tensors, DeviceTensor};
         use crate::ops::connect::Add;
         use crate::ops::conv2d::Conv2d;
-        use crate::ops::tensor_conv::{tensor_conv_cuda, SpikePlanes, TensorConvWeights};
+        use crate::ops::sparse_conv2d::SpikeMasks;
+        use crate::ops::tensor_conv::{tensor_conv_cuda, TensorConvWeights};
         use crate::testing::{assert_close_elementwise, gpu_or_skip, random_spikes};
         let Some(backend) = gpu_or_skip("gpu_marked_planes_feed_the_integer_kernel") else {
             return;
@@ -238,7 +239,7 @@ mod tests {
                 assert_eq!(masks.planes, 2);
                 let n = (shape[0] * shape[1]) as u32;
                 let dims = (n, 64, (shape[3] * shape[4]) as u32);
-                let packed = SpikePlanes::pack(&out, dims).unwrap();
+                let packed = SpikeMasks::pack(&out, dims, 2).unwrap();
                 let flag = stream.clone_dtoh(&*masks.non_binary).unwrap();
                 assert_eq!(flag, [!in_range as u32], "case {i}");
                 if in_range {
@@ -247,7 +248,7 @@ mod tests {
                         stream.clone_dtoh(&packed.words).unwrap(),
                         "case {i}"
                     );
-                    assert_eq!(stream.clone_dtoh(&packed.out_of_range).unwrap(), [0]);
+                    assert_eq!(stream.clone_dtoh(&*packed.non_binary).unwrap(), [0]);
                 }
                 // The conv over [T · B, C, H, W].
                 let folded = Tensor::new(

@@ -694,48 +694,51 @@ pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Resul
     if let Some(masks) = x.spike_masks().filter(|m| m.dims == dims && m.planes == 1) {
         return Ok(masks.clone());
     }
-    let (words, non_binary) = launch_mask_pack(x, "spike_mask_pack", dims, 1)?;
-    Ok(Arc::new(SpikeMasks {
-        words,
-        non_binary: Arc::new(non_binary),
-        dims,
-        planes: 1,
-    }))
+    Ok(Arc::new(SpikeMasks::pack(x, dims, 1)?))
 }
 
-/// A packing pass over `x` (`(n, cin, hw)`): `entry` (`spike_mask_pack`, or `spike_plane_pack`
-/// with `words_per_pixel` 2) writes `words_per_pixel` mask words per (image, channel word,
-/// pixel) and raises the returned flag word where a value is not what the masks describe.
-pub(crate) fn launch_mask_pack(
-    x: &DeviceTensor,
-    entry: &'static str,
-    (n, cin, hw): (u32, u32, u32),
-    words_per_pixel: u32,
-) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
-    let backend = x.backend();
-    let stream = backend.stream();
-    let total = n * mask_words(cin) * hw;
-    // SAFETY: the packing kernels write every mask word.
-    let mut words = unsafe { stream.alloc::<u32>((words_per_pixel * total).max(1) as usize)? };
-    let mut flag = stream.alloc_zeros::<u32>(1)?;
-    let pack = backend.function(entry)?;
-    let mut launch = stream.launch_builder(&pack);
-    launch
-        .arg(x.slice())
-        .arg(&mut words)
-        .arg(&mut flag)
-        .arg(&n)
-        .arg(&cin)
-        .arg(&hw);
-    // SAFETY: arguments match both packing kernels' signature and contract.
-    unsafe {
-        launch.launch(LaunchConfig {
-            grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
-            block_dim: (PACK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })?
-    };
-    Ok((words, flag))
+impl SpikeMasks {
+    /// A packing pass over `x` (`(n, cin, hw)`): with `planes` 1, `spike_mask_pack` (channel
+    /// masks, the flag raised where a value is not 0 or 1); with 2, `spike_plane_pack` (each
+    /// pixel's two bit-plane words side by side, the flag raised where a value is not an
+    /// integer in `0..=3`; `cin` a multiple of 32).
+    pub(crate) fn pack(x: &DeviceTensor, dims: (u32, u32, u32), planes: u32) -> Result<Self> {
+        let (n, cin, hw) = dims;
+        let backend = x.backend();
+        let stream = backend.stream();
+        let total = n * mask_words(cin) * hw;
+        // SAFETY: the packing kernels write every mask word.
+        let mut words = unsafe { stream.alloc::<u32>((planes * total).max(1) as usize)? };
+        let mut flag = stream.alloc_zeros::<u32>(1)?;
+        let entry = if planes == 2 {
+            "spike_plane_pack"
+        } else {
+            "spike_mask_pack"
+        };
+        let pack = backend.function(entry)?;
+        let mut launch = stream.launch_builder(&pack);
+        launch
+            .arg(x.slice())
+            .arg(&mut words)
+            .arg(&mut flag)
+            .arg(&n)
+            .arg(&cin)
+            .arg(&hw);
+        // SAFETY: arguments match both packing kernels' signature and contract.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
+                block_dim: (PACK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            })?
+        };
+        Ok(Self {
+            words,
+            non_binary: Arc::new(flag),
+            dims,
+            planes,
+        })
+    }
 }
 
 /// The input density above which the dense GEMM beats the sparse gather on this kind of layer.

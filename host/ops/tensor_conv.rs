@@ -26,7 +26,7 @@ use sparseflow_kernels::wgmma_conv::{
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
-use crate::ops::sparse_conv2d::launch_mask_pack;
+use crate::ops::sparse_conv2d::SpikeMasks;
 use crate::ops::Operator;
 use sparseflow_kernels::dense_conv::ConvGeometry;
 
@@ -332,7 +332,7 @@ pub(crate) fn tensor_conv_cuda(
     // returns at once where the masks' flag says some value is not what they describe, and the
     // f32 kernel launched after it then computes the output (it returns at once otherwise).
     let mut only_if = None;
-    let planes;
+    let packed_masks;
     if let Some(spike_weights) = &weights.spike_weights {
         // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
@@ -366,19 +366,20 @@ pub(crate) fn tensor_conv_cuda(
                     TENSOR_SPIKES_SHARED_BYTES,
                 ),
             };
-        let (entry, masks, flag) = match x.spike_masks().filter(|m| m.dims == dims) {
-            Some(marked) if marked.planes == 2 => (integer, &marked.words, &*marked.non_binary),
-            Some(marked) => (binary, &marked.words, &*marked.non_binary),
+        let masks = match x.spike_masks().filter(|m| m.dims == dims) {
+            Some(marked) => marked,
             None => {
-                planes = SpikePlanes::pack(x, dims)?;
-                (integer, &planes.words, &planes.out_of_range)
+                packed_masks = SpikeMasks::pack(x, dims, 2)?;
+                &packed_masks
             }
         };
+        let entry = if masks.planes == 2 { integer } else { binary };
+        let flag = &*masks.non_binary;
         let spikes = backend.function(entry)?;
         allow_shared_memory(&spikes, shared_mem_bytes)?;
         let mut launch = stream.launch_builder(&spikes);
         launch
-            .arg(masks)
+            .arg(&masks.words)
             .arg(flag)
             .arg(packed)
             .arg(bias)
@@ -495,25 +496,6 @@ pub(crate) fn tensor_conv_neuron_cuda(
         })?
     };
     Ok(())
-}
-
-/// The two bit planes of an input for the integer spike kernel (`spike_plane_pack`) and
-/// whether some value is out of their range.
-pub(crate) struct SpikePlanes {
-    /// `[n][Cin / 32][H·W][2]` words: plane 0 (bit 0 of each value), then plane 1.
-    pub(crate) words: CudaSlice<u32>,
-    pub(crate) out_of_range: CudaSlice<u32>,
-}
-
-impl SpikePlanes {
-    /// Packs `x`, a `(n, Cin, H·W)` map with `Cin` a multiple of 32.
-    pub(crate) fn pack(x: &DeviceTensor, dims: (u32, u32, u32)) -> Result<Self> {
-        let (words, out_of_range) = launch_mask_pack(x, "spike_plane_pack", dims, 2)?;
-        Ok(Self {
-            words,
-            out_of_range,
-        })
-    }
 }
 
 #[cfg(test)]
