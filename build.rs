@@ -278,8 +278,38 @@ impl Toolchain {
             ));
         }
         let asm = target_dir.join("nvptx64-nvidia-cuda/release/deps/sparseflow_kernels.s");
-        fs::read_to_string(&asm).map_err(|e| format!("cannot read {}: {e}", asm.display()))
+        fs::read_to_string(&asm)
+            .map(|ptx| with_launch_bounds(&ptx))
+            .map_err(|e| format!("cannot read {}: {e}", asm.display()))
     }
+}
+
+/// Entries launched with at most this many threads a CTA, which ptxas then fits into the
+/// registers that many threads leave (CUDA C's `__launch_bounds__`; Rust's nvptx target has no
+/// attribute for it). The resident `wgmma` kernel runs three warpgroups a CTA: 168 registers.
+const LAUNCH_BOUNDS: [(&str, u32); 2] = [
+    ("wgmma_resident_conv2d_spikes", 384),
+    ("wgmma_resident_conv2d_spike_planes", 384),
+];
+
+/// `ptx` with a `.maxntid` directive between each [`LAUNCH_BOUNDS`] entry's parameters and body.
+fn with_launch_bounds(ptx: &str) -> String {
+    let mut out = String::with_capacity(ptx.len());
+    let mut pending = None;
+    for line in ptx.split_inclusive('\n') {
+        if let Some((_, threads)) = LAUNCH_BOUNDS
+            .iter()
+            .find(|(entry, _)| line.trim_end() == format!(".visible .entry {entry}("))
+        {
+            pending = Some(*threads);
+        }
+        if let (Some(threads), "{") = (pending, line.trim()) {
+            out.push_str(&format!(".maxntid {threads}, 1, 1\n"));
+            pending = None;
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 fn run_capture(cmd: &mut Command) -> Result<String, String> {

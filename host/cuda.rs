@@ -42,6 +42,7 @@ pub struct CudaBackend {
     hopper: bool,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     max_shared_memory_per_block: usize,
+    multiprocessors: usize,
     /// One `u32` zero: the "no non-binary input" flag of masks built from spike bitmaps
     /// (read-only to every kernel).
     zero_word: Arc<cudarc::driver::CudaSlice<u32>>,
@@ -101,6 +102,9 @@ impl CudaBackend {
         let max_shared_memory_per_block = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )? as usize;
+        let multiprocessors = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as usize;
         let capability = ctx.compute_capability()?;
         let wants_hopper = capability == (9, 0)
             && std::env::var(KERNEL_ARCH_VAR).map_or(true, |arch| arch != "sm80");
@@ -124,6 +128,7 @@ impl CudaBackend {
             functions: Mutex::new(HashMap::new()),
             zero_word,
             max_shared_memory_per_block,
+            multiprocessors,
         })
     }
 
@@ -144,6 +149,11 @@ impl CudaBackend {
     /// The most dynamic shared memory one block may opt into (bytes).
     pub fn max_shared_memory_per_block(&self) -> usize {
         self.max_shared_memory_per_block
+    }
+
+    /// The device's streaming multiprocessors (what persistent kernels size their grids by).
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     /// The stream every SparseFlow launch on this device is ordered on.

@@ -19,8 +19,9 @@ use sparseflow_kernels::tensor_conv::{
     TENSOR_CONV_THREADS, TENSOR_SPIKES_SHARED_BYTES, TENSOR_TILE_M, TENSOR_TILE_P,
 };
 use sparseflow_kernels::wgmma_conv::{
-    wgmma_conv_grid, wgmma_half, wgmma_int_stage_channel, wgmma_limb_byte, WGMMA_CONV_THREADS,
-    WGMMA_INT_CHUNK_BYTES, WGMMA_INT_SHARED_BYTES, WGMMA_INT_STAGE_CHANNELS, WGMMA_SHARED_BYTES,
+    wgmma_conv_grid, wgmma_half, wgmma_int_stage_channel, wgmma_limb_byte,
+    wgmma_resident_shared_bytes, WGMMA_CONV_THREADS, WGMMA_INT_CHUNK_BYTES, WGMMA_INT_SHARED_BYTES,
+    WGMMA_INT_STAGE_CHANNELS, WGMMA_RESIDENT_TILE_P, WGMMA_SHARED_BYTES,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -61,11 +62,13 @@ enum SpikeWeights {
     WgmmaLimbs(CudaSlice<u32>, f32),
 }
 
-/// The reduction length (`Cin · taps`) from which Hopper takes the integer kernel: exact sums
-/// over the whole reduction and the MMAs of one stage in flight while the next decodes, but 158
-/// registers, so one CTA per SM, whose prologue and epilogue short reductions do not hide. H100,
-/// batch 128, 5%, one run (`wgmma` halves → integer): 3×3 64→64 @56 0.254 → 0.289 ms, 128 @28
-/// 0.212 → 0.216, 256 @14 0.189 → 0.188, 512 @7 0.187 → 0.168.
+/// Hopper's integer kernels compute every spike conv with `Cin` a multiple of 64 whose weights
+/// fit shared memory whole (the resident kernel: `Cin · taps` up to 1152) or whose reduction
+/// is at least this long (the streaming one, one CTA per SM with 158 registers, whose prologue
+/// and epilogue a short reduction does not hide); the half-precision `wgmma` kernel takes the
+/// rest. H100, batch 128, 5%, one run each against the half-precision kernel: 3×3 64→64 @56
+/// 0.254 → 0.195 ms (resident), 128 @28 0.214 → 0.160 (resident), 256 @14 0.189 → 0.179,
+/// 512 @7 0.184 → 0.164 (streaming; at 64 @56 streaming took 0.289).
 const LIMBS_FROM_K: usize = 2304;
 
 impl TensorConvWeights {
@@ -111,8 +114,12 @@ impl TensorConvWeights {
                 let ci = stage % words * 32 + spike_stage_channel(step, kk) as usize;
                 ci * taps + stage / words
             };
-            let limbs =
-                cin.is_multiple_of(WGMMA_INT_STAGE_CHANNELS as usize) && k_dim >= LIMBS_FROM_K;
+            // The integer kernels keep a bit per kernel row and column in a u32.
+            let (kh, kw) = conv.kernel_size();
+            let limbs = cin.is_multiple_of(WGMMA_INT_STAGE_CHANNELS as usize)
+                && kh <= 32
+                && kw <= 32
+                && (k_dim >= LIMBS_FROM_K || resident_fits(conv, backend));
             spike_weights = Some(if backend.has_wgmma() && limbs {
                 let (packed, scale) = pack_wgmma_limbs(weight, cout, cin, taps);
                 SpikeWeights::WgmmaLimbs(stream.clone_htod(&packed)?, scale)
@@ -253,13 +260,32 @@ pub fn pack_wgmma_weights(
         .collect()
 }
 
-/// The largest scaled weight of the integer kernels: 23-bit integers, three byte limbs.
-const LIMB_SCALED_MAX: f32 = 8_388_607.0;
+/// Whether the resident integer kernel holds a channel tile of `conv`'s weights in shared
+/// memory (`Cin` a multiple of 64 and `Cin · taps` up to 1152 on the H100).
+fn resident_fits(conv: &Conv2d, backend: &CudaBackend) -> bool {
+    let (kh, kw) = conv.kernel_size();
+    let bytes = wgmma_resident_shared_bytes(conv.in_channels() as u32, (kh * kw) as u32);
+    bytes as usize <= backend.max_shared_memory_per_block()
+}
+
+/// The largest scaled weight of the integer kernels: three signed byte limbs hold up to
+/// 127 · (2¹⁶ + 2⁸ + 1), so 2²² with room to spare.
+const LIMB_SCALED_MAX: f32 = 4_194_304.0;
+
+/// `q` (`|q| <= 2²²`) as balanced base-256 digits `[hi, mid, lo]`, each in `-128..=127`, with
+/// `q = hi·2¹⁶ + mid·2⁸ + lo`.
+fn balanced_digits(q: i32) -> [i8; 3] {
+    let digit = |v: i32| ((v + 128) & 0xFF) - 128;
+    let lo = digit(q);
+    let mid = digit((q - lo) >> 8);
+    let hi = (q - lo - (mid << 8)) >> 16;
+    [hi as i8, mid as i8, lo as i8]
+}
 
 /// `weight` (`[cout, Cin · taps]`, PyTorch's order) times a power of two that brings its largest
-/// magnitude to at most 2²³ − 1, rounded to integers `q = hi·2¹⁶ + mid·2⁸ + lo` and packed for
-/// the integer `wgmma` kernels (`wgmma_limb_byte`, four bytes a word; `hi` signed, `mid` and
-/// `lo` unsigned), zero-padded to whole 64-channel tiles; with that scale. Stage `s` holds
+/// magnitude to at most 2²², rounded to integers `q = hi·2¹⁶ + mid·2⁸ + lo` of signed byte
+/// limbs and packed for the integer `wgmma` kernels (`wgmma_limb_byte`, four bytes a word),
+/// zero-padded to whole 64-channel tiles; with that scale. Stage `s` holds
 /// channels `64·(s % (Cin / 64))..` of tap `s / (Cin / 64)`, each word of 32 permuted by
 /// `wgmma_int_stage_channel`.
 pub fn pack_wgmma_limbs(weight: &[f32], cout: usize, cin: usize, taps: usize) -> (Vec<u32>, f32) {
@@ -276,9 +302,8 @@ pub fn pack_wgmma_limbs(weight: &[f32], cout: usize, cin: usize, taps: usize) ->
         let column = ci * taps + stage / pairs;
         for co in 0..cout {
             let q = (weight[co * k_dim + column] * scale).round() as i32;
-            let limbs = [(q >> 16) as u8, (q >> 8) as u8, q as u8];
-            for (limb, byte) in limbs.into_iter().enumerate() {
-                bytes[wgmma_limb_byte(k, co as u32, limb as u32, cout_padded)] = byte;
+            for (limb, digit) in balanced_digits(q).into_iter().enumerate() {
+                bytes[wgmma_limb_byte(k, co as u32, limb as u32, cout_padded)] = digit as u8;
             }
         }
     }
@@ -287,6 +312,32 @@ pub fn pack_wgmma_limbs(weight: &[f32], cout: usize, cin: usize, taps: usize) ->
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     (words, scale)
+}
+
+/// The resident kernel's grid and block: three warpgroups a CTA where their registers fit (two
+/// otherwise), one CTA per SM for each of its channel tiles' share of the SMs, no more CTAs
+/// than the pixel tiles keep busy.
+fn resident_launch(
+    backend: &CudaBackend,
+    g: &ConvGeometry,
+    shared: u32,
+) -> Result<((u32, u32, u32), u32)> {
+    let function = backend.function("wgmma_resident_conv2d_spikes")?;
+    allow_shared_memory(&function, shared)?;
+    let fits = |threads: u32| {
+        function
+            .occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None)
+            .map_or(0, |blocks| blocks)
+    };
+    let threads = if fits(384) >= 1 { 384 } else { 256 };
+    let per_sm = fits(threads).max(1);
+    let channel_tiles = padded_cout(g.cout) / TENSOR_TILE_M;
+    let pixel_tiles = g.pixels().div_ceil(WGMMA_RESIDENT_TILE_P);
+    let ctas = (backend.multiprocessors() as u32 * per_sm)
+        .div_ceil(channel_tiles)
+        .min(pixel_tiles.div_ceil(threads / 128))
+        .max(1);
+    Ok(((ctas, channel_tiles, 1), threads))
 }
 
 /// The dynamic shared memory the f32 tensor-core kernels take for `g`, or an error where no
@@ -341,6 +392,17 @@ pub(crate) fn tensor_conv_cuda(
         // (binary entry, two-plane entry, weights, scale, (grid, threads), shared memory)
         let (binary, integer, packed, spike_scale, (grid, threads), shared_mem_bytes) =
             match spike_weights {
+                SpikeWeights::WgmmaLimbs(packed, limb_scale) if resident_fits(conv, backend) => {
+                    let shared = wgmma_resident_shared_bytes(g.cin, g.kh * g.kw);
+                    (
+                        "wgmma_resident_conv2d_spikes",
+                        "wgmma_resident_conv2d_spike_planes",
+                        packed,
+                        *limb_scale,
+                        resident_launch(backend, &g, shared)?,
+                        shared,
+                    )
+                }
                 SpikeWeights::WgmmaLimbs(packed, limb_scale) => (
                     "wgmma_int_conv2d_spikes",
                     "wgmma_int_conv2d_spike_planes",
@@ -387,10 +449,11 @@ pub(crate) fn tensor_conv_cuda(
             .arg(out.slice_mut())
             .arg(&geometry)
             .arg(&spike_scale);
-        // SAFETY: the arguments match the six entries' signature; Cin is a multiple of 32 (64
+        // SAFETY: the arguments match the eight entries' signature; Cin is a multiple of 32 (64
         // for the limbs: the spike weights exist only then), the weights were packed for this
         // conv's taps and channels in the layout of the entry's family (the `wgmma` layouts only
-        // with the sm_90a module loaded), and `masks` holds the planes the entry reads.
+        // with the sm_90a module loaded; the resident kernel's shared memory and launch from
+        // `resident_launch`), and `masks` holds the planes the entry reads.
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: grid,
@@ -585,8 +648,8 @@ mod tests {
             for co in 0..cout_padded {
                 let at = |limb| wgmma_limb_byte(k, co, limb, cout_padded);
                 let q = (byte(at(0)) as i8 as i64) * 65536
-                    + (byte(at(1)) as i64) * 256
-                    + byte(at(2)) as i64;
+                    + (byte(at(1)) as i8 as i64) * 256
+                    + byte(at(2)) as i8 as i64;
                 let want = if (co as usize) < cout {
                     weight[co as usize * cin * taps + ci * taps + tap] as f64 * scale as f64
                 } else {
@@ -597,6 +660,32 @@ mod tests {
                     "k {k} co {co}: {q} vs {want}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn balanced_digits_rebuild_every_limb_value() {
+        let max = LIMB_SCALED_MAX as i32;
+        for q in [
+            0,
+            1,
+            -1,
+            127,
+            128,
+            -128,
+            -129,
+            32767,
+            65535,
+            -65536,
+            max,
+            -max,
+            max - 1,
+        ]
+        .into_iter()
+        .chain((-max..=max).step_by(9973))
+        {
+            let [hi, mid, lo] = balanced_digits(q);
+            assert_eq!(hi as i32 * 65536 + mid as i32 * 256 + lo as i32, q, "{q}");
         }
     }
 

@@ -666,74 +666,58 @@ pub unsafe fn wgmma_m64n64k16_f16(d: &mut [f32; 32], a: [u32; 4], b: u64, accumu
 
 /// `d = a · b (+ d when accumulate)` on the warpgroup's tensor cores in exact integer arithmetic:
 /// `a` this warp's 16 rows of a 64×32 tile of unsigned bytes in registers (the layout of
-/// `mma.m16n8k32`'s A), `b` a 32×64 byte tile in shared memory given by its descriptor (`$btype`
-/// signed or unsigned), `d` the warp's 16×64 s32 accumulator fragment (the layout of
+/// `mma.m16n8k32`'s A), `b` a 32×64 tile of signed bytes in shared memory given by its
+/// descriptor, `d` the warp's 16×64 s32 accumulator fragment (the layout of
 /// [`wgmma_m64n64k16_f16`]'s `d`). Asynchronous, as that one.
 ///
 /// # Safety
 /// As [`wgmma_m64n64k16_f16`].
-macro_rules! wgmma_m64n64k32_u8 {
-    ($(#[$doc:meta])* $name:ident, $btype:literal) => {
-        $(#[$doc])*
-        #[inline(always)]
-        pub unsafe fn $name(d: &mut [u32; 32], a: [u32; 4], b: u64, accumulate: bool) {
-            asm!(
-                "{{ .reg .pred p;",
-                "setp.ne.u32 p, {37}, 0;",
-                concat!("wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.", $btype, " {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{32}, {33}, {34}, {35}}}, {36}, p; }}"),
-            inout(reg32) d[0],
-            inout(reg32) d[1],
-            inout(reg32) d[2],
-            inout(reg32) d[3],
-            inout(reg32) d[4],
-            inout(reg32) d[5],
-            inout(reg32) d[6],
-            inout(reg32) d[7],
-            inout(reg32) d[8],
-            inout(reg32) d[9],
-            inout(reg32) d[10],
-            inout(reg32) d[11],
-            inout(reg32) d[12],
-            inout(reg32) d[13],
-            inout(reg32) d[14],
-            inout(reg32) d[15],
-            inout(reg32) d[16],
-            inout(reg32) d[17],
-            inout(reg32) d[18],
-            inout(reg32) d[19],
-            inout(reg32) d[20],
-            inout(reg32) d[21],
-            inout(reg32) d[22],
-            inout(reg32) d[23],
-            inout(reg32) d[24],
-            inout(reg32) d[25],
-            inout(reg32) d[26],
-            inout(reg32) d[27],
-            inout(reg32) d[28],
-            inout(reg32) d[29],
-            inout(reg32) d[30],
-            inout(reg32) d[31],
-                in(reg32) a[0],
-                in(reg32) a[1],
-                in(reg32) a[2],
-                in(reg32) a[3],
-                in(reg64) b,
-                in(reg32) accumulate as u32,
-            );
-        }
-    };
+#[inline(always)]
+pub unsafe fn wgmma_m64n64k32_u8_s8(d: &mut [u32; 32], a: [u32; 4], b: u64, accumulate: bool) {
+    asm!(
+        "{{ .reg .pred p;",
+        "setp.ne.u32 p, {37}, 0;",
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{32}, {33}, {34}, {35}}}, {36}, p; }}",
+        inout(reg32) d[0],
+        inout(reg32) d[1],
+        inout(reg32) d[2],
+        inout(reg32) d[3],
+        inout(reg32) d[4],
+        inout(reg32) d[5],
+        inout(reg32) d[6],
+        inout(reg32) d[7],
+        inout(reg32) d[8],
+        inout(reg32) d[9],
+        inout(reg32) d[10],
+        inout(reg32) d[11],
+        inout(reg32) d[12],
+        inout(reg32) d[13],
+        inout(reg32) d[14],
+        inout(reg32) d[15],
+        inout(reg32) d[16],
+        inout(reg32) d[17],
+        inout(reg32) d[18],
+        inout(reg32) d[19],
+        inout(reg32) d[20],
+        inout(reg32) d[21],
+        inout(reg32) d[22],
+        inout(reg32) d[23],
+        inout(reg32) d[24],
+        inout(reg32) d[25],
+        inout(reg32) d[26],
+        inout(reg32) d[27],
+        inout(reg32) d[28],
+        inout(reg32) d[29],
+        inout(reg32) d[30],
+        inout(reg32) d[31],
+        in(reg32) a[0],
+        in(reg32) a[1],
+        in(reg32) a[2],
+        in(reg32) a[3],
+        in(reg64) b,
+        in(reg32) accumulate as u32,
+    );
 }
-
-wgmma_m64n64k32_u8!(
-    /// Unsigned bytes times signed bytes (see the macro).
-    wgmma_m64n64k32_u8_s8,
-    "s8"
-);
-wgmma_m64n64k32_u8!(
-    /// Unsigned bytes times unsigned bytes (see the macro).
-    wgmma_m64n64k32_u8_u8,
-    "u8"
-);
 
 /// `wgmma.commit_group`: closes the warpgroup MMAs issued since the last commit into a group.
 #[inline(always)]

@@ -810,8 +810,9 @@ impl<const PIXELS: usize> PixelMasks<PIXELS> {
 }
 
 /// Writes a CTA's `[M_TILES][8][4]` accumulator fragments per warp (warp `w`'s `m16` tiles
-/// are pixels `16 · M_TILES · w` on from the CTA's first, `block_x` tiles of all warps' pixels), divided by `scale` and plus the bias, to the NCHW output
-/// (pixels past the batch and channels past `cout` skipped).
+/// are pixels `16 · M_TILES · w` on from the CTA's first, `block_x` tiles of all warps' pixels),
+/// divided by `scale` and plus the bias, to the NCHW output (pixels past the batch and channels
+/// past `cout` skipped).
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 pub(crate) unsafe fn store_tile<const M_TILES: usize>(
@@ -823,30 +824,77 @@ pub(crate) unsafe fn store_tile<const M_TILES: usize>(
     scale: f32,
 ) {
     use crate::gpu;
-    let tid = gpu::thread_x();
-    let (warp, lane) = (tid / 32, tid % 32);
-    let (row_in_tile, quad) = (lane / 4, lane % 4);
+    let warp = gpu::thread_x() / 32;
     // The CTA's tile: its warps' pixels, one after the other.
     let p0 = gpu::block_x() * (gpu::block_dim_x() / 32) * 16 * M_TILES as u32;
-    let m0 = gpu::block_y() * TENSOR_TILE_M;
+    let first = p0 + warp * 16 * M_TILES as u32;
+    store_warp_tile(
+        acc,
+        first,
+        gpu::block_y() * TENSOR_TILE_M,
+        bias,
+        has_bias,
+        out,
+        g,
+        scale,
+    )
+}
+
+/// Writes one warp's `[M_TILES][8][4]` accumulator fragments (`m16` tile `i` holds pixels
+/// `first + 16 · i..`, the `n8` tiles channels `m0..m0 + 64`), divided by `scale` and plus the
+/// bias, to the NCHW output (pixels past the batch and channels past `cout` skipped).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn store_warp_tile<const M_TILES: usize>(
+    acc: &[[[f32; 4]; 8]; M_TILES],
+    first: u32,
+    m0: u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: &ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    let lane = gpu::thread_x() % 32;
+    let (row_in_tile, quad) = (lane / 4, lane % 4);
     let pixels = g.pixels();
     let unscale = 1.0 / scale;
     let plane_out = g.oh * g.ow;
+    // The lane's channels m0 + 8·tile + 2·quad + e; a whole tile of channels (the common
+    // case) takes their biases once and stores with no per-channel test.
+    let first_channel = m0 + 2 * quad;
+    let whole = m0 + TENSOR_TILE_M <= g.cout;
+    let mut biases = [[0.0f32; 2]; 8];
+    if whole && has_bias != 0 {
+        unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+            unroll!(e in [0, 1] {
+                biases[tile][e] = *bias.add((first_channel + tile as u32 * 8 + e as u32) as usize);
+            });
+        });
+    }
     unroll!(m_tile in [0, 1] {
         unroll!(half in [0, 1] {
-            let p = p0 + warp * 16 * M_TILES as u32 + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
+            let p = first + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
             if m_tile < M_TILES && p < pixels {
                 let (img, oy, ox) = g.pixel(p);
-                let base = img * g.cout * plane_out + oy * g.ow + ox;
+                // One pointer stepped eight channels per n8 tile, so few addresses are live.
+                let mut at = out.add(((img * g.cout + first_channel) * plane_out + oy * g.ow + ox) as usize);
                 unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
                     unroll!(e in [0, 1] {
-                        let co = m0 + tile as u32 * 8 + 2 * quad + e as u32;
-                        if co < g.cout {
-                            let b = if has_bias != 0 { *bias.add(co as usize) } else { 0.0 };
-                            let value = acc[m_tile][tile][2 * half + e] * unscale + b;
-                            *out.add((base + co * plane_out) as usize) = value;
+                        let value = acc[m_tile][tile][2 * half + e] * unscale;
+                        if whole {
+                            *at.add(e * plane_out as usize) = value + biases[tile][e];
+                        } else {
+                            let co = first_channel + tile as u32 * 8 + e as u32;
+                            if co < g.cout {
+                                let b = if has_bias != 0 { *bias.add(co as usize) } else { 0.0 };
+                                *at.add(e * plane_out as usize) = value + b;
+                            }
                         }
                     });
+                    at = at.add(8 * plane_out as usize);
                 });
             }
         });

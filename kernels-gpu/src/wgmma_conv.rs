@@ -22,15 +22,19 @@
 //!
 //! `wgmma_int_conv2d_spikes` / `_spike_planes` compute the same product exactly: the inputs are
 //! bytes (spikes 0/1, SEW sums 0–3, [`int_fragment`] spreads a lane's mask bits into them), the
-//! weights are scaled by a power of two to integers below 2²³ and split into three byte limbs
-//! (`hi` signed, `mid`, `lo` unsigned; [`wgmma_limb_byte`]), and `m64n64k32.s32.u8.{s8,u8}`
-//! sums each limb's products in s32 over the whole reduction. Only the final conversion
-//! (`hi·2¹⁶ + mid·2⁸ + lo`, times the scale) rounds, so no run-length bound and no f32 additions
-//! per stage: a stage is one tap's 64 channels (two `k32` steps × three limbs), and its six
+//! weights are scaled by a power of two to integers of at most 2²² and split into three signed
+//! byte limbs ([`wgmma_limb_byte`]), and `m64n64k32.s32.u8.s8` sums each limb's products in
+//! s32 over the whole reduction (one `m64n192` over the three limbs side by side made ptxas
+//! serialize the MMAs, C7513). Only the
+//! final conversion (`hi·2¹⁶ + mid·2⁸ + lo`, times the scale) rounds, so no run-length bound
+//! and no f32 additions per stage: a stage is one tap's 64 channels (two `k32` steps), and its
 //! MMAs stay in flight while the next stage decodes into a second A register set. 96 registers
-//! of accumulators make it 158 in all, one CTA per SM: it wins on long reductions (3×3 512 @7:
-//! 0.168 against 0.187 ms), loses on short ones (64 @56: 0.289 against 0.254), where the
-//! host keeps the half-precision kernel.
+//! of accumulators.
+//!
+//! Two launch shapes: `wgmma_resident_conv2d_spikes` copies a CTA's whole channel tile of
+//! weights to shared memory once (where it fits: `Cin · taps` up to 1152) and its three
+//! warpgroups then stream 64-pixel tiles with no barrier or copy per stage, one CTA per SM;
+//! `wgmma_int_conv2d_spikes` streams the weights stage by stage for longer reductions.
 //!
 //! # What bounds it, and what was tried (H100, batch 128, 5% spikes)
 //!
@@ -260,8 +264,8 @@ unsafe fn wgmma_conv_spikes<const PLANES: usize>(
 
 /// Channels a stage of the integer kernel covers: one tap's 64 channels, two `k32` steps.
 pub const WGMMA_INT_STAGE_CHANNELS: u32 = 64;
-/// Byte limbs of each scaled weight: `q = hi·2¹⁶ + mid·2⁸ + lo`, `hi` signed, `mid` and `lo`
-/// unsigned, `|q| < 2²³`.
+/// Byte limbs of each scaled weight: `q = hi·2¹⁶ + mid·2⁸ + lo`, each a signed byte (balanced
+/// base-256 digits), `|q| <= 2²²`.
 pub const WGMMA_LIMBS: u32 = 3;
 /// Bytes of one `k32` step of one limb for one 64-channel tile.
 pub const WGMMA_INT_OPERAND_BYTES: u32 = 32 * TENSOR_TILE_M;
@@ -287,14 +291,14 @@ pub const fn wgmma_int_stage_channel(kk: u32) -> u32 {
 /// 2: `lo`) of weight `(k, co)`, `k` in stage order (64 a stage, column `kk` of step `k / 32 % 2`
 /// carrying channel [`wgmma_int_stage_channel`]`(kk)` of that step's word, as the host packs).
 ///
-/// Chunks of [`WGMMA_INT_CHUNK_BYTES`] are `[stage][cout / 64]`; within one, `[limb][step]`
+/// Chunks of [`WGMMA_INT_CHUNK_BYTES`] are `[stage][cout / 64]`; within one, `[step][limb]`
 /// operands of [`WGMMA_INT_OPERAND_BYTES`], each `[co / 8][kk / 16][co % 8][kk % 16]` (8 × 16-byte
 /// core matrices, the same strides as [`wgmma_half`]'s).
 pub const fn wgmma_limb_byte(k: u32, co: u32, limb: u32, cout_padded: u32) -> usize {
     let (stage, step, kk) = (k / 64, k % 64 / 32, k % 32);
     let (tile, c) = (co / TENSOR_TILE_M, co % TENSOR_TILE_M);
     let chunk = stage as usize * (cout_padded / TENSOR_TILE_M) as usize + tile as usize;
-    let operand = limb * 2 + step;
+    let operand = step * WGMMA_LIMBS + limb;
     let within =
         operand * WGMMA_INT_OPERAND_BYTES + ((c / 8) * 2 + kk / 16) * 128 + (c % 8) * 16 + kk % 16;
     chunk * WGMMA_INT_CHUNK_BYTES as usize + within as usize
@@ -340,6 +344,117 @@ spike_conv_entries! {
     wgmma_int_conv2d_spike_planes => planes 2;
 }
 
+/// The lane's mask bits of the integer kernels' stages, in order: `(r, s, pair)` stepped
+/// pair-fastest, each stage one tap's two words of 32 channels.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+struct StageMasks {
+    pixels: crate::tensor_conv::PixelMasks<2>,
+    r: u32,
+    s: u32,
+    pair: u32,
+}
+
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+impl StageMasks {
+    /// The stages of the lane's two pixels (rows `lane / 4` and `+ 8` of the warp's `m16` tile
+    /// starting at pixel `first`).
+    #[inline(always)]
+    unsafe fn new(masks: *const u32, g: &crate::dense_conv::ConvGeometry, first: u32) -> Self {
+        let lane = crate::gpu::thread_x() % 32;
+        Self {
+            pixels: crate::tensor_conv::PixelMasks::<2>::new(masks, g, first + lane / 4),
+            r: 0,
+            s: 0,
+            pair: 0,
+        }
+    }
+
+    /// The next stage's [`lane_byte_pair`]s, `[pixel][word]` (zeros past the last stage).
+    #[inline(always)]
+    unsafe fn next<const PLANES: usize>(
+        &mut self,
+        g: &crate::dense_conv::ConvGeometry,
+    ) -> [[u32; 2]; 2] {
+        let quad = crate::gpu::thread_x() % 4;
+        let mut bits = [[0u32; 2]; 2];
+        if self.r < g.kh {
+            unroll!(word in [0, 1] {
+                let m = self.pixels.load::<PLANES>(self.r, self.s, 2 * self.pair + word as u32);
+                unroll!(pixel in [0, 1] {
+                    let high = if PLANES == 1 { 0 } else { m[pixel][PLANES - 1] };
+                    bits[pixel][word] = lane_byte_pair(m[pixel][0], high, quad);
+                });
+            });
+        }
+        self.pair += 1;
+        if self.pair == g.cin / WGMMA_INT_STAGE_CHANNELS {
+            self.pair = 0;
+            self.s += 1;
+            if self.s == g.kw {
+                self.s = 0;
+                self.r += 1;
+            }
+        }
+        bits
+    }
+}
+
+/// `descriptor` moved `units` 16-byte units on: the address field (the low 14 bits) never
+/// carries into the upper word, so a 32-bit add does.
+#[inline(always)]
+pub const fn descriptor_plus(descriptor: u64, units: u32) -> u64 {
+    (descriptor & !0xFFFF_FFFF) | (descriptor as u32).wrapping_add(units) as u64
+}
+
+/// One stage of the integer kernels: the A registers of both `k32` steps decoded from the
+/// lane's byte pairs `bits` into `a` (rows: pixel 0, pixel 1; columns `4·quad..` then
+/// `16 + 4·quad..`), then their six MMAs against the stage's limbs at `descriptor`, committed as
+/// one group.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn int_stage(
+    acc: &mut [[u32; 32]; 3],
+    a: &mut [[u32; 4]; 2],
+    bits: &[[u32; 2]; 2],
+    descriptor: u64,
+    accumulate: bool,
+) {
+    use crate::gpu;
+    unroll!(word in [0, 1] {
+        a[word] = [
+            int_fragment(bits[0][word], 0),
+            int_fragment(bits[1][word], 0),
+            int_fragment(bits[0][word], 1),
+            int_fragment(bits[1][word], 1),
+        ];
+    });
+    gpu::wgmma_fence();
+    unroll!(step in [0, 1] {
+        let later = accumulate || step != 0;
+        unroll!(limb in [0, 1, 2] {
+            let units = (step as u32 * WGMMA_LIMBS + limb as u32) * WGMMA_INT_OPERAND_BYTES / 16;
+            gpu::wgmma_m64n64k32_u8_s8(&mut acc[limb], a[step], descriptor_plus(descriptor, units), later);
+        });
+    });
+    gpu::wgmma_commit();
+}
+
+/// The limbs' sums combined, `hi·2¹⁶ + (mid·2⁸ + lo)` (exact in s32 below the conversion), in
+/// the f32 fragment layout `store_tile` writes.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+fn limb_totals(acc: &[[u32; 32]; 3]) -> [[[f32; 4]; 8]; 1] {
+    let mut total = [[[0.0f32; 4]; 8]; 1];
+    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+        unroll!(i in [0, 1, 2, 3] {
+            let e = 4 * tile + i;
+            let low = (acc[1][e] as i32).wrapping_mul(256).wrapping_add(acc[2][e] as i32);
+            total[0][tile][i] = (acc[0][e] as i32) as f32 * 65536.0 + low as f32;
+        });
+    });
+    total
+}
+
 #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
 #[inline(always)]
 unsafe fn wgmma_int_conv<const PLANES: usize>(
@@ -352,18 +467,12 @@ unsafe fn wgmma_int_conv<const PLANES: usize>(
     scale: f32,
 ) {
     use crate::gpu;
-    use crate::tensor_conv::{padded_cout, store_tile, PixelMasks};
+    use crate::tensor_conv::{padded_cout, store_tile};
     let tid = gpu::thread_x();
-    let (warp, lane) = (tid / 32, tid % 32);
-    let quad = lane % 4;
     let shared = gpu::dynamic_shared_base();
-    let pixels = PixelMasks::<2>::new(
-        masks,
-        &g,
-        gpu::block_x() * WGMMA_TILE_P + warp * 16 + lane / 4,
-    );
-    let pairs = g.cin / WGMMA_INT_STAGE_CHANNELS;
-    let stages = g.kh * g.kw * pairs;
+    let first = gpu::block_x() * WGMMA_TILE_P + tid / 32 * 16;
+    let mut stage_masks = StageMasks::new(masks, &g, first);
+    let stages = g.kh * g.kw * (g.cin / WGMMA_INT_STAGE_CHANNELS);
     let tiles = padded_cout(g.cout) / TENSOR_TILE_M;
     // A buffer is refilled once every warpgroup has waited for the MMAs that read it, which
     // stay in flight one stage longer than the stage: copies run three stages ahead of five
@@ -381,35 +490,11 @@ unsafe fn wgmma_int_conv<const PLANES: usize>(
         }
         gpu::async_copy_commit();
     };
-    // The lane's byte pairs of both words of the next stage to load, `(r, s, pair)` stepped
-    // pair-fastest: `[pixel][word]`.
-    let (mut r, mut s, mut pair) = (0u32, 0u32, 0u32);
-    let mut load_next = || {
-        let mut bits = [[0u32; 2]; 2];
-        if r < g.kh {
-            unroll!(word in [0, 1] {
-                let m = pixels.load::<PLANES>(r, s, 2 * pair + word as u32);
-                unroll!(pixel in [0, 1] {
-                    bits[pixel][word] = lane_byte_pair(m[pixel][0], if PLANES == 1 { 0 } else { m[pixel][PLANES - 1] }, quad);
-                });
-            });
-        }
-        pair += 1;
-        if pair == pairs {
-            pair = 0;
-            s += 1;
-            if s == g.kw {
-                s = 0;
-                r += 1;
-            }
-        }
-        bits
-    };
 
     let mut acc = [[0u32; 32]; 3];
     let mut a = [[[0u32; 4]; 2]; 2];
-    let mut now = load_next();
-    let mut next = load_next();
+    let mut now = stage_masks.next::<PLANES>(&g);
+    let mut next = stage_masks.next::<PLANES>(&g);
     for stage in 0..AHEAD {
         copy_weights(stage);
     }
@@ -423,27 +508,10 @@ unsafe fn wgmma_int_conv<const PLANES: usize>(
                 gpu::fence_proxy_async_shared();
                 gpu::sync_threads();
                 copy_weights(stage + AHEAD);
-                let after = load_next();
-                // Rows lane / 4 (pixel 0) and + 8 (pixel 1); columns 4·quad.. then 16 + 4·quad...
-                unroll!(word in [0, 1] {
-                    a[set][word] = [
-                        int_fragment(now[0][word], 0),
-                        int_fragment(now[1][word], 0),
-                        int_fragment(now[0][word], 1),
-                        int_fragment(now[1][word], 1),
-                    ];
-                });
-                let buffer_units = (stage % WGMMA_INT_BUFFERS * WGMMA_INT_CHUNK_BYTES / 16) as u64;
-                let accumulate = stage != 0;
-                gpu::wgmma_fence();
-                unroll!(step in [0, 1] {
-                    let units = |limb: u32| buffer_units + ((limb * 2 + step as u32) * WGMMA_INT_OPERAND_BYTES / 16) as u64;
-                    let later = accumulate || step != 0;
-                    gpu::wgmma_m64n64k32_u8_s8(&mut acc[0], a[set][step], descriptor0 + units(0), later);
-                    gpu::wgmma_m64n64k32_u8_u8(&mut acc[1], a[set][step], descriptor0 + units(1), later);
-                    gpu::wgmma_m64n64k32_u8_u8(&mut acc[2], a[set][step], descriptor0 + units(2), later);
-                });
-                gpu::wgmma_commit();
+                let after = stage_masks.next::<PLANES>(&g);
+                let units = stage % WGMMA_INT_BUFFERS * WGMMA_INT_CHUNK_BYTES / 16;
+                let descriptor = descriptor_plus(descriptor0, units);
+                int_stage(&mut acc, &mut a[set], &now, descriptor, stage != 0);
                 // This stage's MMAs stay in flight while the next decodes into the other register
                 // set; the set is rewritten two stages on, after this wait for the stage before.
                 gpu::wgmma_wait_pending_3::<1>(&mut acc);
@@ -454,15 +522,114 @@ unsafe fn wgmma_int_conv<const PLANES: usize>(
         });
     }
     gpu::wgmma_wait_pending_3::<0>(&mut acc);
-    let mut total = [[[0.0f32; 4]; 8]; 1];
-    unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-        unroll!(i in [0, 1, 2, 3] {
-            let e = 4 * tile + i;
-            let low = (acc[1][e] as i32).wrapping_mul(256).wrapping_add(acc[2][e] as i32);
-            total[0][tile][i] = (acc[0][e] as i32) as f32 * 65536.0 + low as f32;
-        });
-    });
-    store_tile(&total, bias, has_bias, out, &g, scale);
+    store_tile(&limb_totals(&acc), bias, has_bias, out, &g, scale);
+}
+
+spike_conv_entries! {
+    #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))] wgmma_resident_conv;
+    /// [`wgmma_int_conv2d_spikes`] with the CTA's whole channel tile of weights resident in
+    /// shared memory (`stages · WGMMA_INT_CHUNK_BYTES`, copied once): persistent CTAs whose
+    /// warpgroups each take 64-pixel tiles (`blockIdx.x · groups + group`, striding by the
+    /// grid's), with no barrier or copy per stage, so one warpgroup's epilogue overlaps the
+    /// others' MMAs.
+    ///
+    /// # Safety
+    /// As [`wgmma_int_conv2d_spikes`]; launch with a multiple of 128 threads, grid `(any, cout
+    /// tiles, 1)` and [`wgmma_resident_shared_bytes`] of dynamic shared memory.
+    wgmma_resident_conv2d_spikes => planes 1;
+    /// [`wgmma_resident_conv2d_spikes`] on the two bit planes of small integers.
+    ///
+    /// # Safety
+    /// As [`wgmma_resident_conv2d_spikes`]; `masks` holds both planes.
+    wgmma_resident_conv2d_spike_planes => planes 2;
+}
+
+/// Pixels a warpgroup of the resident kernel computes per tile.
+pub const WGMMA_RESIDENT_TILE_P: u32 = 64;
+
+/// Dynamic shared memory of the resident kernel: every stage of one channel tile.
+pub const fn wgmma_resident_shared_bytes(cin: u32, taps: u32) -> u32 {
+    taps * (cin / WGMMA_INT_STAGE_CHANNELS) * WGMMA_INT_CHUNK_BYTES
+}
+
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn wgmma_resident_conv<const PLANES: usize>(
+    masks: *const u32,
+    weights: *const u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: crate::dense_conv::ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    use crate::tensor_conv::{padded_cout, store_warp_tile};
+    let tid = gpu::thread_x();
+    let threads = gpu::block_dim_x();
+    let warp = tid / 32;
+    let shared = gpu::dynamic_shared_base();
+    let stages = g.kh * g.kw * (g.cin / WGMMA_INT_STAGE_CHANNELS);
+    let tiles = padded_cout(g.cout) / TENSOR_TILE_M;
+    // Every stage of the CTA's channel tile, once.
+    let pieces_per_stage = WGMMA_INT_CHUNK_BYTES / 16;
+    let mut piece = tid;
+    while piece < stages * pieces_per_stage {
+        let (stage, within) = (piece / pieces_per_stage, piece % pieces_per_stage);
+        let chunk =
+            (stage * tiles + gpu::block_y()) as usize * (WGMMA_INT_CHUNK_BYTES / 4) as usize;
+        gpu::async_copy_16(
+            shared + piece * 16,
+            weights.add(chunk + within as usize * 4),
+        );
+        piece += threads;
+    }
+    gpu::async_copy_commit();
+    gpu::async_copy_wait_pending::<0>();
+    gpu::fence_proxy_async_shared();
+    gpu::sync_threads();
+
+    let descriptor0 = wgmma_descriptor(shared, WGMMA_LEADING_BYTES, WGMMA_STRIDE_BYTES);
+    let groups = threads / 128;
+    let pixel_tiles = g.pixels().div_ceil(WGMMA_RESIDENT_TILE_P);
+    let mut tile = gpu::block_x() * groups + warp / 4;
+    let tiles_step = gpu::grid_dim_x() * groups;
+    let mut acc = [[0u32; 32]; 3];
+    let mut a = [[[0u32; 4]; 2]; 2];
+    // Warpgroup-uniform: every warp of a group takes the same tiles.
+    while tile < pixel_tiles {
+        let first = tile * WGMMA_RESIDENT_TILE_P + warp % 4 * 16;
+        let mut stage_masks = StageMasks::new(masks, &g, first);
+        let mut now = stage_masks.next::<PLANES>(&g);
+        let mut next = stage_masks.next::<PLANES>(&g);
+        let mut stage = 0;
+        while stage < stages {
+            unroll!(set in [0, 1] {
+                if stage < stages {
+                    let after = stage_masks.next::<PLANES>(&g);
+                    let descriptor = descriptor_plus(descriptor0, stage * WGMMA_INT_CHUNK_BYTES / 16);
+                    int_stage(&mut acc, &mut a[set], &now, descriptor, stage != 0);
+                    gpu::wgmma_wait_pending_3::<1>(&mut acc);
+                    now = next;
+                    next = after;
+                    stage += 1;
+                }
+            });
+        }
+        gpu::wgmma_wait_pending_3::<0>(&mut acc);
+        let m0 = gpu::block_y() * TENSOR_TILE_M;
+        store_warp_tile(
+            &limb_totals(&acc),
+            first,
+            m0,
+            bias,
+            has_bias,
+            out,
+            &g,
+            scale,
+        );
+        tile += tiles_step;
+    }
 }
 
 #[cfg(test)]
@@ -549,6 +716,13 @@ mod tests {
             seen[wgmma_int_stage_channel(kk) as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn descriptor_plus_moves_the_address_only() {
+        let d = wgmma_descriptor(0x2_0000, 128, 256);
+        let moved = descriptor_plus(d, WGMMA_INT_CHUNK_BYTES * 17 / 16);
+        assert_eq!(moved, wgmma_descriptor(0x2_0000 + WGMMA_INT_CHUNK_BYTES * 17, 128, 256));
     }
 
     #[test]
