@@ -720,9 +720,9 @@ mod tests {
 
     #[test]
     fn descriptor_plus_moves_the_address_only() {
-        let d = wgmma_descriptor(0x2_0000, 128, 256);
+        let d = wgmma_descriptor(0x1000, 128, 256);
         let moved = descriptor_plus(d, WGMMA_INT_CHUNK_BYTES * 17 / 16);
-        assert_eq!(moved, wgmma_descriptor(0x2_0000 + WGMMA_INT_CHUNK_BYTES * 17, 128, 256));
+        assert_eq!(moved, wgmma_descriptor(0x1000 + WGMMA_INT_CHUNK_BYTES * 17, 128, 256));
     }
 
     #[test]
