@@ -722,7 +722,10 @@ mod tests {
     fn descriptor_plus_moves_the_address_only() {
         let d = wgmma_descriptor(0x1000, 128, 256);
         let moved = descriptor_plus(d, WGMMA_INT_CHUNK_BYTES * 17 / 16);
-        assert_eq!(moved, wgmma_descriptor(0x1000 + WGMMA_INT_CHUNK_BYTES * 17, 128, 256));
+        assert_eq!(
+            moved,
+            wgmma_descriptor(0x1000 + WGMMA_INT_CHUNK_BYTES * 17, 128, 256)
+        );
     }
 
     #[test]
