@@ -55,6 +55,26 @@
 //!
 //! The lever left is the per-stage instruction count: a producer warp issuing the copies (TMA,
 //! with an mbarrier instead of the CTA barrier) and A fragments shared across channel tiles.
+//!
+//! # The integer kernels: what bounds them, and what was tried (stop 20, same shapes)
+//!
+//! The resident kernel at 3×3 64→64 @56 (ncu): tensor pipe 37% busy, issue slots 52%, 12 warps
+//! an SM; the top stall is the fixed-latency wait inside the per-stage decode, then the math
+//! pipes and dispatch. A stage costs a warp about 150 instructions (four mask loads and their
+//! bounds, the byte spreading of eight A registers, six MMAs and their descriptors), the tile's
+//! epilogue about as much as three stages. Measured against it (tensor-core column of
+//! `bench-layer`, one run each), and dropped:
+//! - the integer kernel streaming weights stage by stage at 64 @56 (what the resident one
+//!   replaced there): 0.274–0.289 ms against 0.195–0.201; the half-precision kernel 0.25;
+//! - a stream of mask loads continuing across a warpgroup's tiles (each pixel's in-image kernel
+//!   rows and columns as bits, one add and bit test per load): 212 registers, and capped at 168
+//!   slower (0.214 ms), the instruction count unchanged;
+//! - masks one stage ahead instead of two: 0.202 against 0.195 ms (128 @28: 0.158 / 0.160);
+//! - one `m64n192k32` per step over the three limbs side by side: ptxas serializes the MMAs
+//!   (C7513) whatever the fences and operand order;
+//! - an epilogue loop specialised for whole channel tiles (no per-element channel test): the
+//!   main loop's allocation at the 168-register cap got worse, 0.194 → 0.206 ms, and the
+//!   networks 3.93 → 4.20 ms.
 
 use crate::tensor_conv::TENSOR_TILE_M;
 
