@@ -71,6 +71,11 @@ enum SpikeWeights {
 /// 512 @7 0.184 → 0.164 (streaming; at 64 @56 streaming took 0.289).
 const LIMBS_FROM_K: usize = 2304;
 
+/// The longest reduction the integer kernels take: their epilogue forms `mid·2⁸ + lo` in s32,
+/// and each limb's sum is at most `K · 3 · 128` (inputs up to 3, limbs up to 128 in magnitude),
+/// so `K · 3 · 128 · 257 < 2³¹` holds with room to spare (ResNets reach 4608).
+const MAX_LIMBS_K: usize = 16384;
+
 impl TensorConvWeights {
     /// The copy in `cache` for `backend`, built from `conv`'s weights and bias when missing or
     /// stale.
@@ -114,11 +119,8 @@ impl TensorConvWeights {
                 let ci = stage % words * 32 + spike_stage_channel(step, kk) as usize;
                 ci * taps + stage / words
             };
-            // The integer kernels keep a bit per kernel row and column in a u32.
-            let (kh, kw) = conv.kernel_size();
             let limbs = cin.is_multiple_of(WGMMA_INT_STAGE_CHANNELS as usize)
-                && kh <= 32
-                && kw <= 32
+                && k_dim <= MAX_LIMBS_K
                 && (k_dim >= LIMBS_FROM_K || resident_fits(conv, backend));
             spike_weights = Some(if backend.has_wgmma() && limbs {
                 let (packed, scale) = pack_wgmma_limbs(weight, cout, cin, taps);
@@ -667,6 +669,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn limb_sums_fit_the_epilogue_s32() {
+        let sum = MAX_LIMBS_K as i64 * 3 * 128;
+        assert!(sum * 256 + sum < i32::MAX as i64);
+        // hi · 2¹⁶ is exact in f32 below 2²⁴ · 2¹⁶.
+        assert!(sum < 1 << 24);
     }
 
     #[test]
