@@ -741,6 +741,9 @@ mod tests {
             // Hopper's integer kernel (K >= LIMBS_FROM_K): an even and an odd stage count.
             (2, 256, 72, 6, 6, 3, 1, 1),
             (1, 320, 64, 5, 7, 3, 2, 1),
+            // Enough 64-pixel tiles (784) that each warpgroup of the resident kernel's persistent
+            // grid takes several on the H100 (132 CTAs of three).
+            (16, 64, 64, 56, 56, 3, 1, 1),
         ] {
             for &(density, kind) in &[
                 (0.0, "binary"),
