@@ -608,116 +608,91 @@ pub fn fence_proxy_async_shared() {
     unsafe { asm!("fence.proxy.async.shared::cta;") }
 }
 
-/// `d = a · b (+ d when accumulate)` on the warpgroup's tensor cores: `a` this warp's 16 rows of
-/// a 64×16 half tile in registers (the layout of `mma.m16n8k16`'s A), `b` a 16×64 half tile in
-/// shared memory given by its descriptor, `d` the warp's 16×64 f32 accumulator fragment
-/// (`mma.m16n8k16`'s C layout for each of the eight n8 tiles, `d[4·tile + i]`). Asynchronous:
-/// `d` is not valid until [`wgmma_commit`] and [`wgmma_wait_pending`].
-///
-/// # Safety
-/// The four warps of an aligned warpgroup execute it together, after [`wgmma_fence`]; `b`
-/// describes shared memory this CTA wrote and fenced with [`fence_proxy_async_shared`].
-#[inline(always)]
-pub unsafe fn wgmma_m64n64k16_f16(d: &mut [f32; 32], a: [u32; 4], b: u64, accumulate: bool) {
-    asm!(
-        "{{ .reg .pred p;",
-        "setp.ne.u32 p, {37}, 0;",
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{32}, {33}, {34}, {35}}}, {36}, p, 1, 1, 0; }}",
-            inout(reg32) d[0],
-            inout(reg32) d[1],
-            inout(reg32) d[2],
-            inout(reg32) d[3],
-            inout(reg32) d[4],
-            inout(reg32) d[5],
-            inout(reg32) d[6],
-            inout(reg32) d[7],
-            inout(reg32) d[8],
-            inout(reg32) d[9],
-            inout(reg32) d[10],
-            inout(reg32) d[11],
-            inout(reg32) d[12],
-            inout(reg32) d[13],
-            inout(reg32) d[14],
-            inout(reg32) d[15],
-            inout(reg32) d[16],
-            inout(reg32) d[17],
-            inout(reg32) d[18],
-            inout(reg32) d[19],
-            inout(reg32) d[20],
-            inout(reg32) d[21],
-            inout(reg32) d[22],
-            inout(reg32) d[23],
-            inout(reg32) d[24],
-            inout(reg32) d[25],
-            inout(reg32) d[26],
-            inout(reg32) d[27],
-            inout(reg32) d[28],
-            inout(reg32) d[29],
-            inout(reg32) d[30],
-            inout(reg32) d[31],
-        in(reg32) a[0],
-        in(reg32) a[1],
-        in(reg32) a[2],
-        in(reg32) a[3],
-        in(reg64) b,
-        in(reg32) accumulate as u32,
-    );
+/// The `m64n64` warpgroup MMAs with A in registers: `$shape` (`.kN.dtype.atype.btype`) and the
+/// operands after the accumulate predicate (`$tail`) differ, the 32 accumulator registers, four
+/// A registers, B descriptor and predicate do not.
+macro_rules! wgmma_m64n64 {
+    ($(#[$doc:meta])* $name:ident, $acc:ty, $shape:literal, $tail:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name(d: &mut [$acc; 32], a: [u32; 4], b: u64, accumulate: bool) {
+            asm!(
+                "{{ .reg .pred p;",
+                "setp.ne.u32 p, {37}, 0;",
+                concat!("wgmma.mma_async.sync.aligned.m64n64", $shape, " {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{32}, {33}, {34}, {35}}}, {36}, p", $tail, "; }}"),
+                inout(reg32) d[0],
+                inout(reg32) d[1],
+                inout(reg32) d[2],
+                inout(reg32) d[3],
+                inout(reg32) d[4],
+                inout(reg32) d[5],
+                inout(reg32) d[6],
+                inout(reg32) d[7],
+                inout(reg32) d[8],
+                inout(reg32) d[9],
+                inout(reg32) d[10],
+                inout(reg32) d[11],
+                inout(reg32) d[12],
+                inout(reg32) d[13],
+                inout(reg32) d[14],
+                inout(reg32) d[15],
+                inout(reg32) d[16],
+                inout(reg32) d[17],
+                inout(reg32) d[18],
+                inout(reg32) d[19],
+                inout(reg32) d[20],
+                inout(reg32) d[21],
+                inout(reg32) d[22],
+                inout(reg32) d[23],
+                inout(reg32) d[24],
+                inout(reg32) d[25],
+                inout(reg32) d[26],
+                inout(reg32) d[27],
+                inout(reg32) d[28],
+                inout(reg32) d[29],
+                inout(reg32) d[30],
+                inout(reg32) d[31],
+                in(reg32) a[0],
+                in(reg32) a[1],
+                in(reg32) a[2],
+                in(reg32) a[3],
+                in(reg64) b,
+                in(reg32) accumulate as u32,
+            );
+        }
+    };
 }
 
-/// `d = a · b (+ d when accumulate)` on the warpgroup's tensor cores in exact integer arithmetic:
-/// `a` this warp's 16 rows of a 64×32 tile of unsigned bytes in registers (the layout of
-/// `mma.m16n8k32`'s A), `b` a 32×64 tile of signed bytes in shared memory given by its
-/// descriptor, `d` the warp's 16×64 s32 accumulator fragment (the layout of
-/// [`wgmma_m64n64k16_f16`]'s `d`). Asynchronous, as that one.
-///
-/// # Safety
-/// As [`wgmma_m64n64k16_f16`].
-#[inline(always)]
-pub unsafe fn wgmma_m64n64k32_u8_s8(d: &mut [u32; 32], a: [u32; 4], b: u64, accumulate: bool) {
-    asm!(
-        "{{ .reg .pred p;",
-        "setp.ne.u32 p, {37}, 0;",
-        "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {{{32}, {33}, {34}, {35}}}, {36}, p; }}",
-        inout(reg32) d[0],
-        inout(reg32) d[1],
-        inout(reg32) d[2],
-        inout(reg32) d[3],
-        inout(reg32) d[4],
-        inout(reg32) d[5],
-        inout(reg32) d[6],
-        inout(reg32) d[7],
-        inout(reg32) d[8],
-        inout(reg32) d[9],
-        inout(reg32) d[10],
-        inout(reg32) d[11],
-        inout(reg32) d[12],
-        inout(reg32) d[13],
-        inout(reg32) d[14],
-        inout(reg32) d[15],
-        inout(reg32) d[16],
-        inout(reg32) d[17],
-        inout(reg32) d[18],
-        inout(reg32) d[19],
-        inout(reg32) d[20],
-        inout(reg32) d[21],
-        inout(reg32) d[22],
-        inout(reg32) d[23],
-        inout(reg32) d[24],
-        inout(reg32) d[25],
-        inout(reg32) d[26],
-        inout(reg32) d[27],
-        inout(reg32) d[28],
-        inout(reg32) d[29],
-        inout(reg32) d[30],
-        inout(reg32) d[31],
-        in(reg32) a[0],
-        in(reg32) a[1],
-        in(reg32) a[2],
-        in(reg32) a[3],
-        in(reg64) b,
-        in(reg32) accumulate as u32,
-    );
-}
+wgmma_m64n64!(
+    /// `d = a · b (+ d when accumulate)` on the warpgroup's tensor cores: `a` this warp's 16 rows
+    /// of a 64×16 half tile in registers (the layout of `mma.m16n8k16`'s A), `b` a 16×64 half
+    /// tile in shared memory given by its descriptor, `d` the warp's 16×64 f32 accumulator
+    /// fragment (`mma.m16n8k16`'s C layout for each of the eight n8 tiles, `d[4·tile + i]`).
+    /// Asynchronous: `d` is not valid until [`wgmma_commit`] and [`wgmma_wait_pending`].
+    ///
+    /// # Safety
+    /// The four warps of an aligned warpgroup execute it together, after [`wgmma_fence`]; `b`
+    /// describes shared memory this CTA wrote and fenced with [`fence_proxy_async_shared`].
+    wgmma_m64n64k16_f16,
+    f32,
+    "k16.f32.f16.f16",
+    ", 1, 1, 0"
+);
+
+wgmma_m64n64!(
+    /// `d = a · b (+ d when accumulate)` on the warpgroup's tensor cores in exact integer
+    /// arithmetic: `a` this warp's 16 rows of a 64×32 tile of unsigned bytes in registers (the
+    /// layout of `mma.m16n8k32`'s A), `b` a 32×64 tile of signed bytes in shared memory given by
+    /// its descriptor, `d` the warp's 16×64 s32 accumulator fragment (the layout of
+    /// [`wgmma_m64n64k16_f16`]'s `d`). Asynchronous, as that one.
+    ///
+    /// # Safety
+    /// As [`wgmma_m64n64k16_f16`].
+    wgmma_m64n64k32_u8_s8,
+    u32,
+    "k32.s32.u8.s8",
+    ""
+);
 
 /// `wgmma.commit_group`: closes the warpgroup MMAs issued since the last commit into a group.
 #[inline(always)]
