@@ -57,9 +57,23 @@ enum SpikeWeights {
     Mma(CudaSlice<u32>),
     /// The same halves packed by `wgmma_half`, for `wgmma_conv2d_spikes`.
     WgmmaHalves(CudaSlice<u32>),
-    /// 23-bit integers in byte limbs packed by `wgmma_limb_byte`, for
-    /// `wgmma_int_conv2d_spikes`, and their scale.
-    WgmmaLimbs(CudaSlice<u32>, f32),
+    /// Integers of at most 2²² in three signed byte limbs packed by `wgmma_limb_byte`, and
+    /// their scale, for `wgmma_int_conv2d_spikes` (`resident: None`) or, where a channel tile
+    /// fits shared memory, `wgmma_resident_conv2d_spikes` in the block shape chosen at upload.
+    WgmmaLimbs {
+        packed: CudaSlice<u32>,
+        scale: f32,
+        resident: Option<ResidentShape>,
+    },
+}
+
+/// The resident kernel's block for one layer: its threads (three warpgroups where their
+/// registers fit, else two), how many such CTAs an SM holds, and their shared memory.
+#[derive(Clone, Copy, Debug)]
+struct ResidentShape {
+    threads: u32,
+    per_sm: u32,
+    shared: u32,
 }
 
 /// Hopper's integer kernels compute every spike conv with `Cin` a multiple of 64 whose weights
@@ -121,10 +135,15 @@ impl TensorConvWeights {
             };
             let limbs = cin.is_multiple_of(WGMMA_INT_STAGE_CHANNELS as usize)
                 && k_dim <= MAX_LIMBS_K
-                && (k_dim >= LIMBS_FROM_K || resident_fits(conv, backend));
+                && (k_dim >= LIMBS_FROM_K
+                    || resident_bytes(conv) <= backend.max_shared_memory_per_block());
             spike_weights = Some(if backend.has_wgmma() && limbs {
                 let (packed, scale) = pack_wgmma_limbs(weight, cout, cin, taps);
-                SpikeWeights::WgmmaLimbs(stream.clone_htod(&packed)?, scale)
+                SpikeWeights::WgmmaLimbs {
+                    packed: stream.clone_htod(&packed)?,
+                    scale,
+                    resident: resident_shape(conv, backend)?,
+                }
             } else if backend.has_wgmma() {
                 let packed = pack_wgmma_weights(weight, cout, k_dim, scale, column);
                 SpikeWeights::WgmmaHalves(stream.clone_htod(&packed)?)
@@ -262,12 +281,34 @@ pub fn pack_wgmma_weights(
         .collect()
 }
 
-/// Whether the resident integer kernel holds a channel tile of `conv`'s weights in shared
-/// memory (`Cin` a multiple of 64 and `Cin · taps` up to 1152 on the H100).
-fn resident_fits(conv: &Conv2d, backend: &CudaBackend) -> bool {
+/// The shared memory the resident integer kernel takes to hold a channel tile of `conv`'s
+/// weights (`Cin` a multiple of 64; it fits the H100's up to `Cin · taps` = 1152).
+fn resident_bytes(conv: &Conv2d) -> usize {
     let (kh, kw) = conv.kernel_size();
-    let bytes = wgmma_resident_shared_bytes(conv.in_channels() as u32, (kh * kw) as u32);
-    bytes as usize <= backend.max_shared_memory_per_block()
+    wgmma_resident_shared_bytes(conv.in_channels() as u32, (kh * kw) as u32) as usize
+}
+
+/// The resident kernel's block for `conv` on `backend`, `None` where its weights do not fit
+/// shared memory: three warpgroups a CTA where their registers fit (two otherwise).
+fn resident_shape(conv: &Conv2d, backend: &CudaBackend) -> Result<Option<ResidentShape>> {
+    let bytes = resident_bytes(conv);
+    if bytes > backend.max_shared_memory_per_block() {
+        return Ok(None);
+    }
+    let shared = bytes as u32;
+    let function = backend.function("wgmma_resident_conv2d_spikes")?;
+    allow_shared_memory(&function, shared)?;
+    let fits = |threads: u32| {
+        function
+            .occupancy_max_active_blocks_per_multiprocessor(threads, bytes, None)
+            .map_or(0, |blocks| blocks)
+    };
+    let threads = if fits(384) >= 1 { 384 } else { 256 };
+    Ok(Some(ResidentShape {
+        threads,
+        per_sm: fits(threads).max(1),
+        shared,
+    }))
 }
 
 /// The largest scaled weight of the integer kernels: three signed byte limbs hold up to
@@ -316,30 +357,16 @@ pub fn pack_wgmma_limbs(weight: &[f32], cout: usize, cin: usize, taps: usize) ->
     (words, scale)
 }
 
-/// The resident kernel's grid and block: three warpgroups a CTA where their registers fit (two
-/// otherwise), one CTA per SM for each of its channel tiles' share of the SMs, no more CTAs
-/// than the pixel tiles keep busy.
-fn resident_launch(
-    backend: &CudaBackend,
-    g: &ConvGeometry,
-    shared: u32,
-) -> Result<((u32, u32, u32), u32)> {
-    let function = backend.function("wgmma_resident_conv2d_spikes")?;
-    allow_shared_memory(&function, shared)?;
-    let fits = |threads: u32| {
-        function
-            .occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None)
-            .map_or(0, |blocks| blocks)
-    };
-    let threads = if fits(384) >= 1 { 384 } else { 256 };
-    let per_sm = fits(threads).max(1);
+/// The resident kernel's grid for `g`: one CTA per SM (`per_sm` of them) for each channel
+/// tile's share of the SMs, no more CTAs than the pixel tiles keep busy.
+fn resident_grid(backend: &CudaBackend, g: &ConvGeometry, shape: ResidentShape) -> (u32, u32, u32) {
     let channel_tiles = padded_cout(g.cout) / TENSOR_TILE_M;
     let pixel_tiles = g.pixels().div_ceil(WGMMA_RESIDENT_TILE_P);
-    let ctas = (backend.multiprocessors() as u32 * per_sm)
+    let ctas = (backend.multiprocessors() as u32 * shape.per_sm)
         .div_ceil(channel_tiles)
-        .min(pixel_tiles.div_ceil(threads / 128))
+        .min(pixel_tiles.div_ceil(shape.threads / 128))
         .max(1);
-    Ok(((ctas, channel_tiles, 1), threads))
+    (ctas, channel_tiles, 1)
 }
 
 /// The dynamic shared memory the f32 tensor-core kernels take for `g`, or an error where no
@@ -394,22 +421,27 @@ pub(crate) fn tensor_conv_cuda(
         // (binary entry, two-plane entry, weights, scale, (grid, threads), shared memory)
         let (binary, integer, packed, spike_scale, (grid, threads), shared_mem_bytes) =
             match spike_weights {
-                SpikeWeights::WgmmaLimbs(packed, limb_scale) if resident_fits(conv, backend) => {
-                    let shared = wgmma_resident_shared_bytes(g.cin, g.kh * g.kw);
-                    (
-                        "wgmma_resident_conv2d_spikes",
-                        "wgmma_resident_conv2d_spike_planes",
-                        packed,
-                        *limb_scale,
-                        resident_launch(backend, &g, shared)?,
-                        shared,
-                    )
-                }
-                SpikeWeights::WgmmaLimbs(packed, limb_scale) => (
+                SpikeWeights::WgmmaLimbs {
+                    packed,
+                    scale,
+                    resident: Some(shape),
+                } => (
+                    "wgmma_resident_conv2d_spikes",
+                    "wgmma_resident_conv2d_spike_planes",
+                    packed,
+                    *scale,
+                    (resident_grid(backend, &g, *shape), shape.threads),
+                    shape.shared,
+                ),
+                SpikeWeights::WgmmaLimbs {
+                    packed,
+                    scale,
+                    resident: None,
+                } => (
                     "wgmma_int_conv2d_spikes",
                     "wgmma_int_conv2d_spike_planes",
                     packed,
-                    *limb_scale,
+                    *scale,
                     wgmma,
                     WGMMA_INT_SHARED_BYTES,
                 ),
@@ -454,8 +486,8 @@ pub(crate) fn tensor_conv_cuda(
         // SAFETY: the arguments match the eight entries' signature; Cin is a multiple of 32 (64
         // for the limbs: the spike weights exist only then), the weights were packed for this
         // conv's taps and channels in the layout of the entry's family (the `wgmma` layouts only
-        // with the sm_90a module loaded; the resident kernel's shared memory and launch from
-        // `resident_launch`), and `masks` holds the planes the entry reads.
+        // with the sm_90a module loaded; the resident kernel's shared memory and block from
+        // `resident_shape`), and `masks` holds the planes the entry reads.
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: grid,
