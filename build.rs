@@ -287,9 +287,10 @@ impl Toolchain {
 /// Entries launched with at most this many threads a CTA, which ptxas then fits into the
 /// registers that many threads leave (CUDA C's `__launch_bounds__`; Rust's nvptx target has no
 /// attribute for it). The resident `wgmma` kernel runs three warpgroups a CTA: 168 registers.
-const LAUNCH_BOUNDS: [(&str, u32); 2] = [
+const LAUNCH_BOUNDS: [(&str, u32); 3] = [
     ("wgmma_resident_conv2d_spikes", 384),
     ("wgmma_resident_conv2d_spike_planes", 384),
+    ("wgmma_window_conv2d", 384),
 ];
 
 /// `ptx` with a `.maxntid` directive between each [`LAUNCH_BOUNDS`] entry's parameters and body.

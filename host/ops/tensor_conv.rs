@@ -20,8 +20,10 @@ use sparseflow_kernels::tensor_conv::{
 };
 use sparseflow_kernels::wgmma_conv::{
     wgmma_conv_grid, wgmma_half, wgmma_int_stage_channel, wgmma_limb_byte,
-    wgmma_resident_shared_bytes, WGMMA_CONV_THREADS, WGMMA_INT_CHUNK_BYTES, WGMMA_INT_SHARED_BYTES,
-    WGMMA_INT_STAGE_CHANNELS, WGMMA_RESIDENT_TILE_P, WGMMA_SHARED_BYTES,
+    wgmma_resident_shared_bytes, wgmma_window_shared_bytes, window_rounds, window_tiles,
+    WGMMA_CONV_THREADS, WGMMA_INT_CHUNK_BYTES, WGMMA_INT_SHARED_BYTES, WGMMA_INT_STAGE_CHANNELS,
+    WGMMA_RESIDENT_TILE_P, WGMMA_SHARED_BYTES, WINDOW_BATCH_ROUNDS, WINDOW_CONSUMERS,
+    WINDOW_MAX_STAGES, WINDOW_THREADS,
 };
 
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
@@ -59,18 +61,21 @@ enum SpikeWeights {
     WgmmaHalves(CudaSlice<u32>),
     /// Integers of at most 2²² in three signed byte limbs packed by `wgmma_limb_byte`, and
     /// their scale, for `wgmma_int_conv2d_spikes` (`resident: None`) or, where a channel tile
-    /// fits shared memory, `wgmma_resident_conv2d_spikes` in the block shape chosen at upload.
+    /// fits shared memory, `wgmma_resident_conv2d_spikes` on masks and `wgmma_window_conv2d`
+    /// on an unmarked f32 input (`window`, where its windows fit too), in the block shapes
+    /// chosen at upload.
     WgmmaLimbs {
         packed: CudaSlice<u32>,
         scale: f32,
-        resident: Option<ResidentShape>,
+        resident: Option<BlockShape>,
+        window: Option<BlockShape>,
     },
 }
 
-/// The resident kernel's block for one layer: its threads (three warpgroups where their
+/// A persistent kernel's block for one layer: its threads (three warpgroups where their
 /// registers fit, else two), how many such CTAs an SM holds, and their shared memory.
 #[derive(Clone, Copy, Debug)]
-struct ResidentShape {
+struct BlockShape {
     threads: u32,
     per_sm: u32,
     shared: u32,
@@ -142,7 +147,15 @@ impl TensorConvWeights {
                 SpikeWeights::WgmmaLimbs {
                     packed: stream.clone_htod(&packed)?,
                     scale,
-                    resident: resident_shape(conv, backend)?,
+                    resident: block_shape(
+                        backend,
+                        "wgmma_resident_conv2d_spikes",
+                        &[384, 256],
+                        |_| resident_bytes(conv),
+                    )?,
+                    window: block_shape(backend, "wgmma_window_conv2d", &[WINDOW_THREADS], |_| {
+                        window_shared_bytes(conv)
+                    })?,
                 }
             } else if backend.has_wgmma() {
                 let packed = pack_wgmma_weights(weight, cout, k_dim, scale, column);
@@ -288,27 +301,51 @@ fn resident_bytes(conv: &Conv2d) -> usize {
     wgmma_resident_shared_bytes(conv.in_channels() as u32, (kh * kw) as u32) as usize
 }
 
-/// The resident kernel's block for `conv` on `backend`, `None` where its weights do not fit
-/// shared memory: three warpgroups a CTA where their registers fit (two otherwise).
-fn resident_shape(conv: &Conv2d, backend: &CudaBackend) -> Result<Option<ResidentShape>> {
-    let bytes = resident_bytes(conv);
-    if bytes > backend.max_shared_memory_per_block() {
-        return Ok(None);
+/// The shared memory of `wgmma_window_conv2d` for `conv`, or `usize::MAX` where the kernel does
+/// not take it: more stages than its offset table, or windows of more than
+/// `WINDOW_BATCH_ROUNDS` rounds a tile (strided convs, 1×1 convs of more than 128 channels:
+/// H100, batch 128, 5% spikes, one run each, against the resident kernel on packed masks, 3×3
+/// 64→128 s2 0.253 against 0.131 ms, 1×1 256→64 0.232 against 0.223).
+fn window_shared_bytes(conv: &Conv2d) -> usize {
+    let pair = |(a, b): (usize, usize)| (a as u32, b as u32);
+    let (cin, kernel) = (conv.in_channels() as u32, pair(conv.kernel_size()));
+    let (stride, dilation) = (pair(conv.stride), pair(conv.dilation));
+    if kernel.0 * kernel.1 * cin / WGMMA_INT_STAGE_CHANNELS > WINDOW_MAX_STAGES
+        || window_rounds(cin, kernel, stride, dilation) > WINDOW_BATCH_ROUNDS
+    {
+        return usize::MAX;
     }
-    let shared = bytes as u32;
-    let function = backend.function("wgmma_resident_conv2d_spikes")?;
-    allow_shared_memory(&function, shared)?;
-    let fits = |threads: u32| {
-        function
-            .occupancy_max_active_blocks_per_multiprocessor(threads, bytes, None)
-            .map_or(0, |blocks| blocks)
-    };
-    let threads = if fits(384) >= 1 { 384 } else { 256 };
-    Ok(Some(ResidentShape {
-        threads,
-        per_sm: fits(threads).max(1),
-        shared,
-    }))
+    wgmma_window_shared_bytes(cin, kernel, stride, dilation) as usize
+}
+
+/// The block of persistent kernel `entry` on `backend`: the first of `threads` (multiples of
+/// 128) whose registers and shared memory (`bytes(warpgroups)`) fit an SM, `None` where none
+/// does.
+fn block_shape(
+    backend: &CudaBackend,
+    entry: &'static str,
+    threads: &[u32],
+    bytes: impl Fn(u32) -> usize,
+) -> Result<Option<BlockShape>> {
+    let function = backend.function(entry)?;
+    for &threads in threads {
+        let shared = bytes(threads / 128);
+        if shared > backend.max_shared_memory_per_block() {
+            continue;
+        }
+        allow_shared_memory(&function, shared as u32)?;
+        let per_sm = function
+            .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
+            .map_or(0, |blocks| blocks);
+        if per_sm >= 1 {
+            return Ok(Some(BlockShape {
+                threads,
+                per_sm,
+                shared: shared as u32,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// The largest scaled weight of the integer kernels: three signed byte limbs hold up to
@@ -357,14 +394,20 @@ pub fn pack_wgmma_limbs(weight: &[f32], cout: usize, cin: usize, taps: usize) ->
     (words, scale)
 }
 
-/// The resident kernel's grid for `g`: one CTA per SM (`per_sm` of them) for each channel
-/// tile's share of the SMs, no more CTAs than the pixel tiles keep busy.
-fn resident_grid(backend: &CudaBackend, g: &ConvGeometry, shape: ResidentShape) -> (u32, u32, u32) {
+/// A persistent kernel's grid for `g` with `pixel_tiles` tiles, `tiles_per_round` taken by a
+/// CTA at a time: one CTA per SM (`per_sm` of them) for each channel tile's share of the SMs,
+/// no more CTAs than the pixel tiles keep busy.
+fn persistent_grid(
+    backend: &CudaBackend,
+    g: &ConvGeometry,
+    shape: BlockShape,
+    pixel_tiles: u32,
+    tiles_per_round: u32,
+) -> (u32, u32, u32) {
     let channel_tiles = padded_cout(g.cout) / TENSOR_TILE_M;
-    let pixel_tiles = g.pixels().div_ceil(WGMMA_RESIDENT_TILE_P);
     let ctas = (backend.multiprocessors() as u32 * shape.per_sm)
         .div_ceil(channel_tiles)
-        .min(pixel_tiles.div_ceil(shape.threads / 128))
+        .min(pixel_tiles.div_ceil(tiles_per_round))
         .max(1);
     (ctas, channel_tiles, 1)
 }
@@ -411,9 +454,50 @@ pub(crate) fn tensor_conv_cuda(
     // planes a marking neuron left on `x`, else the bit planes of a packing pass. The kernel
     // returns at once where the masks' flag says some value is not what they describe, and the
     // f32 kernel launched after it then computes the output (it returns at once otherwise).
+    // An unmarked input on Hopper's resident layers takes the window kernel instead, which reads
+    // the f32 input itself (no packing pass) and raises its own flag.
     let mut only_if = None;
     let packed_masks;
-    if let Some(spike_weights) = &weights.spike_weights {
+    let window_flag;
+    let marked = x
+        .spike_masks()
+        .filter(|m| m.dims == (g.n, g.cin, g.h * g.w));
+    if let (
+        None,
+        Some(SpikeWeights::WgmmaLimbs {
+            packed,
+            scale,
+            window: Some(shape),
+            ..
+        }),
+    ) = (marked, &weights.spike_weights)
+    {
+        x.len_u32()?;
+        window_flag = stream.alloc_zeros::<u32>(1)?;
+        let function = backend.function("wgmma_window_conv2d")?;
+        allow_shared_memory(&function, shape.shared)?;
+        let mut launch = stream.launch_builder(&function);
+        launch
+            .arg(x.slice())
+            .arg(&window_flag)
+            .arg(packed)
+            .arg(bias)
+            .arg(&has_bias)
+            .arg(out.slice_mut())
+            .arg(&geometry)
+            .arg(scale);
+        // SAFETY: the arguments match `wgmma_window_conv2d`'s signature; the weights are this
+        // conv's limbs (Cin a multiple of 64), the sm_90a module is loaded (limbs exist only
+        // there), and the block and its shared memory come from `block_shape` for this conv.
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: persistent_grid(backend, &g, *shape, window_tiles(&g), WINDOW_CONSUMERS),
+                block_dim: (shape.threads, 1, 1),
+                shared_mem_bytes: shape.shared,
+            })?
+        };
+        only_if = Some(&window_flag);
+    } else if let Some(spike_weights) = &weights.spike_weights {
         // Fewer mask words than input elements, which the kernels index in u32.
         x.len_u32()?;
         let dims = (g.n, g.cin, g.h * g.w);
@@ -425,18 +509,29 @@ pub(crate) fn tensor_conv_cuda(
                     packed,
                     scale,
                     resident: Some(shape),
+                    ..
                 } => (
                     "wgmma_resident_conv2d_spikes",
                     "wgmma_resident_conv2d_spike_planes",
                     packed,
                     *scale,
-                    (resident_grid(backend, &g, *shape), shape.threads),
+                    (
+                        persistent_grid(
+                            backend,
+                            &g,
+                            *shape,
+                            g.pixels().div_ceil(WGMMA_RESIDENT_TILE_P),
+                            shape.threads / 128,
+                        ),
+                        shape.threads,
+                    ),
                     shape.shared,
                 ),
                 SpikeWeights::WgmmaLimbs {
                     packed,
                     scale,
                     resident: None,
+                    ..
                 } => (
                     "wgmma_int_conv2d_spikes",
                     "wgmma_int_conv2d_spike_planes",
@@ -462,7 +557,7 @@ pub(crate) fn tensor_conv_cuda(
                     TENSOR_SPIKES_SHARED_BYTES,
                 ),
             };
-        let masks = match x.spike_masks().filter(|m| m.dims == dims) {
+        let masks = match marked {
             Some(marked) => marked,
             None => {
                 packed_masks = SpikeMasks::pack(x, dims, 2)?;
@@ -776,6 +871,8 @@ mod tests {
             // Enough 64-pixel tiles (784) that each warpgroup of the resident kernel's persistent
             // grid takes several on the H100 (132 CTAs of three).
             (16, 64, 64, 56, 56, 3, 1, 1),
+            // The window kernel at stride 2 (17 × 17 windows), ragged 8 × 8 tiles.
+            (2, 64, 128, 15, 13, 3, 2, 1),
         ] {
             for &(density, kind) in &[
                 (0.0, "binary"),

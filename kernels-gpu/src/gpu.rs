@@ -371,6 +371,70 @@ pub unsafe fn load_shared_u32x4(addr: u32) -> [u32; 4] {
     [a, b, c, d]
 }
 
+/// Two consecutive `u32` at shared-window address `addr`, with one 8-byte shared load.
+///
+/// # Safety
+/// `addr` is an 8-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn load_shared_u32x2(addr: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!(
+        "ld.shared.v2.u32 {{{a}, {b}}}, [{addr}];",
+        addr = in(reg32) addr,
+        a = out(reg32) a,
+        b = out(reg32) b,
+    );
+    [a, b]
+}
+
+/// Stores two consecutive `u32` at shared-window address `addr` with one 8-byte store.
+///
+/// # Safety
+/// `addr` is an 8-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn store_shared_u32x2(addr: u32, [a, b]: [u32; 2]) {
+    asm!(
+        "st.shared.v2.u32 [{addr}], {{{a}, {b}}};",
+        addr = in(reg32) addr,
+        a = in(reg32) a,
+        b = in(reg32) b,
+    );
+}
+
+/// `bar.sync id, threads`: a barrier among the `threads` threads (a multiple of 32) of the CTA
+/// that name barrier `id` (1..16; 0 is [`sync_threads`]'), e.g. one warpgroup's.
+#[inline(always)]
+pub fn sync_named(id: u32, threads: u32) {
+    unsafe {
+        asm!("bar.sync {id}, {threads};", id = in(reg32) id, threads = in(reg32) threads);
+    }
+}
+
+/// `bar.arrive id, threads`: arrives at named barrier `id` without waiting (the producer's
+/// side of a hand-over whose consumers [`sync_named`] on it).
+#[inline(always)]
+pub fn arrive_named(id: u32, threads: u32) {
+    unsafe {
+        asm!("bar.arrive {id}, {threads};", id = in(reg32) id, threads = in(reg32) threads);
+    }
+}
+
+/// `prmt.b32`: bytes of `a` (0–3) and `b` (4–7) picked by the four selector nibbles of `sel`.
+#[inline(always)]
+pub fn byte_perm(a: u32, b: u32, sel: u32) -> u32 {
+    let out: u32;
+    unsafe {
+        asm!(
+            "prmt.b32 {out}, {a}, {b}, {sel};",
+            a = in(reg32) a,
+            b = in(reg32) b,
+            sel = in(reg32) sel,
+            out = out(reg32) out,
+        );
+    }
+    out
+}
+
 /// Stores one `u32` at shared-window address `addr`.
 ///
 /// # Safety

@@ -856,38 +856,78 @@ pub(crate) unsafe fn store_warp_tile<const M_TILES: usize>(
     g: &ConvGeometry,
     scale: f32,
 ) {
-    use crate::gpu;
-    let lane = gpu::thread_x() % 32;
-    let (row_in_tile, quad) = (lane / 4, lane % 4);
-    let pixels = g.pixels();
-    let unscale = 1.0 / scale;
-    let plane_out = g.oh * g.ow;
-    // The lane's channels m0 + 8·tile + 2·quad + e; a whole tile of channels (the common
-    // case) takes their biases once and stores with no per-channel test.
-    let first_channel = m0 + 2 * quad;
-    let whole = m0 + TENSOR_TILE_M <= g.cout;
-    let mut biases = [[0.0f32; 2]; 8];
-    if whole && has_bias != 0 {
-        unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
-            unroll!(e in [0, 1] {
-                biases[tile][e] = *bias.add((first_channel + tile as u32 * 8 + e as u32) as usize);
-            });
-        });
-    }
+    let row_in_tile = crate::gpu::thread_x() % 32 / 4;
+    let channels = LaneChannels::new(m0, bias, has_bias, g);
     unroll!(m_tile in [0, 1] {
+        if m_tile < M_TILES {
+            let pixels = [0, 8].map(|half| {
+                let p = first + m_tile as u32 * 16 + row_in_tile + half;
+                (p < g.pixels()).then(|| g.pixel(p))
+            });
+            channels.store(&acc[m_tile], pixels, bias, has_bias, out, g, scale);
+        }
+    });
+}
+
+/// A lane's output channels in a warp's epilogue, `m0 + 8·tile + 2·quad + e`, and their
+/// biases where the warp's 64 channels all exist (the common case: one bias load each and no
+/// per-channel test).
+#[cfg(target_arch = "nvptx64")]
+pub(crate) struct LaneChannels {
+    first: u32,
+    whole: bool,
+    biases: [[f32; 2]; 8],
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl LaneChannels {
+    #[inline(always)]
+    pub(crate) unsafe fn new(m0: u32, bias: *const f32, has_bias: u32, g: &ConvGeometry) -> Self {
+        let first = m0 + 2 * (crate::gpu::thread_x() % 4);
+        let whole = m0 + TENSOR_TILE_M <= g.cout;
+        let mut biases = [[0.0f32; 2]; 8];
+        if whole && has_bias != 0 {
+            unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
+                unroll!(e in [0, 1] {
+                    biases[tile][e] = *bias.add((first + tile as u32 * 8 + e as u32) as usize);
+                });
+            });
+        }
+        Self {
+            first,
+            whole,
+            biases,
+        }
+    }
+
+    /// Writes one `m16` fragment (`acc[tile][2·half + e]`: pixel `pixels[half]`, channel
+    /// `8·tile + e` of the lane's), divided by `scale` and plus the bias, to the NCHW output at
+    /// each pixel `(image, row, column)` given (`None`: skipped).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn store(
+        &self,
+        acc: &[[f32; 4]; 8],
+        pixels: [Option<(u32, u32, u32)>; 2],
+        bias: *const f32,
+        has_bias: u32,
+        out: *mut f32,
+        g: &ConvGeometry,
+        scale: f32,
+    ) {
+        let unscale = 1.0 / scale;
+        let plane_out = g.oh * g.ow;
         unroll!(half in [0, 1] {
-            let p = first + m_tile as u32 * 16 + row_in_tile + 8 * half as u32;
-            if m_tile < M_TILES && p < pixels {
-                let (img, oy, ox) = g.pixel(p);
+            if let Some((img, oy, ox)) = pixels[half] {
                 // One pointer stepped eight channels per n8 tile, so few addresses are live.
-                let mut at = out.add(((img * g.cout + first_channel) * plane_out + oy * g.ow + ox) as usize);
+                let mut at = out.add(((img * g.cout + self.first) * plane_out + oy * g.ow + ox) as usize);
                 unroll!(tile in [0, 1, 2, 3, 4, 5, 6, 7] {
                     unroll!(e in [0, 1] {
-                        let value = acc[m_tile][tile][2 * half + e] * unscale;
-                        if whole {
-                            *at.add(e * plane_out as usize) = value + biases[tile][e];
+                        let value = acc[tile][2 * half + e] * unscale;
+                        if self.whole {
+                            *at.add(e * plane_out as usize) = value + self.biases[tile][e];
                         } else {
-                            let co = first_channel + tile as u32 * 8 + e as u32;
+                            let co = self.first + tile as u32 * 8 + e as u32;
                             if co < g.cout {
                                 let b = if has_bias != 0 { *bias.add(co as usize) } else { 0.0 };
                                 *at.add(e * plane_out as usize) = value + b;
@@ -898,7 +938,7 @@ pub(crate) unsafe fn store_warp_tile<const M_TILES: usize>(
                 });
             }
         });
-    });
+    }
 }
 
 /// [`tensor_conv2d_neuron`]'s epilogue: the CTA's outputs (divided by `scale`, plus the bias,

@@ -439,7 +439,6 @@ unsafe fn int_stage(
     descriptor: u64,
     accumulate: bool,
 ) {
-    use crate::gpu;
     unroll!(word in [0, 1] {
         a[word] = [
             int_fragment(bits[0][word], 0),
@@ -448,6 +447,20 @@ unsafe fn int_stage(
             int_fragment(bits[1][word], 1),
         ];
     });
+    stage_mmas(acc, a, descriptor, accumulate);
+}
+
+/// The six MMAs of one stage of the integer kernels on the A registers `a` of both `k32` steps,
+/// against the stage's limbs at `descriptor`, committed as one group.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn stage_mmas(
+    acc: &mut [[u32; 32]; 3],
+    a: &[[u32; 4]; 2],
+    descriptor: u64,
+    accumulate: bool,
+) {
+    use crate::gpu;
     gpu::wgmma_fence();
     unroll!(step in [0, 1] {
         let later = accumulate || step != 0;
@@ -572,6 +585,30 @@ pub const fn wgmma_resident_shared_bytes(cin: u32, taps: u32) -> u32 {
     taps * (cin / WGMMA_INT_STAGE_CHANNELS) * WGMMA_INT_CHUNK_BYTES
 }
 
+/// Copies every stage of the CTA's channel tile (`block_y`) of limb weights to shared memory at
+/// `shared`, once, and makes them visible to the tensor cores.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn copy_resident_weights(shared: u32, weights: *const u32, stages: u32, tiles: u32) {
+    use crate::gpu;
+    let pieces_per_stage = WGMMA_INT_CHUNK_BYTES / 16;
+    let mut piece = gpu::thread_x();
+    while piece < stages * pieces_per_stage {
+        let (stage, within) = (piece / pieces_per_stage, piece % pieces_per_stage);
+        let chunk =
+            (stage * tiles + gpu::block_y()) as usize * (WGMMA_INT_CHUNK_BYTES / 4) as usize;
+        gpu::async_copy_16(
+            shared + piece * 16,
+            weights.add(chunk + within as usize * 4),
+        );
+        piece += gpu::block_dim_x();
+    }
+    gpu::async_copy_commit();
+    gpu::async_copy_wait_pending::<0>();
+    gpu::fence_proxy_async_shared();
+    gpu::sync_threads();
+}
+
 #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
 #[inline(always)]
 unsafe fn wgmma_resident_conv<const PLANES: usize>(
@@ -591,23 +628,7 @@ unsafe fn wgmma_resident_conv<const PLANES: usize>(
     let shared = gpu::dynamic_shared_base();
     let stages = g.kh * g.kw * (g.cin / WGMMA_INT_STAGE_CHANNELS);
     let tiles = padded_cout(g.cout) / TENSOR_TILE_M;
-    // Every stage of the CTA's channel tile, once.
-    let pieces_per_stage = WGMMA_INT_CHUNK_BYTES / 16;
-    let mut piece = tid;
-    while piece < stages * pieces_per_stage {
-        let (stage, within) = (piece / pieces_per_stage, piece % pieces_per_stage);
-        let chunk =
-            (stage * tiles + gpu::block_y()) as usize * (WGMMA_INT_CHUNK_BYTES / 4) as usize;
-        gpu::async_copy_16(
-            shared + piece * 16,
-            weights.add(chunk + within as usize * 4),
-        );
-        piece += threads;
-    }
-    gpu::async_copy_commit();
-    gpu::async_copy_wait_pending::<0>();
-    gpu::fence_proxy_async_shared();
-    gpu::sync_threads();
+    copy_resident_weights(shared, weights, stages, tiles);
 
     let descriptor0 = wgmma_descriptor(shared, WGMMA_LEADING_BYTES, WGMMA_STRIDE_BYTES);
     let groups = threads / 128;
@@ -649,6 +670,487 @@ unsafe fn wgmma_resident_conv<const PLANES: usize>(
             scale,
         );
         tile += tiles_step;
+    }
+}
+
+/// Output rows and columns of the window kernel's tile: 8 × 8 = a warpgroup's 64 pixels.
+pub const WINDOW_TILE: u32 = 8;
+
+/// Rows (or columns) of input a window-kernel tile reads: `WINDOW_TILE` outputs `stride` apart,
+/// each `kernel` taps `dilation` apart.
+pub const fn window_extent(stride: u32, kernel: u32, dilation: u32) -> u32 {
+    (WINDOW_TILE - 1) * stride + (kernel - 1) * dilation + 1
+}
+
+/// Bytes between window pixels in shared memory: `Cin` bytes and 32 more, an odd multiple of
+/// 32 (`Cin` a multiple of 64), so that the eight pixels × four lane quads of a warp's 8-byte
+/// loads fall on distinct banks in each half-warp.
+pub const fn window_pixel_bytes(cin: u32) -> u32 {
+    cin + 32
+}
+
+/// Shared memory of one warpgroup's window, `[window pixel][channel]` bytes, for `Cin` channels
+/// and a kernel of `(rows, columns)` taps at that stride and dilation.
+pub const fn window_bytes(
+    cin: u32,
+    kernel: (u32, u32),
+    stride: (u32, u32),
+    dilation: (u32, u32),
+) -> u32 {
+    let pixels = window_extent(stride.0, kernel.0, dilation.0)
+        * window_extent(stride.1, kernel.1, dilation.1);
+    (pixels * window_pixel_bytes(cin)).next_multiple_of(16)
+}
+
+/// The most stages the window kernel's table of stage offsets holds.
+pub const WINDOW_MAX_STAGES: u32 = 32;
+/// Bytes of that table: a word a stage.
+pub const WINDOW_TABLE_BYTES: u32 = 4 * WINDOW_MAX_STAGES;
+
+/// Dynamic shared memory of the window kernel: the resident weights, the table of stage
+/// offsets, then two windows for each consumer warpgroup (arguments as [`window_bytes`]).
+pub const fn wgmma_window_shared_bytes(
+    cin: u32,
+    kernel: (u32, u32),
+    stride: (u32, u32),
+    dilation: (u32, u32),
+) -> u32 {
+    wgmma_resident_shared_bytes(cin, kernel.0 * kernel.1)
+        + WINDOW_TABLE_BYTES
+        + 2 * WINDOW_CONSUMERS * window_bytes(cin, kernel, stride, dilation)
+}
+
+/// The window kernel's tiles: `WINDOW_TILE²` output blocks of every image.
+pub const fn window_tiles(g: &crate::dense_conv::ConvGeometry) -> u32 {
+    g.n * g.oh.div_ceil(WINDOW_TILE) * g.ow.div_ceil(WINDOW_TILE)
+}
+
+/// The bytes of four input values `v` (each must be an integer in `0..=3`) and the evidence
+/// for that test: `(bytes, v + 2²³ as bits OR-ed, (v + 2²³ − 2²³) − v as bits OR-ed)`. Adding
+/// 2²³ rounds `v` to an integer in the low mantissa bits, exact for the values that pass:
+/// they leave the first OR within `0x4B00_0000..=0x4B00_0003` and the second zero; negative,
+/// fractional, large, infinite or NaN inputs do not.
+#[inline(always)]
+pub fn window_bytes_of(v: [f32; 4]) -> (u32, u32, u32) {
+    const SHIFT: f32 = 8_388_608.0;
+    let t = v.map(|x| x + SHIFT);
+    let mut rounded = 0;
+    let mut error = 0;
+    let mut i = 0;
+    while i < 4 {
+        rounded |= t[i].to_bits();
+        error |= ((t[i] - SHIFT) - v[i]).to_bits();
+        i += 1;
+    }
+    let bits = t.map(f32::to_bits);
+    // The low byte of each: the value.
+    let bytes =
+        (bits[0] & 0xFF) | (bits[1] & 0xFF) << 8 | (bits[2] & 0xFF) << 16 | (bits[3] & 0xFF) << 24;
+    (bytes, rounded, error)
+}
+
+/// Whether the evidence OR-ed over [`window_bytes_of`] says every value was in `0..=3`.
+#[inline(always)]
+pub const fn window_values_in_range(rounded: u32, error: u32) -> bool {
+    error == 0 && (rounded == 0 || rounded.wrapping_sub(0x4B00_0000) <= 3)
+}
+
+/// Rounds of window reading the producer warpgroup of the window kernel takes per tile: items
+/// of eight channels at one window pixel, one per thread a round (128 a round).
+pub const fn window_rounds(
+    cin: u32,
+    kernel: (u32, u32),
+    stride: (u32, u32),
+    dilation: (u32, u32),
+) -> u32 {
+    let pixels = window_extent(stride.0, kernel.0, dilation.0)
+        * window_extent(stride.1, kernel.1, dilation.1);
+    (pixels * (cin / 8)).div_ceil(128)
+}
+
+/// The most rounds of window reading the window kernel takes per tile (its producer holds
+/// each thread's items, and two windows' values, in registers; with eight, ptxas spills):
+/// enough for 3×3 stride-1 and 1×1 convs of 64 channels.
+pub const WINDOW_BATCH_ROUNDS: u32 = 7;
+
+/// `⌈2²⁴ / d⌉`: with it, `(q · m) >> 24` is `q / d` for every `q · d < 2²⁴`.
+pub const fn reciprocal_24(d: u32) -> u32 {
+    (1u32 << 24).div_ceil(d)
+}
+
+/// Warpgroups of the window kernel that multiply (the third reads the windows).
+pub const WINDOW_CONSUMERS: u32 = 2;
+/// Threads of the window kernel: the consumers and the producer.
+pub const WINDOW_THREADS: u32 = 128 * (WINDOW_CONSUMERS + 1);
+const _: () = assert!(
+    WINDOW_CONSUMERS == 2,
+    "produce_windows unrolls over two consumers"
+);
+
+/// The spike convolution straight from the f32 input, on the resident weights. Two consumer
+/// warpgroups take `WINDOW_TILE × WINDOW_TILE` output blocks in turn and multiply as
+/// [`wgmma_resident_conv2d_spikes`] does, their A registers loaded as they are from the block's
+/// input window in shared memory (bytes `[pixel][channel]`, zeros in the padding: no masks, no
+/// decoding, no bounds per tap). The third warpgroup produces the windows: it reads each
+/// block's `[Cin, rows, columns]` window of the f32 input (many loads in flight, a round of
+/// eight channels a thread at a time) and converts it to bytes, into two buffers per consumer,
+/// handed over with named barriers. The input read overlaps the tensor cores and replaces the
+/// packing pass over the input.
+///
+/// Inputs must be integers in `0..=3` (spikes, SEW sums); where one is not, the kernel raises
+/// `*out_of_range` and its output is not to be used (the host then runs the f32 kernel).
+///
+/// # Safety
+/// `input` holds `n · Cin · H · W` floats, `Cin` a multiple of 64 and at most
+/// [`WINDOW_MAX_STAGES`] stages, `weights` the limbs of [`wgmma_limb_byte`] for `g`, `out`
+/// `n · cout · OH · OW` floats, `out_of_range` one u32. Launch with [`WINDOW_THREADS`]
+/// threads, grid `(any, cout tiles, 1)` and [`wgmma_window_shared_bytes`] of dynamic shared
+/// memory, on a device of compute capability 9.0.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn wgmma_window_conv2d(
+    input: *const f32,
+    out_of_range: *mut u32,
+    weights: *const u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    g: crate::dense_conv::ConvGeometry,
+    scale: f32,
+) {
+    use crate::gpu;
+    use crate::tensor_conv::padded_cout;
+    let tid = gpu::thread_x();
+    let group = tid / 128;
+    let shared = gpu::dynamic_shared_base();
+    let pairs = g.cin / WGMMA_INT_STAGE_CHANNELS;
+    let stages = g.kh * g.kw * pairs;
+    let layout = WindowLayout::new(&g);
+    // Each stage's byte offset in a window, `(r, s, pair)` stepped pair-fastest: a table, so
+    // that no tap counters stay live across the stage loop.
+    let offsets = shared + wgmma_resident_shared_bytes(g.cin, g.kh * g.kw);
+    if tid < stages {
+        let (tap, pair) = (tid / pairs, tid % pairs);
+        let (r, s) = (tap / g.kw, tap % g.kw);
+        let offset = (r * g.dh * layout.win_w + s * g.dw) * layout.pixel_bytes
+            + pair * WGMMA_INT_STAGE_CHANNELS;
+        gpu::store_shared_u32(offsets + 4 * tid, offset);
+    }
+    copy_resident_weights(shared, weights, stages, padded_cout(g.cout) / TENSOR_TILE_M);
+    let windows = offsets + WINDOW_TABLE_BYTES;
+    // Consumer `c`'s tiles: `block_x · 2 + c`, striding by the grid's consumers.
+    let first = gpu::block_x() * WINDOW_CONSUMERS;
+    let step = gpu::grid_dim_x() * WINDOW_CONSUMERS;
+    if group == WINDOW_CONSUMERS {
+        produce_windows(input, out_of_range, &g, &layout, windows, first, step);
+    } else {
+        consume_windows(
+            &g,
+            &layout,
+            shared,
+            offsets,
+            windows,
+            group,
+            first + group,
+            step,
+            bias,
+            has_bias,
+            out,
+            scale,
+        );
+    }
+}
+
+/// Named barriers of the window kernel's hand-over (0 is the CTA's): buffer `b` of consumer `c`
+/// is full (`FULL + 2c + b`) or empty again (`EMPTY + 2c + b`); each joins the producer's 128
+/// threads and the consumer's.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+const WINDOW_FULL: u32 = 1;
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+const WINDOW_EMPTY: u32 = 1 + 2 * WINDOW_CONSUMERS;
+
+/// Where the window kernel's windows are: geometry of one window and of the buffers.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+struct WindowLayout {
+    win_w: u32,
+    win_pixels: u32,
+    pixel_bytes: u32,
+    buffer_bytes: u32,
+    tiles: u32,
+}
+
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+impl WindowLayout {
+    #[inline(always)]
+    fn new(g: &crate::dense_conv::ConvGeometry) -> Self {
+        let win_w = window_extent(g.sw, g.kw, g.dw);
+        Self {
+            win_w,
+            win_pixels: window_extent(g.sh, g.kh, g.dh) * win_w,
+            pixel_bytes: window_pixel_bytes(g.cin),
+            buffer_bytes: window_bytes(g.cin, (g.kh, g.kw), (g.sh, g.sw), (g.dh, g.dw)),
+            tiles: window_tiles(g),
+        }
+    }
+
+    /// Buffer `b` of consumer `c`.
+    #[inline(always)]
+    fn buffer(&self, windows: u32, c: u32, b: u32) -> u32 {
+        windows + (2 * c + b) * self.buffer_bytes
+    }
+}
+
+/// `(image, first output row, first output column)` of a window-kernel tile.
+#[inline(always)]
+pub const fn window_tile_origin(g: &crate::dense_conv::ConvGeometry, tile: u32) -> (u32, u32, u32) {
+    let (tiles_y, tiles_x) = (g.oh.div_ceil(WINDOW_TILE), g.ow.div_ceil(WINDOW_TILE));
+    (
+        tile / (tiles_y * tiles_x),
+        tile / tiles_x % tiles_y * WINDOW_TILE,
+        tile % tiles_x * WINDOW_TILE,
+    )
+}
+
+/// The producer warpgroup: every consumer's tiles in order (consumer 0's first, consumer 1's
+/// first, consumer 0's second, ...), each window read into the buffer its consumer emptied two
+/// tiles before. The loads of the next window are issued before the current one is converted,
+/// so their latency overlaps the conversion.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+unsafe fn produce_windows(
+    input: *const f32,
+    out_of_range: *mut u32,
+    g: &crate::dense_conv::ConvGeometry,
+    layout: &WindowLayout,
+    windows: u32,
+    first: u32,
+    step: u32,
+) {
+    use crate::gpu;
+    let items = ProducerItems::new(input, g, layout, first, step);
+    let mut in_range = true;
+    // Two value sets, so that a turn of two windows loads and converts with no copies.
+    let mut values = [items.load(0), [[0.0f32; 8]; WINDOW_BATCH_ROUNDS as usize]];
+    let mut n = 0;
+    while items.tile(n) < layout.tiles {
+        unroll!(set in [0, 1] {
+            if items.tile(n) < layout.tiles {
+                values[1 - set] = items.load(n + 1);
+                let (c, k) = (n % 2, n / 2);
+                let b = k % 2;
+                if k >= 2 {
+                    gpu::sync_named(WINDOW_EMPTY + 2 * c + b, 256);
+                }
+                in_range &= items.convert(&values[set], layout.buffer(windows, c, b));
+                gpu::arrive_named(WINDOW_FULL + 2 * c + b, 256);
+                n += 1;
+            }
+        });
+    }
+    if !in_range {
+        gpu::atomic_or_u32(out_of_range, 1);
+    }
+}
+
+/// A producer thread's items of every window, the same in every tile: round `j`'s item is
+/// `thread + 128·j` of `window pixels × Cin / 8`, eight channels at one window pixel (at most
+/// [`WINDOW_BATCH_ROUNDS`] rounds, the host checks).
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+struct ProducerItems {
+    input: *const f32,
+    g: crate::dense_conv::ConvGeometry,
+    tiles: u32,
+    first: u32,
+    step: u32,
+    /// Each round's window byte offset | row << 16 | column << 24 (`u32::MAX`: no item).
+    places: [u32; WINDOW_BATCH_ROUNDS as usize],
+    /// Each round's input offset of its first channel from the window's corner.
+    sources: [u32; WINDOW_BATCH_ROUNDS as usize],
+}
+
+/// A window's f32 values as a producer thread loads them: eight channels per round.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+type ProducerValues = [[f32; 8]; WINDOW_BATCH_ROUNDS as usize];
+
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+impl ProducerItems {
+    #[inline(always)]
+    fn new(
+        input: *const f32,
+        g: &crate::dense_conv::ConvGeometry,
+        layout: &WindowLayout,
+        first: u32,
+        step: u32,
+    ) -> Self {
+        let t = crate::gpu::thread_x() % 128;
+        let rounds = window_rounds(g.cin, (g.kh, g.kw), (g.sh, g.sw), (g.dh, g.dw));
+        let items = layout.win_pixels * (g.cin / 8);
+        let mut places = [u32::MAX; WINDOW_BATCH_ROUNDS as usize];
+        let mut sources = [0u32; WINDOW_BATCH_ROUNDS as usize];
+        unroll!(j in [0, 1, 2, 3, 4, 5, 6] {
+            let item = t + 128 * j as u32;
+            let (q, octet) = (item % layout.win_pixels, item / layout.win_pixels);
+            if (j as u32) < rounds && item < items {
+                let (wy, wx) = (q / layout.win_w, q % layout.win_w);
+                places[j] = (q * layout.pixel_bytes + 8 * octet) | wy << 16 | wx << 24;
+                sources[j] = 8 * octet * g.h * g.w + wy * g.w + wx;
+            }
+        });
+        Self {
+            input,
+            g: *g,
+            tiles: layout.tiles,
+            first,
+            step,
+            places,
+            sources,
+        }
+    }
+
+    /// The tile of sequence number `n`: consumer `n % 2`'s `n / 2`-th.
+    #[inline(always)]
+    fn tile(&self, n: u32) -> u32 {
+        self.first + n % 2 + n / 2 * self.step
+    }
+
+    /// The window corner of tile `tile`: its input row, column and offset in the input.
+    #[inline(always)]
+    fn corner(&self, tile: u32) -> (i32, i32, i32) {
+        let g = &self.g;
+        let (img, oy0, ox0) = window_tile_origin(g, tile);
+        let iy0 = (oy0 * g.sh) as i32 - g.ph as i32;
+        let ix0 = (ox0 * g.sw) as i32 - g.pw as i32;
+        (
+            iy0,
+            ix0,
+            (img * g.cin * g.h * g.w) as i32 + iy0 * g.w as i32 + ix0,
+        )
+    }
+
+    /// The thread's values of window `n` (zeros in the padding and past its items, and for a
+    /// tile past the last).
+    #[inline(always)]
+    unsafe fn load(&self, n: u32) -> ProducerValues {
+        let g = &self.g;
+        let mut v = [[0.0f32; 8]; WINDOW_BATCH_ROUNDS as usize];
+        let tile = self.tile(n);
+        if tile < self.tiles {
+            let plane = (g.h * g.w) as usize;
+            let (iy0, ix0, corner) = self.corner(tile);
+            unroll!(j in [0, 1, 2, 3, 4, 5, 6] {
+                let iy = iy0 + (self.places[j] >> 16 & 0xFF) as i32;
+                let ix = ix0 + (self.places[j] >> 24) as i32;
+                if self.places[j] != u32::MAX && (iy as u32) < g.h && (ix as u32) < g.w {
+                    let at = self.input.add((corner + self.sources[j] as i32) as usize);
+                    unroll!(ch in [0, 1, 2, 3, 4, 5, 6, 7] {
+                        v[j][ch] = crate::gpu::load_nc_f32(at.add(ch * plane));
+                    });
+                }
+            });
+        }
+        v
+    }
+
+    /// Converts the thread's values `v` of a window to bytes in the window at `window`; whether
+    /// every value was in `0..=3`.
+    #[inline(always)]
+    unsafe fn convert(&self, v: &ProducerValues, window: u32) -> bool {
+        let mut in_range = true;
+        unroll!(j in [0, 1, 2, 3, 4, 5, 6] {
+            if self.places[j] != u32::MAX {
+                let v = &v[j];
+                let (low, r0, e0) = window_bytes_of([v[0], v[1], v[2], v[3]]);
+                let (high, r1, e1) = window_bytes_of([v[4], v[5], v[6], v[7]]);
+                in_range &= window_values_in_range(r0 | r1, e0 | e1);
+                crate::gpu::store_shared_u32x2(window + (self.places[j] & 0xFFFF), [low, high]);
+            }
+        });
+        in_range
+    }
+}
+
+/// A consumer warpgroup: its tiles' MMAs on the windows the producer hands over, and their
+/// epilogues.
+#[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn consume_windows(
+    g: &crate::dense_conv::ConvGeometry,
+    layout: &WindowLayout,
+    shared: u32,
+    offsets: u32,
+    windows: u32,
+    c: u32,
+    first: u32,
+    step: u32,
+    bias: *const f32,
+    has_bias: u32,
+    out: *mut f32,
+    scale: f32,
+) {
+    use crate::gpu;
+    use crate::tensor_conv::LaneChannels;
+    let (warp, lane) = (gpu::thread_x() / 32 % 4, gpu::thread_x() % 32);
+    let stages = g.kh * g.kw * (g.cin / WGMMA_INT_STAGE_CHANNELS);
+    let descriptor0 = wgmma_descriptor(shared, WGMMA_LEADING_BYTES, WGMMA_STRIDE_BYTES);
+    // The lane's two pixels: rows 2·warp and the next of the tile, column lane / 4; each loads
+    // the eight channels `8·quad..` of a 32-channel step (its A columns).
+    let (row, column) = (2 * warp, lane / 4);
+    let lane_offset =
+        (row * g.sh * layout.win_w + column * g.sw) * layout.pixel_bytes + 8 * (lane % 4);
+    let next_row = g.sh * layout.win_w * layout.pixel_bytes;
+    let mut acc = [[0u32; 32]; 3];
+    let mut a = [[[0u32; 4]; 2]; 2];
+    let mut k = 0;
+    let mut tile = first;
+    while tile < layout.tiles {
+        let b = k % 2;
+        gpu::sync_named(WINDOW_FULL + 2 * c + b, 256);
+        let window = layout.buffer(windows, c, b) + lane_offset;
+        // The A registers of `stage`: both pixels' bytes of both `k32` steps.
+        let load = |stage: u32| {
+            let at = window + gpu::load_shared_u32(offsets + 4 * stage);
+            let mut regs = [[0u32; 4]; 2];
+            unroll!(step in [0, 1] {
+                let p0 = gpu::load_shared_u32x2(at + 32 * step as u32);
+                let p1 = gpu::load_shared_u32x2(at + next_row + 32 * step as u32);
+                regs[step] = [p0[0], p1[0], p0[1], p1[1]];
+            });
+            regs
+        };
+        a[0] = load(0);
+        let mut stage = 0;
+        while stage < stages {
+            unroll!(set in [0, 1] {
+                if stage < stages {
+                    let descriptor = descriptor_plus(descriptor0, stage * WGMMA_INT_CHUNK_BYTES / 16);
+                    stage_mmas(&mut acc, &a[set], descriptor, stage != 0);
+                    // The stage before, which read the other register set, is done: the next
+                    // stage's loads may overwrite it (loading earlier, into registers a
+                    // `wgmma` in flight reads, makes ptxas serialize the MMAs).
+                    gpu::wgmma_wait_pending_3::<1>(&mut acc);
+                    if stage + 1 < stages {
+                        a[1 - set] = load(stage + 1);
+                    }
+                    stage += 1;
+                }
+            });
+        }
+        // Every load from the window is done: the producer may refill it (it waits only where
+        // it has a tile for it).
+        if tile + 2 * step < layout.tiles {
+            gpu::arrive_named(WINDOW_EMPTY + 2 * c + b, 256);
+        }
+        gpu::wgmma_wait_pending_3::<0>(&mut acc);
+        let (img, oy0, ox0) = window_tile_origin(g, tile);
+        let (oy, ox) = (oy0 + row, ox0 + column);
+        let pixels = [0, 1].map(|i| (oy + i < g.oh && ox < g.ow).then_some((img, oy + i, ox)));
+        // Biases loaded per tile: held across the loop they take registers the MMAs need.
+        let channels = LaneChannels::new(gpu::block_y() * TENSOR_TILE_M, bias, has_bias, g);
+        channels.store(&limb_totals(&acc)[0], pixels, bias, has_bias, out, g, scale);
+        k += 1;
+        tile += step;
     }
 }
 
@@ -736,6 +1238,53 @@ mod tests {
             seen[wgmma_int_stage_channel(kk) as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn window_bytes_hold_values_up_to_three_and_reject_the_rest() {
+        let (bytes, rounded, error) = window_bytes_of([0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(bytes, 0x0302_0100);
+        assert!(window_values_in_range(rounded, error));
+        let (bytes, rounded, error) = window_bytes_of([-0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(bytes, 0x0001_0000);
+        assert!(window_values_in_range(rounded, error));
+        // Nothing read (a window entirely in the padding).
+        assert!(window_values_in_range(0, 0));
+        for bad in [
+            4.0,
+            5.0,
+            255.0,
+            256.0,
+            -1.0,
+            -0.25,
+            0.5,
+            1.5,
+            2.999,
+            -1e-30,
+            1e-45,
+            -1e-45,
+            1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ] {
+            let (_, rounded, error) = window_bytes_of([1.0, bad, 0.0, 3.0]);
+            assert!(!window_values_in_range(rounded, error), "{bad} passed");
+        }
+    }
+
+    #[test]
+    fn window_extents_cover_every_tap_of_a_tile() {
+        // 3 × 3 at stride 1: 10 rows; at stride 2: 17; 1 × 1: 8; dilation 2: 12.
+        assert_eq!(window_extent(1, 3, 1), 10);
+        assert_eq!(window_extent(2, 3, 1), 17);
+        assert_eq!(window_extent(1, 1, 1), 8);
+        assert_eq!(window_extent(1, 3, 2), 12);
+        // Odd multiples of 32 bytes between pixels.
+        for cin in [64, 128, 192, 256, 512] {
+            assert_eq!(window_pixel_bytes(cin) % 64, 32);
+        }
+        assert_eq!(window_bytes(64, (3, 3), (1, 1), (1, 1)), 100 * 96);
     }
 
     #[test]
