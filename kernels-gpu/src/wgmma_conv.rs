@@ -75,6 +75,22 @@
 //! - an epilogue loop specialised for whole channel tiles (no per-element channel test): the
 //!   main loop's allocation at the 168-register cap got worse, 0.194 → 0.206 ms, and the
 //!   networks 3.93 → 4.20 ms.
+//!
+//! # The window kernel (stop 21)
+//!
+//! `wgmma_window_conv2d` takes an unmarked f32 input on the resident layers whose windows fit
+//! its producer (3×3 stride 1, 1×1; 64 channels): no packing pass, no masks. 3×3 64→64 @56,
+//! batch 128, 5%, H100: 0.145 ms for the whole tensor-core path against 0.19–0.20 for the
+//! packing pass and the resident kernel. Measured on the way, each one run, and dropped:
+//! - every warpgroup reading its own next window (one round per stage, loads converted a stage
+//!   later): 0.203–0.228 ms, the per-round index arithmetic and exposed load latency;
+//! - the producer's reads by `cp.async` into three f32 staging windows (two in flight): 0.203
+//!   ms, its shared-memory traffic delays the consumers' A loads;
+//! - an L2 prefetch of the window after the next: no faster (0.213 ms in a slower run);
+//! - the consumers' epilogue through a staging area in shared memory with 16-byte stores:
+//!   0.163–0.183 ms (ptxas spills at 168 registers, one more barrier per tile).
+//! What it waits on now (ncu): the consumers' epilogue and stage loop (~1000 instructions a tile
+//! a warp), then the producer (~760 a window); the tensor pipe is ~35% busy.
 
 use crate::tensor_conv::TENSOR_TILE_M;
 
