@@ -88,7 +88,12 @@
 //!   ms, its shared-memory traffic delays the consumers' A loads;
 //! - an L2 prefetch of the window after the next: no faster (0.213 ms in a slower run);
 //! - the consumers' epilogue through a staging area in shared memory with 16-byte stores:
-//!   0.163–0.183 ms (ptxas spills at 168 registers, one more barrier per tile).
+//!   0.163–0.183 ms (ptxas spills at 168 registers, one more barrier per tile);
+//! - windows stored twice, as pairs of adjacent pixels interleaved four channels at a time (an
+//!   even and an odd pairing), so that one 16-byte load gives a lane a whole A step: the stage
+//!   loop lost a third of its instructions, but the producer's four stores an item made it the
+//!   bound, 0.226 against 0.143 ms (A/B in one run).
+//!
 //! What it waits on now (ncu): the consumers' epilogue and stage loop (~1000 instructions a tile
 //! a warp), then the producer (~760 a window); the tensor pipe is ~35% busy.
 
