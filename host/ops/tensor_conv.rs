@@ -22,7 +22,7 @@ use sparseflow_kernels::wgmma_conv::{
     wgmma_conv_grid, wgmma_half, wgmma_int_stage_channel, wgmma_limb_byte,
     wgmma_resident_shared_bytes, wgmma_window_shared_bytes, window_rounds, window_tiles,
     WGMMA_CONV_THREADS, WGMMA_INT_CHUNK_BYTES, WGMMA_INT_SHARED_BYTES, WGMMA_INT_STAGE_CHANNELS,
-    WGMMA_RESIDENT_TILE_P, WGMMA_SHARED_BYTES, WINDOW_BATCH_ROUNDS, WINDOW_CONSUMERS,
+    WGMMA_RESIDENT_TILE_P, WGMMA_SHARED_BYTES, WINDOW_CONSUMERS, WINDOW_MAX_ROUNDS,
     WINDOW_MAX_STAGES, WINDOW_THREADS,
 };
 
@@ -303,7 +303,7 @@ fn resident_bytes(conv: &Conv2d) -> usize {
 
 /// The shared memory of `wgmma_window_conv2d` for `conv`, or `usize::MAX` where the kernel does
 /// not take it: more stages than its offset table, or windows of more than
-/// `WINDOW_BATCH_ROUNDS` rounds a tile (strided convs, 1×1 convs of more than 128 channels:
+/// `WINDOW_MAX_ROUNDS` rounds a tile (strided convs, 1×1 convs of more than 128 channels:
 /// H100, batch 128, 5% spikes, one run each, against the resident kernel on packed masks, 3×3
 /// 64→128 s2 0.253 against 0.131 ms, 1×1 256→64 0.232 against 0.223).
 fn window_shared_bytes(conv: &Conv2d) -> usize {
@@ -311,7 +311,7 @@ fn window_shared_bytes(conv: &Conv2d) -> usize {
     let (cin, kernel) = (conv.in_channels() as u32, pair(conv.kernel_size()));
     let (stride, dilation) = (pair(conv.stride), pair(conv.dilation));
     if kernel.0 * kernel.1 * cin / WGMMA_INT_STAGE_CHANNELS > WINDOW_MAX_STAGES
-        || window_rounds(cin, kernel, stride, dilation) > WINDOW_BATCH_ROUNDS
+        || window_rounds(cin, kernel, stride, dilation) > WINDOW_MAX_ROUNDS
     {
         return usize::MAX;
     }

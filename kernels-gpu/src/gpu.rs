@@ -419,22 +419,6 @@ pub fn arrive_named(id: u32, threads: u32) {
     }
 }
 
-/// `prmt.b32`: bytes of `a` (0–3) and `b` (4–7) picked by the four selector nibbles of `sel`.
-#[inline(always)]
-pub fn byte_perm(a: u32, b: u32, sel: u32) -> u32 {
-    let out: u32;
-    unsafe {
-        asm!(
-            "prmt.b32 {out}, {a}, {b}, {sel};",
-            a = in(reg32) a,
-            b = in(reg32) b,
-            sel = in(reg32) sel,
-            out = out(reg32) out,
-        );
-    }
-    out
-}
-
 /// Stores one `u32` at shared-window address `addr`.
 ///
 /// # Safety

@@ -712,7 +712,7 @@ pub const fn window_pixel_bytes(cin: u32) -> u32 {
     cin + 32
 }
 
-/// Shared memory of one warpgroup's window, `[window pixel][channel]` bytes, for `Cin` channels
+/// Shared memory of one window, `[window pixel][channel]` bytes, for `Cin` channels
 /// and a kernel of `(rows, columns)` taps at that stride and dilation.
 pub const fn window_bytes(
     cin: u32,
@@ -794,12 +794,7 @@ pub const fn window_rounds(
 /// The most rounds of window reading the window kernel takes per tile (its producer holds
 /// each thread's items, and two windows' values, in registers; with eight, ptxas spills):
 /// enough for 3×3 stride-1 and 1×1 convs of 64 channels.
-pub const WINDOW_BATCH_ROUNDS: u32 = 7;
-
-/// `⌈2²⁴ / d⌉`: with it, `(q · m) >> 24` is `q / d` for every `q · d < 2²⁴`.
-pub const fn reciprocal_24(d: u32) -> u32 {
-    (1u32 << 24).div_ceil(d)
-}
+pub const WINDOW_MAX_ROUNDS: u32 = 7;
 
 /// Warpgroups of the window kernel that multiply (the third reads the windows).
 pub const WINDOW_CONSUMERS: u32 = 2;
@@ -824,11 +819,12 @@ const _: () = assert!(
 /// `*out_of_range` and its output is not to be used (the host then runs the f32 kernel).
 ///
 /// # Safety
-/// `input` holds `n · Cin · H · W` floats, `Cin` a multiple of 64 and at most
-/// [`WINDOW_MAX_STAGES`] stages, `weights` the limbs of [`wgmma_limb_byte`] for `g`, `out`
-/// `n · cout · OH · OW` floats, `out_of_range` one u32. Launch with [`WINDOW_THREADS`]
-/// threads, grid `(any, cout tiles, 1)` and [`wgmma_window_shared_bytes`] of dynamic shared
-/// memory, on a device of compute capability 9.0.
+/// `input` holds `n · Cin · H · W` floats, `Cin` a multiple of 64, at most
+/// [`WINDOW_MAX_STAGES`] stages and [`WINDOW_MAX_ROUNDS`] rounds, `weights` the limbs of
+/// [`wgmma_limb_byte`] for `g`, `out` `n · cout · OH · OW` floats, `out_of_range` one u32.
+/// Launch with [`WINDOW_THREADS`] threads, grid `(any, cout tiles, 1)` and
+/// [`wgmma_window_shared_bytes`] of dynamic shared memory, on a device of compute capability
+/// 9.0.
 #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
@@ -954,7 +950,7 @@ unsafe fn produce_windows(
     let items = ProducerItems::new(input, g, layout, first, step);
     let mut in_range = true;
     // Two value sets, so that a turn of two windows loads and converts with no copies.
-    let mut values = [items.load(0), [[0.0f32; 8]; WINDOW_BATCH_ROUNDS as usize]];
+    let mut values = [items.load(0), [[0.0f32; 8]; WINDOW_MAX_ROUNDS as usize]];
     let mut n = 0;
     while items.tile(n) < layout.tiles {
         unroll!(set in [0, 1] {
@@ -978,7 +974,7 @@ unsafe fn produce_windows(
 
 /// A producer thread's items of every window, the same in every tile: round `j`'s item is
 /// `thread + 128·j` of `window pixels × Cin / 8`, eight channels at one window pixel (at most
-/// [`WINDOW_BATCH_ROUNDS`] rounds, the host checks).
+/// [`WINDOW_MAX_ROUNDS`] rounds, the host checks).
 #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
 struct ProducerItems {
     input: *const f32,
@@ -987,14 +983,14 @@ struct ProducerItems {
     first: u32,
     step: u32,
     /// Each round's window byte offset | row << 16 | column << 24 (`u32::MAX`: no item).
-    places: [u32; WINDOW_BATCH_ROUNDS as usize],
+    places: [u32; WINDOW_MAX_ROUNDS as usize],
     /// Each round's input offset of its first channel from the window's corner.
-    sources: [u32; WINDOW_BATCH_ROUNDS as usize],
+    sources: [u32; WINDOW_MAX_ROUNDS as usize],
 }
 
 /// A window's f32 values as a producer thread loads them: eight channels per round.
 #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
-type ProducerValues = [[f32; 8]; WINDOW_BATCH_ROUNDS as usize];
+type ProducerValues = [[f32; 8]; WINDOW_MAX_ROUNDS as usize];
 
 #[cfg(all(target_arch = "nvptx64", sparseflow_sm90))]
 impl ProducerItems {
@@ -1009,8 +1005,8 @@ impl ProducerItems {
         let t = crate::gpu::thread_x() % 128;
         let rounds = window_rounds(g.cin, (g.kh, g.kw), (g.sh, g.sw), (g.dh, g.dw));
         let items = layout.win_pixels * (g.cin / 8);
-        let mut places = [u32::MAX; WINDOW_BATCH_ROUNDS as usize];
-        let mut sources = [0u32; WINDOW_BATCH_ROUNDS as usize];
+        let mut places = [u32::MAX; WINDOW_MAX_ROUNDS as usize];
+        let mut sources = [0u32; WINDOW_MAX_ROUNDS as usize];
         unroll!(j in [0, 1, 2, 3, 4, 5, 6] {
             let item = t + 128 * j as u32;
             let (q, octet) = (item % layout.win_pixels, item / layout.win_pixels);
@@ -1056,7 +1052,7 @@ impl ProducerItems {
     #[inline(always)]
     unsafe fn load(&self, n: u32) -> ProducerValues {
         let g = &self.g;
-        let mut v = [[0.0f32; 8]; WINDOW_BATCH_ROUNDS as usize];
+        let mut v = [[0.0f32; 8]; WINDOW_MAX_ROUNDS as usize];
         let tile = self.tile(n);
         if tile < self.tiles {
             let plane = (g.h * g.w) as usize;
