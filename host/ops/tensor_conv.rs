@@ -807,6 +807,35 @@ mod tests {
     }
 
     #[test]
+    fn window_kernel_takes_the_layers_its_producer_holds() {
+        let conv = |cin, k, stride, dilation| {
+            Conv2d::new(
+                random_uniform(&[64, cin, k, k], -1.0, 1.0, 7),
+                None,
+                (stride, stride),
+                (k / 2 * dilation, k / 2 * dilation),
+                (dilation, dilation),
+                1,
+            )
+            .unwrap()
+        };
+        // 3×3 stride 1 and 1×1 of 64 channels: 7 and 4 rounds of window reading a tile.
+        let layer1 = window_shared_bytes(&conv(64, 3, 1, 1));
+        assert!(layer1 < 227 * 1024, "{layer1}");
+        assert!(window_shared_bytes(&conv(64, 1, 1, 1)) < 227 * 1024);
+        // Strided, dilated or wider windows: more rounds than the producer holds.
+        for (cin, k, stride, dilation) in
+            [(64, 3, 2, 1), (64, 1, 2, 1), (64, 3, 1, 2), (256, 1, 1, 1)]
+        {
+            assert_eq!(
+                window_shared_bytes(&conv(cin, k, stride, dilation)),
+                usize::MAX,
+                "{cin} ch {k}x{k} s{stride} d{dilation}"
+            );
+        }
+    }
+
+    #[test]
     fn balanced_digits_rebuild_every_limb_value() {
         let max = LIMB_SCALED_MAX as i32;
         for q in [
