@@ -462,17 +462,20 @@ pub(crate) fn tensor_conv_cuda(
     let marked = x
         .spike_masks()
         .filter(|m| m.dims == (g.n, g.cin, g.h * g.w));
-    if let (
-        None,
-        Some(SpikeWeights::WgmmaLimbs {
-            packed,
-            scale,
-            window: Some(shape),
-            ..
-        }),
-    ) = (marked, &weights.spike_weights)
-    {
-        x.len_u32()?;
+    // (Its producer offsets into the input in i32.)
+    let window = match (marked, &weights.spike_weights) {
+        (
+            None,
+            Some(SpikeWeights::WgmmaLimbs {
+                packed,
+                scale,
+                window: Some(shape),
+                ..
+            }),
+        ) if x.len() <= i32::MAX as usize => Some((packed, scale, shape)),
+        _ => None,
+    };
+    if let Some((packed, scale, shape)) = window {
         window_flag = stream.alloc_zeros::<u32>(1)?;
         let function = backend.function("wgmma_window_conv2d")?;
         allow_shared_memory(&function, shape.shared)?;
@@ -488,7 +491,8 @@ pub(crate) fn tensor_conv_cuda(
             .arg(scale);
         // SAFETY: the arguments match `wgmma_window_conv2d`'s signature; the weights are this
         // conv's limbs (Cin a multiple of 64), the sm_90a module is loaded (limbs exist only
-        // there), and the block and its shared memory come from `block_shape` for this conv.
+        // there), the block and its shared memory come from `block_shape` for this conv (whose
+        // stages and rounds `window_shared_bytes` bounded), and the input's offsets fit i32.
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: persistent_grid(backend, &g, *shape, window_tiles(&g), WINDOW_CONSUMERS),
