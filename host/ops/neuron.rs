@@ -168,27 +168,7 @@ fn multi_step_cuda(
     spikes.len_u32()?;
     let per_step = x.shape().iter().skip(1).product::<usize>() as u32;
     let backend = x.backend();
-    let Some(dims) = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step))
-    else {
-        let entry = match operand {
-            SecondOperand::None => "neuron_multi_step",
-            SecondOperand::Addend(_) => "neuron_multi_step_add",
-            SecondOperand::Shortcut(..) => "neuron_multi_step_connect",
-        };
-        let marks = Marks::None;
-        launch_neuron(
-            op,
-            entry,
-            x,
-            operand,
-            spikes.slice_mut(),
-            marks,
-            firing,
-            charge,
-            k,
-        )?;
-        return Ok(spikes);
-    };
+    let dims = mask_dims(x.shape()).filter(|_| mark_masks && neuron_marking_fits(per_step));
     // A connect's sums mark two bit planes (and a flag for sums past them), spikes one.
     let planes = if matches!(operand, SecondOperand::Shortcut(..)) {
         2
@@ -197,16 +177,29 @@ fn multi_step_cuda(
     };
     let stream = backend.stream();
     let plane_words = x.len() / 32 + 1;
-    // SAFETY: the marking kernels write every word of each bitmap but its last, which only
-    // feeds bits past the map (see `spike_bitmap_masks`).
-    let mut bitmaps = unsafe { stream.alloc::<u32>(planes * plane_words)? };
-    let mut out_of_range = stream.alloc_zeros::<u32>(1)?;
-    let (entry, marks) = match operand {
-        SecondOperand::None => ("neuron_multi_step_marked", Marks::Bitmap(&mut bitmaps)),
-        SecondOperand::Addend(_) => ("neuron_multi_step_add_marked", Marks::Bitmap(&mut bitmaps)),
-        SecondOperand::Shortcut(..) => (
+    // The bitmaps and the out-of-range flag the marking entries fill, where they run.
+    let mut marking = match dims {
+        // SAFETY: the marking kernels write every word of each bitmap but its last, which only
+        // feeds bits past the map (see `spike_bitmap_masks`).
+        Some(_) => Some((
+            unsafe { stream.alloc::<u32>(planes * plane_words)? },
+            stream.alloc_zeros::<u32>(1)?,
+        )),
+        None => None,
+    };
+    let (entry, marks) = match (operand, marking.as_mut()) {
+        (SecondOperand::None, None) => ("neuron_multi_step", Marks::None),
+        (SecondOperand::Addend(_), None) => ("neuron_multi_step_add", Marks::None),
+        (SecondOperand::Shortcut(..), None) => ("neuron_multi_step_connect", Marks::None),
+        (SecondOperand::None, Some((bitmaps, _))) => {
+            ("neuron_multi_step_marked", Marks::Bitmap(bitmaps))
+        }
+        (SecondOperand::Addend(_), Some((bitmaps, _))) => {
+            ("neuron_multi_step_add_marked", Marks::Bitmap(bitmaps))
+        }
+        (SecondOperand::Shortcut(..), Some((bitmaps, out_of_range))) => (
             "neuron_multi_step_connect_marked",
-            Marks::Planes(&mut bitmaps, plane_words as u32, &mut out_of_range),
+            Marks::Planes(bitmaps, plane_words as u32, out_of_range),
         ),
     };
     launch_neuron(
@@ -220,6 +213,9 @@ fn multi_step_cuda(
         charge,
         k,
     )?;
+    let (Some(dims), Some((bitmaps, out_of_range))) = (dims, marking) else {
+        return Ok(spikes);
+    };
     let masks = if planes == 2 {
         SpikeMasks::from_plane_bitmaps(backend, &bitmaps, plane_words, out_of_range, dims)?
     } else {
