@@ -151,11 +151,14 @@ impl TensorConvWeights {
                         backend,
                         "wgmma_resident_conv2d_spikes",
                         &[384, 256],
-                        |_| resident_bytes(conv),
+                        resident_bytes(conv),
                     )?,
-                    window: block_shape(backend, "wgmma_window_conv2d", &[WINDOW_THREADS], |_| {
-                        window_shared_bytes(conv)
-                    })?,
+                    window: match window_shared_bytes(conv) {
+                        Some(bytes) => {
+                            block_shape(backend, "wgmma_window_conv2d", &[WINDOW_THREADS], bytes)?
+                        }
+                        None => None,
+                    },
                 }
             } else if backend.has_wgmma() {
                 let packed = pack_wgmma_weights(weight, cout, k_dim, scale, column);
@@ -301,39 +304,38 @@ fn resident_bytes(conv: &Conv2d) -> usize {
     wgmma_resident_shared_bytes(conv.in_channels() as u32, (kh * kw) as u32) as usize
 }
 
-/// The shared memory of `wgmma_window_conv2d` for `conv`, or `usize::MAX` where the kernel does
-/// not take it: more stages than its offset table, or windows of more than
+/// The shared memory of `wgmma_window_conv2d` for `conv`, or `None` where the kernel does not
+/// take it: more stages than its offset table, or windows of more than
 /// `WINDOW_MAX_ROUNDS` rounds a tile (strided convs, 1×1 convs of more than 128 channels:
 /// H100, batch 128, 5% spikes, one run each, against the resident kernel on packed masks, 3×3
 /// 64→128 s2 0.253 against 0.131 ms, 1×1 256→64 0.232 against 0.223).
-fn window_shared_bytes(conv: &Conv2d) -> usize {
+fn window_shared_bytes(conv: &Conv2d) -> Option<usize> {
     let pair = |(a, b): (usize, usize)| (a as u32, b as u32);
     let (cin, kernel) = (conv.in_channels() as u32, pair(conv.kernel_size()));
     let (stride, dilation) = (pair(conv.stride), pair(conv.dilation));
     if kernel.0 * kernel.1 * cin / WGMMA_INT_STAGE_CHANNELS > WINDOW_MAX_STAGES
         || window_rounds(cin, kernel, stride, dilation) > WINDOW_MAX_ROUNDS
     {
-        return usize::MAX;
+        return None;
     }
-    wgmma_window_shared_bytes(cin, kernel, stride, dilation) as usize
+    Some(wgmma_window_shared_bytes(cin, kernel, stride, dilation) as usize)
 }
 
-/// The block of persistent kernel `entry` on `backend`: the first of `threads` (multiples of
-/// 128) whose registers and shared memory (`bytes(warpgroups)`) fit an SM, `None` where none
-/// does.
+/// The block of persistent kernel `entry` on `backend` with `shared` bytes of shared memory:
+/// the first of `threads` (multiples of 128) whose registers fit an SM beside it, `None` where
+/// none does or the shared memory does not fit.
 fn block_shape(
     backend: &CudaBackend,
     entry: &'static str,
     threads: &[u32],
-    bytes: impl Fn(u32) -> usize,
+    shared: usize,
 ) -> Result<Option<BlockShape>> {
+    if shared > backend.max_shared_memory_per_block() {
+        return Ok(None);
+    }
     let function = backend.function(entry)?;
+    allow_shared_memory(&function, shared as u32)?;
     for &threads in threads {
-        let shared = bytes(threads / 128);
-        if shared > backend.max_shared_memory_per_block() {
-            continue;
-        }
-        allow_shared_memory(&function, shared as u32)?;
         let per_sm = function
             .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
             .map_or(0, |blocks| blocks);
@@ -824,16 +826,16 @@ mod tests {
             .unwrap()
         };
         // 3×3 stride 1 and 1×1 of 64 channels: 7 and 4 rounds of window reading a tile.
-        let layer1 = window_shared_bytes(&conv(64, 3, 1, 1));
+        let layer1 = window_shared_bytes(&conv(64, 3, 1, 1)).unwrap();
         assert!(layer1 < 227 * 1024, "{layer1}");
-        assert!(window_shared_bytes(&conv(64, 1, 1, 1)) < 227 * 1024);
+        assert!(window_shared_bytes(&conv(64, 1, 1, 1)).unwrap() < 227 * 1024);
         // Strided, dilated or wider windows: more rounds than the producer holds.
         for (cin, k, stride, dilation) in
             [(64, 3, 2, 1), (64, 1, 2, 1), (64, 3, 1, 2), (256, 1, 1, 1)]
         {
             assert_eq!(
                 window_shared_bytes(&conv(cin, k, stride, dilation)),
-                usize::MAX,
+                None,
                 "{cin} ch {k}x{k} s{stride} d{dilation}"
             );
         }

@@ -705,6 +705,11 @@ pub const fn window_extent(stride: u32, kernel: u32, dilation: u32) -> u32 {
     (WINDOW_TILE - 1) * stride + (kernel - 1) * dilation + 1
 }
 
+/// Input pixels a window-kernel tile reads: its window's rows × columns.
+pub const fn window_pixels(kernel: (u32, u32), stride: (u32, u32), dilation: (u32, u32)) -> u32 {
+    window_extent(stride.0, kernel.0, dilation.0) * window_extent(stride.1, kernel.1, dilation.1)
+}
+
 /// Bytes between window pixels in shared memory: `Cin` bytes and 32 more, an odd multiple of
 /// 32 (`Cin` a multiple of 64), so that the eight pixels × four lane quads of a warp's 8-byte
 /// loads fall on distinct banks in each half-warp.
@@ -720,8 +725,7 @@ pub const fn window_bytes(
     stride: (u32, u32),
     dilation: (u32, u32),
 ) -> u32 {
-    let pixels = window_extent(stride.0, kernel.0, dilation.0)
-        * window_extent(stride.1, kernel.1, dilation.1);
+    let pixels = window_pixels(kernel, stride, dilation);
     (pixels * window_pixel_bytes(cin)).next_multiple_of(16)
 }
 
@@ -786,8 +790,7 @@ pub const fn window_rounds(
     stride: (u32, u32),
     dilation: (u32, u32),
 ) -> u32 {
-    let pixels = window_extent(stride.0, kernel.0, dilation.0)
-        * window_extent(stride.1, kernel.1, dilation.1);
+    let pixels = window_pixels(kernel, stride, dilation);
     (pixels * (cin / 8)).div_ceil(128)
 }
 
@@ -906,7 +909,7 @@ impl WindowLayout {
         let win_w = window_extent(g.sw, g.kw, g.dw);
         Self {
             win_w,
-            win_pixels: window_extent(g.sh, g.kh, g.dh) * win_w,
+            win_pixels: window_pixels((g.kh, g.kw), (g.sh, g.sw), (g.dh, g.dw)),
             pixel_bytes: window_pixel_bytes(g.cin),
             buffer_bytes: window_bytes(g.cin, (g.kh, g.kw), (g.sh, g.sw), (g.dh, g.dw)),
             tiles: window_tiles(g),
