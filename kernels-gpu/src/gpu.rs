@@ -753,155 +753,29 @@ pub fn wgmma_commit() {
 /// writing it across the wait.
 #[inline(always)]
 pub fn wgmma_wait_pending<const PENDING: u32>(d: &mut [f32; 32]) {
-    unsafe {
-        asm!(
-            "wgmma.wait_group.sync.aligned {n};",
-            // Names `d` (in a comment) so that it is an operand of the wait.
-            "// {0} {1} {2} {3} {4} {5} {6} {7} {8} {9} {10} {11} {12} {13} {14} {15} {16} {17} {18} {19} {20} {21} {22} {23} {24} {25} {26} {27} {28} {29} {30} {31}",
-            inout(reg32) d[0],
-            inout(reg32) d[1],
-            inout(reg32) d[2],
-            inout(reg32) d[3],
-            inout(reg32) d[4],
-            inout(reg32) d[5],
-            inout(reg32) d[6],
-            inout(reg32) d[7],
-            inout(reg32) d[8],
-            inout(reg32) d[9],
-            inout(reg32) d[10],
-            inout(reg32) d[11],
-            inout(reg32) d[12],
-            inout(reg32) d[13],
-            inout(reg32) d[14],
-            inout(reg32) d[15],
-            inout(reg32) d[16],
-            inout(reg32) d[17],
-            inout(reg32) d[18],
-            inout(reg32) d[19],
-            inout(reg32) d[20],
-            inout(reg32) d[21],
-            inout(reg32) d[22],
-            inout(reg32) d[23],
-            inout(reg32) d[24],
-            inout(reg32) d[25],
-            inout(reg32) d[26],
-            inout(reg32) d[27],
-            inout(reg32) d[28],
-            inout(reg32) d[29],
-            inout(reg32) d[30],
-            inout(reg32) d[31],
-            n = const PENDING,
-        )
-    }
+    unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const PENDING) };
+    // SAFETY: `[f32; 32]` and `[u32; 32]` have the same size and alignment.
+    fence_operands(unsafe { &mut *(d as *mut [f32; 32]).cast::<[u32; 32]>() });
 }
 
 /// [`wgmma_wait_pending`] for three integer accumulators at once.
 #[inline(always)]
 pub fn wgmma_wait_pending_3<const PENDING: u32>(d: &mut [[u32; 32]; 3]) {
-    unsafe {
-        asm!(
-            "wgmma.wait_group.sync.aligned {n};",
-            // Names `d` (in a comment) so that it is an operand of the wait.
-            "// {0} {1} {2} {3} {4} {5} {6} {7} {8} {9} {10} {11} {12} {13} {14} {15} {16} {17} {18} {19} {20} {21} {22} {23} {24} {25} {26} {27} {28} {29} {30} {31} {32} {33} {34} {35} {36} {37} {38} {39} {40} {41} {42} {43} {44} {45} {46} {47} {48} {49} {50} {51} {52} {53} {54} {55} {56} {57} {58} {59} {60} {61} {62} {63} {64} {65} {66} {67} {68} {69} {70} {71} {72} {73} {74} {75} {76} {77} {78} {79} {80} {81} {82} {83} {84} {85} {86} {87} {88} {89} {90} {91} {92} {93} {94} {95}",
-            inout(reg32) d[0][0],
-            inout(reg32) d[0][1],
-            inout(reg32) d[0][2],
-            inout(reg32) d[0][3],
-            inout(reg32) d[0][4],
-            inout(reg32) d[0][5],
-            inout(reg32) d[0][6],
-            inout(reg32) d[0][7],
-            inout(reg32) d[0][8],
-            inout(reg32) d[0][9],
-            inout(reg32) d[0][10],
-            inout(reg32) d[0][11],
-            inout(reg32) d[0][12],
-            inout(reg32) d[0][13],
-            inout(reg32) d[0][14],
-            inout(reg32) d[0][15],
-            inout(reg32) d[0][16],
-            inout(reg32) d[0][17],
-            inout(reg32) d[0][18],
-            inout(reg32) d[0][19],
-            inout(reg32) d[0][20],
-            inout(reg32) d[0][21],
-            inout(reg32) d[0][22],
-            inout(reg32) d[0][23],
-            inout(reg32) d[0][24],
-            inout(reg32) d[0][25],
-            inout(reg32) d[0][26],
-            inout(reg32) d[0][27],
-            inout(reg32) d[0][28],
-            inout(reg32) d[0][29],
-            inout(reg32) d[0][30],
-            inout(reg32) d[0][31],
-            inout(reg32) d[1][0],
-            inout(reg32) d[1][1],
-            inout(reg32) d[1][2],
-            inout(reg32) d[1][3],
-            inout(reg32) d[1][4],
-            inout(reg32) d[1][5],
-            inout(reg32) d[1][6],
-            inout(reg32) d[1][7],
-            inout(reg32) d[1][8],
-            inout(reg32) d[1][9],
-            inout(reg32) d[1][10],
-            inout(reg32) d[1][11],
-            inout(reg32) d[1][12],
-            inout(reg32) d[1][13],
-            inout(reg32) d[1][14],
-            inout(reg32) d[1][15],
-            inout(reg32) d[1][16],
-            inout(reg32) d[1][17],
-            inout(reg32) d[1][18],
-            inout(reg32) d[1][19],
-            inout(reg32) d[1][20],
-            inout(reg32) d[1][21],
-            inout(reg32) d[1][22],
-            inout(reg32) d[1][23],
-            inout(reg32) d[1][24],
-            inout(reg32) d[1][25],
-            inout(reg32) d[1][26],
-            inout(reg32) d[1][27],
-            inout(reg32) d[1][28],
-            inout(reg32) d[1][29],
-            inout(reg32) d[1][30],
-            inout(reg32) d[1][31],
-            inout(reg32) d[2][0],
-            inout(reg32) d[2][1],
-            inout(reg32) d[2][2],
-            inout(reg32) d[2][3],
-            inout(reg32) d[2][4],
-            inout(reg32) d[2][5],
-            inout(reg32) d[2][6],
-            inout(reg32) d[2][7],
-            inout(reg32) d[2][8],
-            inout(reg32) d[2][9],
-            inout(reg32) d[2][10],
-            inout(reg32) d[2][11],
-            inout(reg32) d[2][12],
-            inout(reg32) d[2][13],
-            inout(reg32) d[2][14],
-            inout(reg32) d[2][15],
-            inout(reg32) d[2][16],
-            inout(reg32) d[2][17],
-            inout(reg32) d[2][18],
-            inout(reg32) d[2][19],
-            inout(reg32) d[2][20],
-            inout(reg32) d[2][21],
-            inout(reg32) d[2][22],
-            inout(reg32) d[2][23],
-            inout(reg32) d[2][24],
-            inout(reg32) d[2][25],
-            inout(reg32) d[2][26],
-            inout(reg32) d[2][27],
-            inout(reg32) d[2][28],
-            inout(reg32) d[2][29],
-            inout(reg32) d[2][30],
-            inout(reg32) d[2][31],
-            n = const PENDING,
-        )
+    unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const PENDING) };
+    for d in d {
+        fence_operands(d);
     }
+}
+
+/// Makes each register of `d` an operand of an empty `asm!` after an asynchronous writer's wait
+/// (asm statements keep their order), so the compiler neither reads `d` before the wait nor
+/// keeps a copy from before it (CUTLASS's `warpgroup_fence_operand`).
+#[inline(always)]
+fn fence_operands(d: &mut [u32; 32]) {
+    unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+        22, 23, 24, 25, 26, 27, 28, 29, 30, 31] {
+        unsafe { asm!("// {0}", inout(reg32) d[i]) };
+    });
 }
 
 /// Closes this thread's [`async_copy_16`]s started since the last commit into a group.
