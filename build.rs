@@ -286,26 +286,33 @@ impl Toolchain {
 
 /// Entries launched with at most this many threads a CTA, which ptxas then fits into the
 /// registers that many threads leave (CUDA C's `__launch_bounds__`; Rust's nvptx target has no
-/// attribute for it). The resident `wgmma` kernel runs three warpgroups a CTA: 168 registers.
-const LAUNCH_BOUNDS: [(&str, u32); 3] = [
-    ("wgmma_resident_conv2d_spikes", 384),
-    ("wgmma_resident_conv2d_spike_planes", 384),
-    ("wgmma_window_conv2d", 384),
+/// attribute for it), and where given, the registers a thread may use (`.maxnreg`: for sm_80,
+/// ptxas otherwise settled on 96 registers for the sweep and spilled). The resident `wgmma`
+/// kernel runs three warpgroups a CTA: 168 registers.
+const LAUNCH_BOUNDS: [(&str, u32, Option<u32>); 4] = [
+    ("sweep_conv3x3", 512, Some(128)),
+    ("wgmma_resident_conv2d_spikes", 384, None),
+    ("wgmma_resident_conv2d_spike_planes", 384, None),
+    ("wgmma_window_conv2d", 384, None),
 ];
 
-/// `ptx` with a `.maxntid` directive between each [`LAUNCH_BOUNDS`] entry's parameters and body.
+/// `ptx` with the directives of [`LAUNCH_BOUNDS`] between each of its entries' parameters and
+/// body.
 fn with_launch_bounds(ptx: &str) -> String {
     let mut out = String::with_capacity(ptx.len());
     let mut pending = None;
     for line in ptx.split_inclusive('\n') {
-        if let Some((_, threads)) = LAUNCH_BOUNDS
+        if let Some(&(_, threads, registers)) = LAUNCH_BOUNDS
             .iter()
-            .find(|(entry, _)| line.trim_end() == format!(".visible .entry {entry}("))
+            .find(|(entry, ..)| line.trim_end() == format!(".visible .entry {entry}("))
         {
-            pending = Some(*threads);
+            pending = Some((threads, registers));
         }
-        if let (Some(threads), "{") = (pending, line.trim()) {
+        if let (Some((threads, registers)), "{") = (pending, line.trim()) {
             out.push_str(&format!(".maxntid {threads}, 1, 1\n"));
+            if let Some(registers) = registers {
+                out.push_str(&format!(".maxnreg {registers}\n"));
+            }
             pending = None;
         }
         out.push_str(line);

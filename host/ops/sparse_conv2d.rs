@@ -49,6 +49,9 @@ use crate::ops::{expect_inputs, Operator};
 use crate::optimize::block_selector::{BlockSelector, BlockSize};
 use crate::tensor::Tensor;
 use sparseflow_kernels::pattern_conv::SEGMENT_BITS;
+use sparseflow_kernels::sweep_conv::{
+    sweep_strip_rows, sweep_supports, SWEEP_CHANNELS, SWEEP_SHARED_BYTES, SWEEP_THREADS,
+};
 
 /// How the prescan block size is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,7 +271,9 @@ impl SparseConv2d {
 
     /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device: stage 1 packs
     /// the spikes into per-pixel channel masks (the prescan), stage 2 gathers the active inputs'
-    /// weights for each output tile, skipping silent tiles. 3×3 (padding 1) and 1×1 (padding 0)
+    /// weights for each output tile, skipping silent tiles. 3×3 stride-1 layers of up to 64
+    /// channels take the column sweep instead ([`sparseflow_kernels::sweep_conv`]): each
+    /// non-zero input adds its weights to the nine outputs it feeds. 3×3 (padding 1) and 1×1 (padding 0)
     /// kernels with stride 1 or 2 run that way; other kernels 2 to 8 wide (one group, dilation 1)
     /// take the pattern tables ([`CudaKernel`]); other geometries are an error.
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
@@ -280,6 +285,15 @@ impl SparseConv2d {
 
     /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
     pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
+        if self.sweep_applies(x) {
+            return self.forward_cuda_sweep(x, out);
+        }
+        self.forward_cuda_gather_into(x, out)
+    }
+
+    /// [`forward_cuda_into`](Self::forward_cuda_into) without the column sweep: the element
+    /// gather, or the pattern tables where no gather variant is compiled.
+    pub fn forward_cuda_gather_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
         let h = x.shape().iter().rev().nth(1).copied().unwrap_or(0);
         match self.cuda_kernel(h)? {
             CudaKernel::Gather(variant) => self.forward_cuda_variant(x, out, variant),
@@ -455,6 +469,110 @@ impl SparseConv2d {
             })?
         };
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
+        Ok(())
+    }
+
+    /// Whether the column sweep ([`sparseflow_kernels::sweep_conv`]) computes this layer on `x`:
+    /// 3×3, stride 1, padding 1, up to 64 channels in and out, rows a multiple of 4 wide, and
+    /// shared memory for the weights.
+    pub fn sweep_applies(&self, x: &DeviceTensor) -> bool {
+        if x.shape().len() < 3 {
+            return false;
+        }
+        let c = &self.conv;
+        let (_, cin, _, w) = nchw(x.shape());
+        c.kernel_size() == (3, 3)
+            && c.stride == (1, 1)
+            && c.padding == (1, 1)
+            && c.dilation == (1, 1)
+            && c.groups == 1
+            && sweep_supports(
+                u32::try_from(cin).unwrap_or(u32::MAX),
+                u32::try_from(c.out_channels()).unwrap_or(u32::MAX),
+                u32::try_from(w).unwrap_or(u32::MAX),
+            )
+            && x.backend().max_shared_memory_per_block() >= SWEEP_SHARED_BYTES as usize
+    }
+
+    /// The column sweep into a preallocated output; [`Self::sweep_applies`] must hold.
+    pub(crate) fn forward_cuda_sweep(
+        &self,
+        x: &DeviceTensor,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        let start = Instant::now();
+        self.check_cuda_output(x, out)?;
+        if !self.sweep_applies(x) {
+            return Err(Error::MissingKernelVariant(format!(
+                "column sweep for {} on {:?}",
+                self.conv.describe(),
+                x.shape()
+            )));
+        }
+        let (n, cin, h, w) = nchw(x.shape());
+        let channels = SWEEP_CHANNELS as usize;
+        let too_large =
+            || Error::Shape(format!("{:?} is too large for the GPU kernels", x.shape()));
+        let elements = n.checked_mul(channels * h * w).ok_or_else(too_large)?;
+        u32::try_from(elements).map_err(|_| too_large())?;
+        if n * h * w == 0 {
+            return Ok(());
+        }
+        // Below 2³² by the check above.
+        let dims = (n as u32, cin as u32, (h * w) as u32);
+        // Masks a marking neuron left on the input, else a packing pass's.
+        let masks = pack_spike_masks(x, dims)?;
+        self.sweep_launch(x, out, masks)?;
+        *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
+        Ok(())
+    }
+
+    /// Launches the column sweep on `x` (checked by the caller) with these masks of it.
+    fn sweep_launch(
+        &self,
+        x: &DeviceTensor,
+        out: &mut DeviceTensor,
+        masks: Arc<SpikeMasks>,
+    ) -> Result<()> {
+        let backend = x.backend().clone();
+        let (n, cin, h, w) = nchw(x.shape());
+        let cout = self.conv.out_channels();
+        let channels = SWEEP_CHANNELS as usize;
+        let weights = self.device_weights(&backend, channels)?;
+        if weights.padded_outputs != channels {
+            return Err(Error::MissingKernelVariant(format!(
+                "column sweep with weights padded to {} outputs",
+                weights.padded_outputs
+            )));
+        }
+        let dims = (n as u32, cin as u32, (h * w) as u32);
+        let ctas = backend.multiprocessors().max(1) as u32;
+        let strip_rows = sweep_strip_rows(dims.0, h as u32, w as u32, ctas * (SWEEP_THREADS / 32));
+        let geometry = [n, cin, cout, h, w].map(|v| v as u32);
+        let stream = backend.stream();
+        let function = backend.function("sweep_conv3x3")?;
+        allow_shared_memory(&function, SWEEP_SHARED_BYTES)?;
+        let mut launch = stream.launch_builder(&function);
+        launch
+            .arg(x.slice())
+            .arg(&masks.words)
+            .arg(&*masks.non_binary)
+            .arg(&weights.weights)
+            .arg(&weights.bias)
+            .arg(out.slice_mut());
+        for d in &geometry {
+            launch.arg(d);
+        }
+        launch.arg(&strip_rows);
+        // SAFETY: arguments match `sweep_conv3x3`'s signature and contract (`sweep_applies`,
+        // sizes below 2³², weights padded to 64 outputs, masks of `x`).
+        unsafe {
+            launch.launch(LaunchConfig {
+                grid_dim: (ctas, 1, 1),
+                block_dim: (SWEEP_THREADS, 1, 1),
+                shared_mem_bytes: SWEEP_SHARED_BYTES,
+            })?
+        };
         Ok(())
     }
 
@@ -1612,6 +1730,63 @@ mod tests {
         }
         println!(
             "gpu_sparse_conv_matches_cpu: {checked} cases equal on {}",
+            backend.name()
+        );
+    }
+
+    /// The column sweep against the CPU dense reference: channel counts below, at and across
+    /// one mask word, ragged output channels, maps from one row to several strips per warp,
+    /// every density from silent to full, binary and integer-valued; poisoned outputs, every
+    /// element checked.
+    #[test]
+    fn gpu_sweep_conv_matches_cpu() {
+        let Some(backend) = gpu_or_skip("gpu_sweep_conv_matches_cpu") else {
+            return;
+        };
+        let mut seed = 0xC0FFEE;
+        let mut checked = 0;
+        for &(n, cin, cout, h, w) in &[
+            (2, 64, 64, 20, 20),
+            (3, 16, 50, 9, 12),
+            (1, 33, 5, 17, 4),
+            (2, 32, 64, 1, 8),
+            (1, 1, 1, 3, 4),
+            (40, 64, 64, 12, 28),
+            (5, 64, 64, 56, 56),
+        ] {
+            for &density in &[0.0, 0.01, 0.05, 0.5, 1.0] {
+                for integer in [false, true] {
+                    seed += 3;
+                    let conv = Conv2d::new(
+                        random_uniform(&[cout, cin, 3, 3], -1.0, 1.0, seed),
+                        Some(random_uniform(&[cout], -1.0, 1.0, seed + 1)),
+                        (1, 1),
+                        (1, 1),
+                        (1, 1),
+                        1,
+                    )
+                    .unwrap();
+                    let x = random_sparse(&[n, cin, h, w], density, integer, seed + 2);
+                    let want = conv.forward(&[&x]).unwrap();
+                    let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
+                    let dx = DeviceTensor::upload(&backend, &x).unwrap();
+                    assert!(sparse.sweep_applies(&dx));
+                    let mut out = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+                    out.fill(f32::NAN).unwrap();
+                    sparse.forward_cuda_sweep(&dx, &mut out).unwrap();
+                    assert_close_elementwise(
+                        &out.download().unwrap(),
+                        &want,
+                        &format!(
+                            "sweep {n}x{cin}->{cout} {h}x{w} density {density} integer {integer}"
+                        ),
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        println!(
+            "gpu_sweep_conv_matches_cpu: {checked} cases equal on {}",
             backend.name()
         );
     }

@@ -46,6 +46,7 @@ pub mod pattern_conv;
 pub mod pool;
 pub mod prescan;
 pub mod sparse_conv;
+pub mod sweep_conv;
 #[macro_use]
 pub mod tensor_conv;
 pub mod wgmma_conv;

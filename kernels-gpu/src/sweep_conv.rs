@@ -1,0 +1,457 @@
+//! The column sweep: the sparse 3×3 convolution (stride 1, padding 1) of up to 64 input and 64
+//! output channels, ResNet's first stage at 56×56, where spikes are sparsest.
+//!
+//! The element gather ([`crate::sparse_conv`]) lists every output pixel's active (tap, channel)
+//! pairs, so each non-zero input is found nine times, and its tiles fetch most of the 147 KB of
+//! weights from L2. Here each non-zero input is found once and applied to every output it
+//! feeds, with the weights in shared memory:
+//!
+//! - One CTA per multiprocessor copies the weights `[tap][64 channels][64 outputs]` (147 KB,
+//!   rows past `Cin` zero) into shared memory once, then its warps take work items
+//!   independently: no barrier after the copy.
+//! - A work item is a column of [`SWEEP_PIXELS`] output pixels over a strip of output rows of
+//!   one image. Its warp walks the input rows from one above the strip to one below. Twenty
+//!   lanes load the row's channel masks (from `spike_mask_pack`, or from a marking neuron's
+//!   bitmap): two words for each of the ten input pixels (the eight, and one either side), two
+//!   rows ahead. A vote finds the non-zero words; a jump table sends each one to code compiled
+//!   for its pixel, whose loop over the set bits (warp-uniform, no divergence) adds each
+//!   channel's weight rows to up to nine accumulators: three output rows (input row `iy` feeds
+//!   rows `iy − 1 ..= iy + 1`) of eight pixels, each lane two output channels, 48 floats in
+//!   registers. When an input row is done, output row `iy − 1` is complete: lanes `2j, 2j + 1`
+//!   swap halves so that each stores 16 bytes of one channel's 32-byte run.
+//!
+//! Any float input is exact: when some non-zero is not 1 (SEW's integers) each is read back and
+//! multiplied; binary spikes add.
+//!
+//! # What bounds it (H100, 3×3 64→64 @56, batch 128, 1% spikes, ncu)
+//!
+//! The packing pass reads the f32 input at 80% of DRAM bandwidth (40 µs); the sweep (72 µs at
+//! ncu's clocks) is bound by the L1/shared-memory pipe (79%): each (input, tap) reads its
+//! 64-channel weight row (256 bytes, two shared-memory wavefronts), and each stored output row
+//! touches 64 channel rows of 32 bytes. Issue is 51% busy. Whole layer 0.115–0.122 ms against
+//! the gather's 0.148. Measured against it and dropped:
+//! - loading the f32 input in the sweep (lane = channel, a vote per pixel), no packing pass:
+//!   0.188 ms, each load instruction touching 32 cache lines;
+//! - packing inside the kernel, by four to eight warps of each CTA while the others sweep in
+//!   image order: with a fence and a count per image, 0.20–0.24 ms (the fences wait behind
+//!   the sweep's stores); with each mask word tagged by the launch in one 8-byte store and the
+//!   sweeping warps helping to pack while they wait, 0.135–0.145 ms;
+//! - 768 threads (80 registers, spilling): 0.13 against 0.123 ms.
+
+/// Output pixels of one row a warp computes: one 32-byte sector of each output row.
+pub const SWEEP_PIXELS: u32 = 8;
+/// Input pixels of a row a warp reads: its pixels and one either side.
+pub const SWEEP_INPUTS: usize = SWEEP_PIXELS as usize + 2;
+/// Input and output channels the shared weights hold (fewer are zero-padded).
+pub const SWEEP_CHANNELS: u32 = 64;
+/// Threads of a CTA; one CTA runs per multiprocessor (the weights fill its shared memory), 128
+/// registers a thread (build.rs's launch bounds).
+pub const SWEEP_THREADS: u32 = 512;
+/// Dynamic shared memory: the weights `[9 taps][64 channels][64 outputs]` as f32.
+pub const SWEEP_SHARED_BYTES: u32 = 9 * SWEEP_CHANNELS * SWEEP_CHANNELS * 4;
+/// Bytes between consecutive taps' weights in shared memory.
+#[cfg(target_arch = "nvptx64")]
+const TAP_BYTES: u32 = SWEEP_CHANNELS * SWEEP_CHANNELS * 4;
+
+/// Whether the sweep computes a 3×3, stride-1, padding-1 convolution of `cin → cout` channels
+/// on `w`-wide maps (the geometry itself is the caller's check): rows of whole 16-byte vectors.
+pub const fn sweep_supports(cin: u32, cout: u32, w: u32) -> bool {
+    cin >= 1
+        && cin <= SWEEP_CHANNELS
+        && cout >= 1
+        && cout <= SWEEP_CHANNELS
+        && w >= 4
+        && w.is_multiple_of(4)
+}
+
+/// Output rows per work item for `n` images of `h × w` on `warps` resident warps: the strip
+/// height whose busiest warp reads the fewest input rows (each item reads two rows more than it
+/// computes, and items are dealt to warps round-robin).
+pub const fn sweep_strip_rows(n: u32, h: u32, w: u32, warps: u32) -> u32 {
+    let columns = n * w.div_ceil(SWEEP_PIXELS);
+    let warps = if warps == 0 { 1 } else { warps };
+    let (mut best, mut best_cost) = (1, u64::MAX);
+    let mut rows = 1;
+    while rows <= h {
+        let items = columns as u64 * h.div_ceil(rows) as u64;
+        let cost = items.div_ceil(warps as u64) * (rows as u64 + 2);
+        if cost < best_cost {
+            (best, best_cost) = (rows, cost);
+        }
+        rows += 1;
+    }
+    best
+}
+
+/// The lane of a warp that loads input pixel `i` (`0..10`, from `x0 − 1`) of mask word `word`.
+pub const fn mask_lane(word: u32, i: u32) -> u32 {
+    16 * word + i
+}
+
+/// # Safety
+/// `input` `[n, cin, h, w]` and `out` `[n, cout, h, w]`, with `n·64·h·w` < 2³²; `masks` what
+/// `spike_mask_pack` (or `spike_bitmap_masks`) wrote for `input`, `[n][ceil(cin / 32)][h·w]`;
+/// `non_binary` one word, non-zero when some input is neither 0 nor 1; `weights` in the gather
+/// layout with 64 outputs a row (`[9·cin + 1, 64]`, row `(ky·3 + kx)·cin + c`, zero past
+/// `cout`); `bias` 64 floats; [`sweep_supports`]`(cin, cout, w)`; `strip_rows ≥ 1`. Launch
+/// [`SWEEP_THREADS`] threads, [`SWEEP_SHARED_BYTES`] of dynamic shared memory, any grid.
+#[cfg(target_arch = "nvptx64")]
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "ptx-kernel" fn sweep_conv3x3(
+    input: *const f32,
+    masks: *const u32,
+    non_binary: *const u32,
+    weights: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    n: u32,
+    cin: u32,
+    cout: u32,
+    h: u32,
+    w: u32,
+    strip_rows: u32,
+) {
+    let s = Sweep::new(input, weights, bias, out, [n, cin, cout, h, w, strip_rows]);
+    s.sweep_items(masks, *non_binary == 0);
+}
+
+/// What every warp of [`sweep_conv3x3`] shares (after the weights are in shared memory).
+#[cfg(target_arch = "nvptx64")]
+struct Sweep {
+    input: *const f32,
+    out: *mut f32,
+    /// This lane's two output channels' biases.
+    bias: [f32; 2],
+    /// Shared-window address of this lane's two outputs of weight row (tap 0, channel 0).
+    lane_weights: u32,
+    lane: u32,
+    cin: u32,
+    cout: u32,
+    h: u32,
+    w: u32,
+    strip_rows: u32,
+    items: u32,
+}
+
+/// Accumulators of a warp: `[output row][pixel][channel pair]`, rows `iy − 1 ..= iy + 1` of the
+/// input row `iy` being read.
+#[cfg(target_arch = "nvptx64")]
+type Rows = [[[f32; 2]; SWEEP_PIXELS as usize]; 3];
+
+#[cfg(target_arch = "nvptx64")]
+impl Sweep {
+    /// Copies the weights into shared memory (the whole CTA) and gathers the launch's geometry
+    /// `[n, cin, cout, h, w, strip_rows]`.
+    #[inline(always)]
+    unsafe fn new(
+        input: *const f32,
+        weights: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        [n, cin, cout, h, w, strip_rows]: [u32; 6],
+    ) -> Self {
+        use crate::gpu;
+        let base = gpu::dynamic_shared_base();
+        let tid = gpu::thread_x();
+        // 16-byte pieces `[tap][c][16]`, zero for channels past `cin`; four loads in flight a
+        // thread.
+        const PIECES: u32 = 9 * SWEEP_CHANNELS * SWEEP_CHANNELS / 4;
+        let mut first = tid;
+        while first < PIECES {
+            let mut pieces = [[0u32; 4]; 4];
+            unroll!(k in [0, 1, 2, 3] {
+                let e = first + k as u32 * SWEEP_THREADS;
+                let (tap, c, q) = (e / (16 * SWEEP_CHANNELS), e / 16 % SWEEP_CHANNELS, e % 16);
+                if e < PIECES && c < cin {
+                    pieces[k] = gpu::load_nc_u32x4(
+                        weights
+                            .add(((tap * cin + c) * SWEEP_CHANNELS + 4 * q) as usize)
+                            .cast(),
+                    );
+                }
+            });
+            unroll!(k in [0, 1, 2, 3] {
+                let e = first + k as u32 * SWEEP_THREADS;
+                if e < PIECES {
+                    gpu::store_shared_u32x4(base + 16 * e, pieces[k]);
+                }
+            });
+            first += 4 * SWEEP_THREADS;
+        }
+        gpu::sync_threads();
+        let lane = tid % 32;
+        let (b0, b1) = gpu::load_nc_f32x2(bias.add(2 * lane as usize));
+        Self {
+            input,
+            out,
+            bias: [b0, b1],
+            lane_weights: base + 8 * lane,
+            lane,
+            cin,
+            cout,
+            h,
+            w,
+            strip_rows,
+            items: n * h.div_ceil(strip_rows) * w.div_ceil(SWEEP_PIXELS),
+        }
+    }
+
+    /// This warp's work items, dealt round-robin over every warp of the grid; `binary`: every
+    /// input is 0 or 1.
+    #[inline(always)]
+    unsafe fn sweep_items(&self, masks: *const u32, binary: bool) {
+        use crate::gpu;
+        let warps = SWEEP_THREADS / 32;
+        let mut item = gpu::block_x() * warps + gpu::thread_x() / 32;
+        while item < self.items {
+            self.sweep_item(masks, binary, item);
+            item += gpu::grid_dim_x() * warps;
+        }
+    }
+
+    /// One work item: a column of eight output pixels over a strip of rows of one image.
+    #[inline(always)]
+    unsafe fn sweep_item(&self, masks: *const u32, binary: bool, item: u32) {
+        use crate::gpu;
+        let (h, w) = (self.h, self.w);
+        let plane = h * w;
+        let words = self.cin.div_ceil(32);
+        let columns = w.div_ceil(SWEEP_PIXELS);
+        let strips = h.div_ceil(self.strip_rows);
+        // The mask this lane loads: word `lane / 16` of input pixel `x0 − 1 + lane % 16`.
+        let (lane_word, lane_pixel) = (self.lane / 16, self.lane % 16);
+        let loads_mask = lane_word < words && lane_pixel < SWEEP_INPUTS as u32;
+        // Lanes 2j and 2j + 1 store output channels 4j..4j + 4 (pixels 0..4 and 4..8 of each).
+        let high = self.lane % 2 == 1;
+        let column = item % columns;
+        let strip = item / columns % strips;
+        let img = item / (columns * strips);
+        let x0 = column * SWEEP_PIXELS;
+        let oy0 = strip * self.strip_rows;
+        let oy_end = (oy0 + self.strip_rows).min(h);
+        let x = (x0 + lane_pixel).wrapping_sub(1);
+        let lane_masks = masks.wrapping_add(((img * words + lane_word) * plane + x) as usize);
+        let fetch = |iy: u32| {
+            if loads_mask && iy < h && x < w {
+                gpu::load_nc_u32(lane_masks.add((iy * w) as usize))
+            } else {
+                0
+            }
+        };
+        let bias = [self.bias; SWEEP_PIXELS as usize];
+        let mut acc: Rows = [bias; 3];
+        // Input rows oy0 − 1 ..= oy_end (wrapping: row −1 is u32::MAX, outside the image), the
+        // masks of the next two already loading.
+        let mut iy = oy0.wrapping_sub(1);
+        let mut next = [fetch(iy), fetch(iy.wrapping_add(1))];
+        loop {
+            let current = next[0];
+            next = [next[1], 0];
+            if iy.wrapping_add(1) != oy_end {
+                next[1] = fetch(iy.wrapping_add(2));
+            }
+            // Channel 0 of input pixel x0 − 1 in this row (values are read only when odd).
+            let values = self
+                .input
+                .wrapping_add((img * self.cin * plane + iy.wrapping_mul(w) + x0) as usize)
+                .wrapping_sub(1);
+            // Binary spikes (the common case) add each weight as it is; the row is compiled
+            // twice so that they carry no value reads.
+            if binary {
+                self.add_row::<true>(current, &mut acc, values);
+            } else {
+                self.add_row::<false>(current, &mut acc, values);
+            }
+            // Output row iy − 1 has had all three input rows.
+            let oy = iy.wrapping_sub(1);
+            if oy >= oy0 && oy < oy_end {
+                store_row(
+                    &acc[0],
+                    high,
+                    self.lane,
+                    self.out,
+                    (((img * self.cout) * h + oy) * w + x0, plane),
+                    self.cout,
+                    x0 + 4 < w,
+                );
+            }
+            if iy == oy_end {
+                break;
+            }
+            acc = [acc[1], acc[2], bias];
+            iy = iy.wrapping_add(1);
+        }
+    }
+
+    /// Adds one input row (this lane's mask word `current`, see [`mask_lane`]) to the
+    /// accumulators: only the lanes holding a non-zero word are visited.
+    #[inline(always)]
+    unsafe fn add_row<const BINARY: bool>(&self, current: u32, acc: &mut Rows, values: *const f32) {
+        use crate::gpu;
+        let plane = self.h * self.w;
+        let mut live = gpu::warp_ballot(current != 0);
+        while live != 0 {
+            let l = gpu::lowest_set_bit(live);
+            live &= live - 1;
+            let m = gpu::shfl_u32(current, l);
+            let (a, lw, p) = (&mut *acc, self.lane_weights, plane);
+            macro_rules! pixel {
+                ($i:literal, $word:literal) => {
+                    add_pixel::<$i, $word, BINARY>(m, a, lw, values.wrapping_add($i), p)
+                };
+            }
+            match l {
+                0 => pixel!(0, 0),
+                1 => pixel!(1, 0),
+                2 => pixel!(2, 0),
+                3 => pixel!(3, 0),
+                4 => pixel!(4, 0),
+                5 => pixel!(5, 0),
+                6 => pixel!(6, 0),
+                7 => pixel!(7, 0),
+                8 => pixel!(8, 0),
+                9 => pixel!(9, 0),
+                16 => pixel!(0, 1),
+                17 => pixel!(1, 1),
+                18 => pixel!(2, 1),
+                19 => pixel!(3, 1),
+                20 => pixel!(4, 1),
+                21 => pixel!(5, 1),
+                22 => pixel!(6, 1),
+                23 => pixel!(7, 1),
+                24 => pixel!(8, 1),
+                25 => pixel!(9, 1),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Adds the weights of the channels set in `m` (mask word `WORD` of input pixel `I`, `x0 − 1 +
+/// I`) to the outputs they feed; `values` points at channel 0 of that pixel (read unless
+/// `BINARY`).
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn add_pixel<const I: usize, const WORD: u32, const BINARY: bool>(
+    mut m: u32,
+    acc: &mut Rows,
+    lane_weights: u32,
+    values: *const f32,
+    plane: u32,
+) {
+    use crate::gpu;
+    while m != 0 {
+        let c = 32 * WORD + gpu::lowest_set_bit(m);
+        m &= m - 1;
+        let v = if BINARY {
+            1.0
+        } else {
+            gpu::load_nc_f32(values.wrapping_add((c * plane) as usize))
+        };
+        let row = lane_weights + c * SWEEP_CHANNELS * 4;
+        unroll!(ky in [0, 1, 2] {
+            unroll!(kx in [0, 1, 2] {
+                // Input pixel x0 − 1 + I feeds output x0 + I − kx of row iy + 1 − ky, which is
+                // acc[2 − ky].
+                let o = I.wrapping_sub(kx);
+                if o < SWEEP_PIXELS as usize {
+                    let tap = (ky * 3 + kx) as u32;
+                    let [w0, w1] = gpu::load_shared_u32x2(row + tap * TAP_BYTES);
+                    let a = &mut acc[2 - ky][o];
+                    if BINARY {
+                        a[0] += f32::from_bits(w0);
+                        a[1] += f32::from_bits(w1);
+                    } else {
+                        a[0] = gpu::fma_f32(v, f32::from_bits(w0), a[0]);
+                        a[1] = gpu::fma_f32(v, f32::from_bits(w1), a[1]);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Stores a finished output row segment: lane `l` holds channels `2l, 2l + 1` of eight pixels;
+/// lanes `2j, 2j + 1` swap halves so that each 32-byte run of channel `4j + s` is written by
+/// the pair (pixels 0..4 by `2j`, 4..8 by `2j + 1`): 16 rows an instruction, not 32.
+/// `(first, plane)`: offset of channel 0's first pixel, and channel stride.
+#[cfg(target_arch = "nvptx64")]
+#[inline(always)]
+unsafe fn store_row(
+    acc: &[[f32; 2]; SWEEP_PIXELS as usize],
+    high: bool,
+    lane: u32,
+    out: *mut f32,
+    (first, plane): (u32, u32),
+    cout: u32,
+    second_half: bool,
+) {
+    use crate::gpu;
+    // `mine[q][k]`: channel 2l + k at pixel 4·high + q; `theirs`: the partner's channels there.
+    let mut mine = [[0.0f32; 2]; 4];
+    let mut theirs = [[0.0f32; 2]; 4];
+    unroll!(q in [0, 1, 2, 3] {
+        unroll!(k in [0, 1] {
+            let (lo, hi) = (acc[q][k], acc[4 + q][k]);
+            let (keep, give) = if high { (hi, lo) } else { (lo, hi) };
+            mine[q][k] = keep;
+            theirs[q][k] = f32::from_bits(gpu::shfl_xor_u32(give.to_bits(), 1));
+        });
+    });
+    // Channels 4j + s: the even lane's own for s < 2, the odd lane's own for s ≥ 2.
+    let j = lane / 2;
+    unroll!(s in [0, 1, 2, 3] {
+        let own = (s >= 2) == high;
+        let k = s % 2;
+        let co = 4 * j + s as u32;
+        let v = |q: usize| if own { mine[q][k] } else { theirs[q][k] };
+        if co < cout && (!high || second_half) {
+            let at = out.add((first + co * plane + 4 * high as u32) as usize);
+            gpu::store_f32x4(at, (v(0), v(1), v(2), v(3)));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_balance_the_warps() {
+        // ResNet's first stage, batch 128, 132 multiprocessors: 7 columns of 56 rows per image.
+        let warps = 132 * SWEEP_THREADS / 32;
+        let rows = sweep_strip_rows(128, 56, 56, warps);
+        let items = 128 * 7 * 56u32.div_ceil(rows);
+        let rounds = items.div_ceil(warps);
+        // At most a third more input rows than a perfect split's 56·7·128 / warps.
+        assert!(
+            rounds * (rows + 2) * warps <= 56 * 7 * 128 * 4 / 3,
+            "{rows} rows"
+        );
+        // One image on many warps: short strips; no warps: one strip.
+        assert!(sweep_strip_rows(1, 56, 56, warps) <= 2);
+        assert_eq!(sweep_strip_rows(4, 7, 8, 0), 7);
+    }
+
+    #[test]
+    fn mask_lanes_are_distinct_and_in_the_warp() {
+        let mut lanes: Vec<u32> = (0..2)
+            .flat_map(|word| (0..SWEEP_INPUTS as u32).map(move |i| mask_lane(word, i)))
+            .collect();
+        assert!(lanes.iter().all(|&l| l < 32));
+        lanes.sort();
+        lanes.dedup();
+        assert_eq!(lanes.len(), 2 * SWEEP_INPUTS);
+    }
+
+    #[test]
+    fn supported_geometries() {
+        assert!(sweep_supports(64, 64, 56));
+        assert!(sweep_supports(3, 50, 12));
+        assert!(!sweep_supports(65, 64, 56));
+        assert!(!sweep_supports(64, 128, 56));
+        assert!(!sweep_supports(64, 64, 14 + 1));
+        const { assert!(SWEEP_SHARED_BYTES <= 227 * 1024) };
+    }
+}
