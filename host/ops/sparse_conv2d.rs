@@ -286,7 +286,11 @@ impl SparseConv2d {
     /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
     pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
         if self.sweep_applies(x) {
-            return self.forward_cuda_sweep(x, out);
+            match self.forward_cuda_sweep(x, out) {
+                // Weights cached for a wider gather variant: the gather takes this forward.
+                Err(Error::MissingKernelVariant(_)) => {}
+                done => return done,
+            }
         }
         self.forward_cuda_gather_into(x, out)
     }
@@ -518,26 +522,7 @@ impl SparseConv2d {
         if n * h * w == 0 {
             return Ok(());
         }
-        // Below 2³² by the check above.
-        let dims = (n as u32, cin as u32, (h * w) as u32);
-        // Masks a marking neuron left on the input, else a packing pass's.
-        let masks = pack_spike_masks(x, dims)?;
-        self.sweep_launch(x, out, masks)?;
-        *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
-        Ok(())
-    }
-
-    /// Launches the column sweep on `x` (checked by the caller) with these masks of it.
-    fn sweep_launch(
-        &self,
-        x: &DeviceTensor,
-        out: &mut DeviceTensor,
-        masks: Arc<SpikeMasks>,
-    ) -> Result<()> {
         let backend = x.backend().clone();
-        let (n, cin, h, w) = nchw(x.shape());
-        let cout = self.conv.out_channels();
-        let channels = SWEEP_CHANNELS as usize;
         let weights = self.device_weights(&backend, channels)?;
         if weights.padded_outputs != channels {
             return Err(Error::MissingKernelVariant(format!(
@@ -545,7 +530,11 @@ impl SparseConv2d {
                 weights.padded_outputs
             )));
         }
+        // Below 2³² by the check above.
         let dims = (n as u32, cin as u32, (h * w) as u32);
+        // Masks a marking neuron left on the input, else a packing pass's.
+        let masks = pack_spike_masks(x, dims)?;
+        let cout = self.conv.out_channels();
         let ctas = backend.multiprocessors().max(1) as u32;
         let strip_rows = sweep_strip_rows(dims.0, h as u32, w as u32, ctas * (SWEEP_THREADS / 32));
         let geometry = [n, cin, cout, h, w].map(|v| v as u32);
@@ -573,6 +562,7 @@ impl SparseConv2d {
                 shared_mem_bytes: SWEEP_SHARED_BYTES,
             })?
         };
+        *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
     }
 
