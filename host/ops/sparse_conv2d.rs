@@ -271,11 +271,11 @@ impl SparseConv2d {
 
     /// The convolution on a CUDA tensor `[..., Cin, H, W]`, staying on the device: stage 1 packs
     /// the spikes into per-pixel channel masks (the prescan), stage 2 gathers the active inputs'
-    /// weights for each output tile, skipping silent tiles. 3×3 stride-1 layers of up to 64
-    /// channels take the column sweep instead ([`sparseflow_kernels::sweep_conv`]): each
-    /// non-zero input adds its weights to the nine outputs it feeds. 3×3 (padding 1) and 1×1 (padding 0)
-    /// kernels with stride 1 or 2 run that way; other kernels 2 to 8 wide (one group, dilation 1)
-    /// take the pattern tables ([`CudaKernel`]); other geometries are an error.
+    /// weights for each output tile, skipping silent tiles. 3×3 (padding 1) and 1×1 (padding 0)
+    /// kernels with stride 1 or 2 run that way, except 3×3 stride-1 layers of up to 64 channels,
+    /// which take the column sweep ([`sparseflow_kernels::sweep_conv`]: each non-zero input adds
+    /// its weights to the nine outputs it feeds); other kernels 2 to 8 wide (one group, dilation
+    /// 1) take the pattern tables ([`CudaKernel`]); other geometries are an error.
     pub fn forward_cuda(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
         let shape = self.conv.output_shape(x.shape())?;
         let mut out = DeviceTensor::uninit(x.backend(), shape)?;
@@ -285,14 +285,11 @@ impl SparseConv2d {
 
     /// [`forward_cuda`](Self::forward_cuda) into a preallocated output of the right shape.
     pub fn forward_cuda_into(&self, x: &DeviceTensor, out: &mut DeviceTensor) -> Result<()> {
-        if self.sweep_applies(x) {
-            match self.forward_cuda_sweep(x, out) {
-                // Weights cached for a wider gather variant: the gather takes this forward.
-                Err(Error::MissingKernelVariant(_)) => {}
-                done => return done,
-            }
+        match self.forward_cuda_sweep(x, out) {
+            // Not a sweep layer, or its weights are cached for a wider gather variant.
+            Err(Error::MissingKernelVariant(_)) => self.forward_cuda_gather_into(x, out),
+            done => done,
         }
-        self.forward_cuda_gather_into(x, out)
     }
 
     /// [`forward_cuda_into`](Self::forward_cuda_into) without the column sweep: the element
@@ -498,14 +495,14 @@ impl SparseConv2d {
             && x.backend().max_shared_memory_per_block() >= SWEEP_SHARED_BYTES as usize
     }
 
-    /// The column sweep into a preallocated output; [`Self::sweep_applies`] must hold.
+    /// The column sweep into a preallocated output; [`Error::MissingKernelVariant`] where
+    /// [`Self::sweep_applies`] does not hold.
     pub(crate) fn forward_cuda_sweep(
         &self,
         x: &DeviceTensor,
         out: &mut DeviceTensor,
     ) -> Result<()> {
         let start = Instant::now();
-        self.check_cuda_output(x, out)?;
         if !self.sweep_applies(x) {
             return Err(Error::MissingKernelVariant(format!(
                 "column sweep for {} on {:?}",
@@ -513,6 +510,7 @@ impl SparseConv2d {
                 x.shape()
             )));
         }
+        self.check_cuda_output(x, out)?;
         let (n, cin, h, w) = nchw(x.shape());
         let channels = SWEEP_CHANNELS as usize;
         let too_large =
@@ -531,13 +529,12 @@ impl SparseConv2d {
             )));
         }
         // Below 2³² by the check above.
-        let dims = (n as u32, cin as u32, (h * w) as u32);
+        let geometry @ [n32, cin32, _, h32, w32] =
+            [n, cin, self.conv.out_channels(), h, w].map(|v| v as u32);
         // Masks a marking neuron left on the input, else a packing pass's.
-        let masks = pack_spike_masks(x, dims)?;
-        let cout = self.conv.out_channels();
+        let masks = pack_spike_masks(x, (n32, cin32, h32 * w32))?;
         let ctas = backend.multiprocessors().max(1) as u32;
-        let strip_rows = sweep_strip_rows(dims.0, h as u32, w as u32, ctas * (SWEEP_THREADS / 32));
-        let geometry = [n, cin, cout, h, w].map(|v| v as u32);
+        let strip_rows = sweep_strip_rows(n32, h32, w32, ctas * (SWEEP_THREADS / 32));
         let stream = backend.stream();
         let function = backend.function("sweep_conv3x3")?;
         allow_shared_memory(&function, SWEEP_SHARED_BYTES)?;

@@ -28,7 +28,7 @@
 //! # What bounds it at 1% spikes, and what was tried (stop 22)
 //!
 //! Since stop 23, 3×3 stride-1 layers of up to 64 channels take the column sweep instead
-//! ([`crate::sweep_conv`]: 0.115–0.122 ms on the layer below); the figures here are the gather's.
+//! ([`crate::sweep_conv`]: 0.113–0.122 ms on the layer below); the figures here are the gather's.
 //!
 //! 3×3 64→64 @56, batch 128, 1% spikes, H100 (ncu, `b8_v4h2`): L2 77% busy, DRAM 35%, issue
 //! slots 63%, 50% occupancy; the tiles' 10×10 windows arrive in 40-byte pieces that straddle

@@ -85,11 +85,6 @@ pub const fn sweep_strip_rows(n: u32, h: u32, w: u32, warps: u32) -> u32 {
     best
 }
 
-/// The lane of a warp that loads input pixel `i` (`0..10`, from `x0 − 1`) of mask word `word`.
-pub const fn mask_lane(word: u32, i: u32) -> u32 {
-    16 * word + i
-}
-
 /// # Safety
 /// `input` `[n, cin, h, w]` and `out` `[n, cout, h, w]`, with `n·64·h·w` < 2³²; `masks` what
 /// `spike_mask_pack` (or `spike_bitmap_masks`) wrote for `input`, `[n][ceil(cin / 32)][h·w]`;
@@ -286,8 +281,8 @@ impl Sweep {
         }
     }
 
-    /// Adds one input row (this lane's mask word `current`, see [`mask_lane`]) to the
-    /// accumulators: only the lanes holding a non-zero word are visited.
+    /// Adds one input row (this lane's mask word `current`: word `lane / 16` of input pixel
+    /// `lane % 16`) to the accumulators: only the lanes holding a non-zero word are visited.
     #[inline(always)]
     unsafe fn add_row<const BINARY: bool>(&self, current: u32, acc: &mut Rows, values: *const f32) {
         use crate::gpu;
@@ -434,17 +429,6 @@ mod tests {
         // One image on many warps: short strips; no warps: one strip.
         assert!(sweep_strip_rows(1, 56, 56, warps) <= 2);
         assert_eq!(sweep_strip_rows(4, 7, 8, 0), 7);
-    }
-
-    #[test]
-    fn mask_lanes_are_distinct_and_in_the_warp() {
-        let mut lanes: Vec<u32> = (0..2)
-            .flat_map(|word| (0..SWEEP_INPUTS as u32).map(move |i| mask_lane(word, i)))
-            .collect();
-        assert!(lanes.iter().all(|&l| l < 32));
-        lanes.sort();
-        lanes.dedup();
-        assert_eq!(lanes.len(), 2 * SWEEP_INPUTS);
     }
 
     #[test]
