@@ -151,31 +151,21 @@ impl Sweep {
         use crate::gpu;
         let base = gpu::dynamic_shared_base();
         let tid = gpu::thread_x();
-        // 16-byte pieces `[tap][c][16]`, zero for channels past `cin`; four loads in flight a
-        // thread.
+        // 16-byte pieces `[tap][c][16]`, zero for channels past `cin`, copied asynchronously: all
+        // 18 of a thread in flight at once, no registers held.
         const PIECES: u32 = 9 * SWEEP_CHANNELS * SWEEP_CHANNELS / 4;
-        let mut first = tid;
-        while first < PIECES {
-            let mut pieces = [[0u32; 4]; 4];
-            unroll!(k in [0, 1, 2, 3] {
-                let e = first + k as u32 * SWEEP_THREADS;
-                let (tap, c, q) = (e / (16 * SWEEP_CHANNELS), e / 16 % SWEEP_CHANNELS, e % 16);
-                if e < PIECES && c < cin {
-                    pieces[k] = gpu::load_nc_u32x4(
-                        weights
-                            .add(((tap * cin + c) * SWEEP_CHANNELS + 4 * q) as usize)
-                            .cast(),
-                    );
-                }
-            });
-            unroll!(k in [0, 1, 2, 3] {
-                let e = first + k as u32 * SWEEP_THREADS;
-                if e < PIECES {
-                    gpu::store_shared_u32x4(base + 16 * e, pieces[k]);
-                }
-            });
-            first += 4 * SWEEP_THREADS;
+        let mut e = tid;
+        while e < PIECES {
+            let (tap, c, q) = (e / (16 * SWEEP_CHANNELS), e / 16 % SWEEP_CHANNELS, e % 16);
+            if c < cin {
+                let src = weights.add(((tap * cin + c) * SWEEP_CHANNELS + 4 * q) as usize);
+                gpu::async_copy_16(base + 16 * e, src.cast());
+            } else {
+                gpu::store_shared_u32x4(base + 16 * e, [0; 4]);
+            }
+            e += SWEEP_THREADS;
         }
+        gpu::async_copy_wait_all();
         gpu::sync_threads();
         let lane = tid % 32;
         let (b0, b1) = gpu::load_nc_f32x2(bias.add(2 * lane as usize));
