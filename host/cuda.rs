@@ -517,3 +517,64 @@ pub(crate) fn allow_shared_memory(function: &CudaFunction, bytes: u32) -> Result
     }
     Ok(())
 }
+
+/// One kernel argument for [`launch_programmatic`]: a device buffer's address or a `u32`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KernelArg {
+    Pointer(cudarc::driver::sys::CUdeviceptr),
+    U32(u32),
+}
+
+/// Launches `function` on `stream` as a programmatic dependent of the kernel before it on the
+/// stream (`cuLaunchKernelEx` with programmatic stream serialization): its CTAs may start while
+/// that kernel's last CTAs run, so the kernel must wait (`griddepcontrol.wait`) before it reads
+/// anything that kernel writes, and before it writes anything that kernel reads.
+///
+/// # Safety
+/// `args` match `function`'s parameters in order and type, the buffers they point to are valid
+/// for the launch, and `function` keeps the waiting rule above.
+pub(crate) unsafe fn launch_programmatic(
+    stream: &CudaStream,
+    function: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &[KernelArg],
+) -> Result<()> {
+    use cudarc::driver::sys;
+    // The values the parameter pointers point at, alive until the launch returns.
+    let mut values: Vec<u64> = args
+        .iter()
+        .map(|a| match a {
+            KernelArg::Pointer(p) => *p,
+            KernelArg::U32(v) => *v as u64,
+        })
+        .collect();
+    let mut params: Vec<*mut std::ffi::c_void> =
+        values.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+    // SAFETY: a zeroed launch attribute is valid plain data; id and value are set below.
+    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    stream.context().bind_to_thread()?;
+    // SAFETY: the caller vouches for the arguments; `params` points at `values`, both alive here;
+    // a `u32` parameter reads the low 4 bytes of its little-endian u64.
+    sys::cuLaunchKernelEx(
+        &config,
+        function.cu_function(),
+        params.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()?;
+    Ok(())
+}

@@ -790,3 +790,20 @@ pub fn async_copy_commit() {
 pub fn async_copy_wait_pending<const PENDING: u32>() {
     unsafe { asm!("cp.async.wait_group {n};", n = const PENDING) }
 }
+
+/// `griddepcontrol.wait`: when this grid was launched as a programmatic dependent of the
+/// previous kernel on its stream, waits until that kernel has completed and its writes are
+/// visible; otherwise returns at once.
+#[cfg(sparseflow_sm90)]
+#[inline(always)]
+pub fn grid_dependency_wait() {
+    unsafe { asm!("griddepcontrol.wait;") }
+}
+
+/// `griddepcontrol.launch_dependents`: lets the next kernel on the stream, when launched as a
+/// programmatic dependent, start its CTAs (which wait for this grid's results themselves).
+#[cfg(sparseflow_sm90)]
+#[inline(always)]
+pub fn launch_dependents() {
+    unsafe { asm!("griddepcontrol.launch_dependents;") }
+}

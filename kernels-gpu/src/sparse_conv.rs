@@ -141,6 +141,10 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     hw: u32,
 ) {
     use crate::gpu;
+    // A kernel launched after this one as a programmatic dependent (the column sweep) may start
+    // its CTAs as this grid's last ones run: it waits for the masks itself.
+    #[cfg(sparseflow_sm90)]
+    gpu::launch_dependents();
     let words = mask_words(cin);
     let idx = gpu::block_x() * PACK_THREADS + gpu::thread_x();
     let total = n * words * hw;

@@ -7,8 +7,11 @@
 //! feeds, with the weights in shared memory:
 //!
 //! - One CTA per multiprocessor copies the weights `[tap][64 channels][64 outputs]` (147 KB,
-//!   rows past `Cin` zero) into shared memory once, then its warps take work items
-//!   independently: no barrier after the copy.
+//!   rows past `Cin` zero) into shared memory once, by asynchronous copies (every piece of a
+//!   thread in flight at once), then its warps take work items independently: no barrier after
+//!   the copy. In the sm_90a module the kernel is launched as a programmatic dependent of the
+//!   packing pass (`griddepcontrol`): its CTAs copy the weights while that pass's last CTAs
+//!   run, and wait for the pass only before reading the masks.
 //! - A work item is a column of [`SWEEP_PIXELS`] output pixels over a strip of output rows of
 //!   one image. Its warp walks the input rows from one above the strip to one below. Twenty
 //!   lanes load the row's channel masks (from `spike_mask_pack`, or from a marking neuron's
@@ -29,7 +32,10 @@
 //! ncu's clocks) is bound by the L1/shared-memory pipe (79%): each (input, tap) reads its
 //! 64-channel weight row (256 bytes, two shared-memory wavefronts), and each stored output row
 //! touches 64 channel rows of 32 bytes. Issue is 51% busy. Whole layer 0.115–0.122 ms against
-//! the gather's 0.148. Measured against it and dropped:
+//! the gather's 0.148 at stop 23; stop 24's asynchronous weight copy (0.118–0.121 → 0.112–0.114
+//! ms, one A/B call) and programmatic launch (0.113–0.115 → 0.109–0.113) brought it to
+//! 0.109–0.113 ms. Without stores at all (a timing probe) it ran 0.104–0.107 ms. Measured
+//! against it and dropped:
 //! - loading the f32 input in the sweep (lane = channel, a vote per pixel), no packing pass:
 //!   0.188 ms, each load instruction touching 32 cache lines;
 //! - packing inside the kernel, by four to eight warps of each CTA while the others sweep in
@@ -38,7 +44,19 @@
 //!   sweeping warps helping to pack while they wait, 0.135–0.145 ms;
 //! - 768 threads (80 registers, spilling): 0.13 against 0.123 ms;
 //! - skipping the taps whose output row lies outside the strip (a fifth of them at 8-row
-//!   strips, each tap guarded by a warp-uniform predicate): 0.119–0.123 against 0.113–0.117 ms.
+//!   strips, each tap guarded by a warp-uniform predicate): 0.119–0.123 against 0.113–0.117 ms;
+//! - (stop 24) the batch in two to eight chunks, each chunk's packing pass on one stream
+//!   overlapping the previous chunk's sweep on a second, higher-priority one (the sweep at 96
+//!   registers so that packing CTAs fit beside it): 0.120–0.127 ms at two chunks, 0.139–0.147
+//!   at four, against 0.113–0.118 (each chunk pays a launch, the weights' copy and a tail);
+//! - (stop 24) one CTA per image packing its own masks into shared memory (a flag per row,
+//!   released by the packing warps, polled with acquire loads and `nanosleep` by the sweeping
+//!   ones, which join the sweep when packing is done): with 4 packing warps 0.134–0.140 ms
+//!   (packing alone 70 µs: four warps keep 28 KB of loads in flight, a tenth of what the
+//!   packing pass's 64 warps do), 8–12 warps 0.119–0.123 against 0.117–0.122; staging each row
+//!   with `cp.async` instead (the weights leave room for four 14 KB rows), 0.177 ms with two
+//!   packing warps, 0.316 with one: the copies' issue and the conversion bound one warp at
+//!   5 µs a row.
 
 /// Output pixels of one row a warp computes: one 32-byte sector of each output row.
 pub const SWEEP_PIXELS: u32 = 8;
@@ -110,6 +128,10 @@ pub unsafe extern "ptx-kernel" fn sweep_conv3x3(
     strip_rows: u32,
 ) {
     let s = Sweep::new(input, weights, bias, out, [n, cin, cout, h, w, strip_rows]);
+    // Launched as a programmatic dependent of the packing pass (sm_90), the weights' copy above
+    // overlapped that pass's last CTAs; its masks are read only from here on.
+    #[cfg(sparseflow_sm90)]
+    crate::gpu::grid_dependency_wait();
     s.sweep_items(masks, *non_binary == 0);
 }
 
