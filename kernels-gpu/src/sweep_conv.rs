@@ -61,7 +61,15 @@
 //!   accelerator (`cp.async.bulk.tensor.4d`, box `[8 pixels, 1 row, 64 channels, 1 image]`
 //!   from a staging row per warp, bank-conflict-free writes): 0.114–0.119 ms with one staging
 //!   row a warp, 0.120–0.121 with two, against 0.110–0.114 in the same calls; the 32 to 64 KB
-//!   of staging also shrink L1.
+//!   of staging also shrink L1;
+//! - (stop 24) the row loop unrolled three times so that the accumulator rows rotate by name
+//!   instead of by moves (ncu: moves are a sixth of the sweep's instructions, the
+//!   `acc = [acc[1], acc[2], bias]` at every row): 0.207 ms against 0.110–0.113, the tripled
+//!   row code (the jump table's twenty arms each way) no longer fitting the instruction cache.
+//!
+//! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
+//! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
+//! mostly short scoreboard (shared-memory results, 28%) and fixed-latency waits (27%).
 
 /// Output pixels of one row a warp computes: one 32-byte sector of each output row.
 pub const SWEEP_PIXELS: u32 = 8;
