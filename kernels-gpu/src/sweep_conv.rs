@@ -65,7 +65,11 @@
 //! - (stop 24) the row loop unrolled three times so that the accumulator rows rotate by name
 //!   instead of by moves (ncu: moves are a sixth of the sweep's instructions, the
 //!   `acc = [acc[1], acc[2], bias]` at every row): 0.207 ms against 0.110–0.113, the tripled
-//!   row code (the jump table's twenty arms each way) no longer fitting the instruction cache.
+//!   row code (the jump table's twenty arms each way) no longer fitting the instruction cache;
+//!   with one copy instead, the rows staying in place and each taking its kernel row's weights
+//!   through an offset rotated every row (`taps[r]`, three additions an input instead of the
+//!   moves): 0.123–0.126 ms against 0.114–0.116 (register-offset addressing, and the row's
+//!   store and reset chosen per row).
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
