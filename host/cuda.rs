@@ -518,26 +518,27 @@ pub(crate) fn allow_shared_memory(function: &CudaFunction, bytes: u32) -> Result
     Ok(())
 }
 
-/// One kernel argument for [`launch_programmatic`]: a device buffer's address or a `u32`.
+/// One kernel argument for [`launch_kernel`]: a device buffer's address or a `u32`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum KernelArg {
     Pointer(cudarc::driver::sys::CUdeviceptr),
     U32(u32),
 }
 
-/// Launches `function` on `stream` as a programmatic dependent of the kernel before it on the
-/// stream (`cuLaunchKernelEx` with programmatic stream serialization): its CTAs may start while
-/// that kernel's last CTAs run, so the kernel must wait (`griddepcontrol.wait`) before it reads
-/// anything that kernel writes, and before it writes anything that kernel reads.
+/// Launches `function` on `stream` (`cuLaunchKernelEx`). With `programmatic`, as a programmatic
+/// dependent of the kernel before it on the stream: its CTAs may start while that kernel's last
+/// CTAs run, so the kernel must wait (`griddepcontrol.wait`) before it reads anything that
+/// kernel writes, and before it writes anything that kernel reads.
 ///
 /// # Safety
 /// `args` match `function`'s parameters in order and type, the buffers they point to are valid
-/// for the launch, and `function` keeps the waiting rule above.
-pub(crate) unsafe fn launch_programmatic(
+/// for the launch, and with `programmatic` `function` keeps the waiting rule above.
+pub(crate) unsafe fn launch_kernel(
     stream: &CudaStream,
     function: &CudaFunction,
     cfg: LaunchConfig,
     args: &[KernelArg],
+    programmatic: bool,
 ) -> Result<()> {
     use cudarc::driver::sys;
     // The values the parameter pointers point at, alive until the launch returns.
@@ -563,8 +564,12 @@ pub(crate) unsafe fn launch_programmatic(
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
-        attrs: &mut attribute,
-        numAttrs: 1,
+        attrs: if programmatic {
+            &mut attribute
+        } else {
+            std::ptr::null_mut()
+        },
+        numAttrs: programmatic as u32,
     };
     stream.context().bind_to_thread()?;
     // SAFETY: the caller vouches for the arguments; `params` points at `values`, both alive here;

@@ -34,8 +34,7 @@ use sparseflow_kernels::sparse_conv::{
 };
 
 use crate::cuda::{
-    allow_shared_memory, launch_programmatic, CudaBackend, DeviceCache, DeviceTensor, GpuTimer,
-    KernelArg,
+    allow_shared_memory, launch_kernel, CudaBackend, DeviceCache, DeviceTensor, GpuTimer, KernelArg,
 };
 use crate::error::{Error, Result};
 use crate::impl_as_any;
@@ -546,44 +545,29 @@ impl SparseConv2d {
             block_dim: (SWEEP_THREADS, 1, 1),
             shared_mem_bytes: SWEEP_SHARED_BYTES,
         };
-        if backend.has_wgmma() {
-            // The sm_90a module's sweep waits for the packing pass in the kernel, so its CTAs
-            // may start (and copy the weights) while that pass's last CTAs still run.
-            let (input, _input_use) = x.slice().device_ptr(stream);
-            let (words, _words_use) = masks.words.device_ptr(stream);
-            let (flag, _flag_use) = masks.non_binary.device_ptr(stream);
-            let (w, _w_use) = weights.weights.device_ptr(stream);
-            let (b, _b_use) = weights.bias.device_ptr(stream);
-            let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
-            let mut args = [input, words, flag, w, b, o]
-                .map(KernelArg::Pointer)
-                .to_vec();
-            args.extend(
-                geometry
-                    .iter()
-                    .chain([&strip_rows])
-                    .map(|&d| KernelArg::U32(d)),
-            );
-            // SAFETY: the arguments are `sweep_conv3x3`'s, in order, under its contract
-            // (`sweep_applies`, sizes below 2³², weights padded to 64 outputs, masks of `x`),
-            // and it waits for the previous kernel before touching the masks, input or output.
-            unsafe { launch_programmatic(stream, &function, config, &args)? };
-        } else {
-            let mut launch = stream.launch_builder(&function);
-            launch
-                .arg(x.slice())
-                .arg(&masks.words)
-                .arg(&*masks.non_binary)
-                .arg(&weights.weights)
-                .arg(&weights.bias)
-                .arg(out.slice_mut());
-            for d in &geometry {
-                launch.arg(d);
-            }
-            launch.arg(&strip_rows);
-            // SAFETY: as above, launched in stream order.
-            unsafe { launch.launch(config)? };
-        }
+        let (input, _input_use) = x.slice().device_ptr(stream);
+        let (words, _words_use) = masks.words.device_ptr(stream);
+        let (flag, _flag_use) = masks.non_binary.device_ptr(stream);
+        let (w, _w_use) = weights.weights.device_ptr(stream);
+        let (b, _b_use) = weights.bias.device_ptr(stream);
+        let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
+        let mut args = [input, words, flag, w, b, o]
+            .map(KernelArg::Pointer)
+            .to_vec();
+        args.extend(
+            geometry
+                .iter()
+                .chain([&strip_rows])
+                .map(|&d| KernelArg::U32(d)),
+        );
+        // The sm_90a module's sweep waits for the packing pass in the kernel, so its CTAs may
+        // start (and copy the weights) while that pass's last CTAs still run.
+        let programmatic = backend.has_wgmma();
+        // SAFETY: the arguments are `sweep_conv3x3`'s, in order, under its contract
+        // (`sweep_applies`, sizes below 2³², weights padded to 64 outputs, masks of `x`); the
+        // launch is programmatic only for the sm_90a build, which waits for the previous kernel
+        // before touching the masks, input or output.
+        unsafe { launch_kernel(stream, &function, config, &args, programmatic)? };
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
     }
