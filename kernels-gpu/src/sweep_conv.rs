@@ -70,6 +70,19 @@
 //!   through an offset rotated every row (`taps[r]`, three additions an input instead of the
 //!   moves): 0.123–0.126 ms against 0.114–0.116 (register-offset addressing, and the row's
 //!   store and reset chosen per row).
+//! - (stop 25) the packing pass overlapped with the sweep, its masks written as 8-byte words
+//!   tagged with a launch number (so that a sweeping warp reads each word as it lands, polling
+//!   rows not yet packed, and nothing is cleared between launches) and work items taken from a
+//!   counter: (a) as a separate persistent packing kernel on a few multiprocessors, the sweep
+//!   its programmatic dependent on the rest: 0.32 / 0.25 / 0.19 / 0.16 / 0.15 ms at 12 / 16 /
+//!   22 / 28 / 36 packing multiprocessors against 0.1155 apart, because one multiprocessor's
+//!   loads fetch only 20–28 GB/s (the input needs all of them to stream at DRAM speed); (b)
+//!   inside each sweep CTA, its last one to four warps copying 32-channel, 1–4-row units into
+//!   the 64 KB the weights leave free with the bulk-copy engine (two buffers a warp), four
+//!   pixels a lane converted: 0.20–0.24 ms with one packing warp, 0.129–0.151 with two, 0.131
+//!   with four (one-row units), against 0.110–0.113 in the same calls. ncu (two warps): 43.9 M
+//!   instructions against 35 M for the two kernels apart, the sweeping warps' third stall
+//!   reason sleeping while they wait for masks: the staging room bounds the bytes in flight.
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
