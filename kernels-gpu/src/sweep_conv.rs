@@ -83,6 +83,11 @@
 //!   with four (one-row units), against 0.110–0.113 in the same calls. ncu (two warps): 43.9 M
 //!   instructions against 35 M for the two kernels apart, the sweeping warps' third stall
 //!   reason sleeping while they wait for masks: the staging room bounds the bytes in flight.
+//! - (stop 25) binary rows one active input at a time, software-pipelined: the next input's
+//!   lane and bit found (a shuffle) while jumping to an adds-only arm of this input's pixel,
+//!   then the next input's weight rows loaded (predicated by the taps its pixel uses), so
+//!   that shared-memory latency overlaps the jump: 0.118–0.127 ms against 0.110–0.115 at 1%,
+//!   0.284 against 0.208 at 5% (a jump per input instead of per mask word).
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
