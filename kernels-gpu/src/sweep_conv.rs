@@ -88,6 +88,11 @@
 //!   then the next input's weight rows loaded (predicated by the taps its pixel uses), so
 //!   that shared-memory latency overlaps the jump: 0.118–0.127 ms against 0.110–0.115 at 1%,
 //!   0.284 against 0.208 at 5% (a jump per input instead of per mask word).
+//! - (stop 25) the packing pass four pixels a thread (16-byte loads, so that a warp's load
+//!   reads 512 contiguous bytes of a plane, sixteen channels in flight): 40.8 µs at 78% of
+//!   DRAM bandwidth against 40.3 µs at 79% (ncu), the layer unchanged (0.113–0.120 against
+//!   0.114–0.116 ms). About 2.55 TB/s is what this machine's reads of the input reach, so the
+//!   input and output alone (102.8 MB each at batch 128) take about 80 µs in any design.
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
