@@ -93,6 +93,10 @@
 //!   DRAM bandwidth against 40.3 µs at 79% (ncu), the layer unchanged (0.113–0.120 against
 //!   0.114–0.116 ms). About 2.55 TB/s is what this machine's reads of the input reach, so the
 //!   input and output alone (102.8 MB each at batch 128) take about 80 µs in any design.
+//! - (stop 25) one output channel a lane, each item swept by a pair of warps (one for each 32
+//!   outputs, 24 accumulators a lane), 1024 threads of 64 registers a CTA for twice the warps
+//!   to hide latency with: 0.1207–0.1213 ms against 0.1103–0.1115 at 1%, 0.227 against 0.215
+//!   at 5% (each row's masks, votes and jumps done twice).
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
