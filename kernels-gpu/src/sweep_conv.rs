@@ -101,6 +101,11 @@
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
 //! mostly short scoreboard (shared-memory results, 28%) and fixed-latency waits (27%).
+//! ncu at stop 25 (1%, 116.7 K cycles a multiprocessor): 10.5 M L1 data-pipe wavefronts (68% of
+//! the cycles): 6.0 M from the 2.9 M weight reads (0.4 M of them bank conflicts), 0.95 M from
+//! the weights' copy, and the output stores, whose 201 K instructions write 3.2 M sectors on 16
+//! lines each (an 8-pixel column is one 32-byte sector of each channel row); 26.9 M
+//! instructions. At 5% the weight reads are 28.4 M wavefronts, L1 87% busy.
 
 /// Output pixels of one row a warp computes: one 32-byte sector of each output row.
 pub const SWEEP_PIXELS: u32 = 8;
