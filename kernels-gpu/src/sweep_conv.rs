@@ -97,6 +97,9 @@
 //!   outputs, 24 accumulators a lane), 1024 threads of 64 registers a CTA for twice the warps
 //!   to hide latency with: 0.1207–0.1213 ms against 0.1103–0.1115 at 1%, 0.227 against 0.215
 //!   at 5% (each row's masks, votes and jumps done twice).
+//! - (stop 25) the strip's two halo rows compiled apart with only the kernel row that reaches
+//!   the strip (a sixth of the weight reads saved at 8-row strips): 0.126–0.131 ms against
+//!   0.110–0.124 at 1%, 0.241 against 0.216 at 5% (the binary row code two thirds larger).
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
