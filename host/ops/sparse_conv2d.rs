@@ -1186,8 +1186,17 @@ impl UsedInputs {
     }
 }
 
-/// Output pixels per band task: the band's accumulators (`pixels × 64` floats) stay in L1.
-const BAND_PIXELS: usize = 96;
+/// Output pixels per band task (whole output rows, at least one).
+///
+/// Each band loads every tap's weight slice once and fills and transposes its own buffer, so
+/// larger bands spread that over more pixels even though their accumulators (`pixels × 64`
+/// floats, 112 KB at 448) outgrow L1. Measured on the 2-core Xeon (AVX-512, 48 KB L1), batch 8,
+/// 5%, sparse forward, two rounds each in one session: 3×3 64→64 @56 2.19–2.23 ms at 96 pixels
+/// (one row), 1.88–1.99 at 112, 1.83–1.95 at 224, 1.71–1.79 at 448, 1.76–1.82 at 672; 3×3
+/// 128→128 @28 1.55 → 1.11–1.19 ms (96 → 448); 1×1 64→256 @56 3.25 → 2.39–2.54; 1×1 256→64 @56
+/// 2.48–2.54 → 2.24–2.28 (96 → 224); 3×3 64→128 @56 s2 1.32–1.47 → 1.24–1.35 and 128→256 @28 s2
+/// 0.95–0.96 → 0.82–0.83 (96 → 224).
+const BAND_PIXELS: usize = 448;
 
 /// Small maps (ResNet's 14² and 7²) go whole, several images per task up to about this many
 /// pixels: their taps' weight slices (`Cin × 64` floats, 64–128 KiB) outgrow L1 and L2 anyway,
