@@ -43,8 +43,8 @@ use crate::ops::pattern_conv::{
     pattern_conv_cpu, pattern_conv_cuda, DevicePatternTables, PatternTables, MIN_ROWS_PER_LOOKUP,
 };
 use crate::ops::spike_gather::{
-    accumulate, cached_upload, has_avx2, has_avx512, DeviceGatherWeights, DisjointWrites,
-    GatherWeights,
+    accumulate, cached_upload, has_avx2, has_avx512, AlignedFloats, DeviceGatherWeights,
+    DisjointWrites, GatherWeights,
 };
 use crate::ops::tensor_conv::{self, tensor_conv_cuda, TensorConvWeights};
 use crate::ops::{expect_inputs, Operator};
@@ -1190,30 +1190,36 @@ impl UsedInputs {
 ///
 /// Each band loads every tap's weight slice once and fills and transposes its own buffer, so
 /// larger bands spread that over more pixels even though their accumulators (`pixels × 64`
-/// floats, 112 KB at 448) outgrow L1. Measured on the 2-core Xeon (AVX-512, 48 KB L1), batch 8,
-/// 5%, sparse forward, two rounds each in one session: 3×3 64→64 @56 2.19–2.23 ms at 96 pixels
-/// (one row), 1.88–1.99 at 112, 1.83–1.95 at 224, 1.71–1.79 at 448, 1.76–1.82 at 672; 3×3
-/// 128→128 @28 1.55 → 1.11–1.19 ms (96 → 448); 1×1 64→256 @56 3.25 → 2.39–2.54; 1×1 256→64 @56
-/// 2.48–2.54 → 2.24–2.28 (96 → 224); 3×3 64→128 @56 s2 1.32–1.47 → 1.24–1.35 and 128→256 @28 s2
-/// 0.95–0.96 → 0.82–0.83 (96 → 224).
+/// floats, 112 KB at 448) outgrow L1. Measured in one binary (the size read from the
+/// environment), 2-core Xeon (AVX-512, 48 KB L1), batch 8, 5%, three rounds: 3×3 64→64 @56
+/// 1.84–1.89 ms at 96 pixels (one row), 1.77–2.03 at 224, 1.67–1.73 at 448; 3×3 128→128 @28
+/// 1.13–1.20 / 1.09–1.12 / 1.09–1.14.
 const BAND_PIXELS: usize = 448;
 
-/// Small maps (ResNet's 14² and 7²) go whole, several images per task up to about this many
-/// pixels: their taps' weight slices (`Cin × 64` floats, 64–128 KiB) outgrow L1 and L2 anyway,
-/// and a slice fetched once then serves every image of the group. Measured on layer3/layer4
-/// shapes, batch 8: 10–25% faster than one image per task.
-const GROUP_PIXELS: usize = 256;
+/// Maps of at most this many output pixels (ResNet's 14² and 7²) go whole, several images a
+/// task: their taps' weight slices (`Cin × 64` floats, 64–128 KiB) outgrow L1 and L2 anyway,
+/// and a slice fetched once then serves every image of the group. 28² maps measured slower whole
+/// than in bands (2-core Xeon, batch 8, 5%: 3×3 128→128 @28 1.21–1.26 against 1.07–1.08 ms).
+const WHOLE_MAP_PIXELS: usize = 256;
 
-/// Output rows per band, and images per task (a divisor of `n`, so tasks stay equal).
-fn band_shape(oh: usize, ow: usize, n: usize) -> (usize, usize) {
+/// Images a task of whole maps takes: up to about this many pixels, while the tasks still
+/// outnumber the threads. Measured on the 2-core Xeon, batch 8, 5%, with cache-line-aligned
+/// buffers: 3×3 256→256 @14 0.89–0.96 → 0.80–0.89 ms and 512→512 @7 0.98–1.04 → 0.83–0.84
+/// against 256 pixels (two images a task; an image alone was 10–25% slower still).
+const GROUP_PIXELS: usize = 1024;
+
+/// Output rows per band, and images per task (a divisor of `n`, so tasks stay equal), for
+/// `chunks` output chunks a band.
+fn band_shape(oh: usize, ow: usize, n: usize, chunks: usize) -> (usize, usize) {
     let plane = (oh * ow).max(1);
-    if plane > GROUP_PIXELS {
+    if plane > WHOLE_MAP_PIXELS {
         return ((BAND_PIXELS / ow.max(1)).clamp(1, oh.max(1)), 1);
     }
     let target = GROUP_PIXELS.div_ceil(plane);
+    let threads = rayon::current_num_threads();
     let group = (1..=target.min(n.max(1)))
         .rev()
-        .find(|g| n.is_multiple_of(*g))
+        .find(|&g| n.is_multiple_of(g) && (g == 1 || n / g * chunks >= threads))
         .unwrap_or(1);
     (oh.max(1), group)
 }
@@ -1306,7 +1312,7 @@ pub(crate) fn for_each_band<F>(
     bias.resize(weights.padded_outputs, 0.0);
     let chunks = weights.chunks();
     let plane = oh * ow;
-    let (band_rows, group) = band_shape(oh, ow, n);
+    let (band_rows, group) = band_shape(oh, ow, n, chunks.len());
     let bands = oh.div_ceil(band_rows);
     let groups = n.div_ceil(group);
     let dst = DisjointWrites(out);
@@ -1314,7 +1320,7 @@ pub(crate) fn for_each_band<F>(
     (0..groups * bands * chunks.len())
         .into_par_iter()
         .for_each_init(
-            || vec![0.0f32; group * band_rows * ow * 64],
+            || AlignedFloats::zeros(group * band_rows * ow * 64),
             |buffer, task| {
                 let (start, width) = chunks[task % chunks.len()];
                 let oy0 = (task / chunks.len()) % bands * band_rows;

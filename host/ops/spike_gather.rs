@@ -18,6 +18,49 @@ use crate::tensor::Tensor;
 /// Output lanes are padded to a multiple of this.
 pub const LANES: usize = 8;
 
+/// Floats in memory aligned to 64-byte cache lines, so that the gather's 512-bit loads and
+/// stores of whole weight rows and accumulator rows never straddle two lines.
+///
+/// A `Vec<f32>` is only 4-byte aligned (16 in practice): whether its rows split lines then
+/// depends on where the allocator puts it, and two builds of the same code differed by 10–15%
+/// in the sparse conv (2-core Xeon, 3×3 64→64 @56, 5%: 1.81–1.85 against 2.00–2.06 ms) with the
+/// hot loop at the same addresses.
+#[derive(Clone, Debug, Default)]
+pub struct AlignedFloats {
+    lines: Vec<CacheLine>,
+    len: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+struct CacheLine([f32; 16]);
+
+impl AlignedFloats {
+    /// `len` zeros.
+    pub fn zeros(len: usize) -> Self {
+        Self {
+            lines: vec![CacheLine::default(); len.div_ceil(16)],
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedFloats {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `lines` holds at least `len` contiguous, initialized f32s (`CacheLine` is
+        // `repr(C)` around `[f32; 16]`, its alignment a multiple of f32's).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedFloats {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
 /// Weights transposed for gathering: row `r` holds the weights of input `r` for every output,
 /// stored chunk-major.
 ///
@@ -29,7 +72,7 @@ pub const LANES: usize = 8;
 #[derive(Clone, Debug, Default)]
 pub struct GatherWeights {
     /// Chunk `(start, width)`'s rows at `start · rows + r · width`, for `r < rows`.
-    pub data: Vec<f32>,
+    pub data: AlignedFloats,
     pub rows: usize,
     pub outputs: usize,
     pub padded_outputs: usize,
@@ -45,7 +88,7 @@ impl GatherWeights {
         row_of: impl Fn(usize) -> usize,
     ) -> Self {
         let padded = outputs.div_ceil(LANES) * LANES;
-        let mut data = vec![0.0f32; rows * padded];
+        let mut data = AlignedFloats::zeros(rows * padded);
         for (start, width) in output_chunks(padded) {
             let chunk = &mut data[start * rows..(start + width) * rows];
             for k in 0..rows {
@@ -245,6 +288,22 @@ impl DisjointWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_floats_start_on_a_cache_line_and_keep_their_length() {
+        for len in [0, 1, 15, 16, 17, 1000] {
+            let mut a = AlignedFloats::zeros(len);
+            assert_eq!(a.len(), len);
+            assert!(a.iter().all(|&v| v == 0.0));
+            a.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+            // A clone is a new allocation: aligned too, same content.
+            let b = a.clone();
+            for x in [&a, &b] {
+                assert_eq!(x.as_ptr() as usize % 64, 0, "len {len}");
+                assert!(x.iter().enumerate().all(|(i, &v)| v == i as f32));
+            }
+        }
+    }
 
     #[test]
     fn chunk_major_rows_hold_every_weight_once() {
