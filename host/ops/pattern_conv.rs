@@ -31,7 +31,7 @@ pub const CPU_SEGMENT_BITS: u32 = 8;
 use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
-use crate::ops::spike_gather::{accumulate, has_avx2, GatherWeights};
+use crate::ops::spike_gather::{accumulate, has_avx2, AlignedFloats, GatherWeights};
 use crate::ops::Operator;
 
 use super::sparse_conv2d::{for_each_band, Band};
@@ -57,7 +57,7 @@ pub struct PatternTables {
     /// `[kh][Cin][block][padded]`: for each segment `s`, rows `offsets[s] + p` for its
     /// patterns `p` (`2^bits` of them), the sum of the weight columns `kx` of the segment whose
     /// bit is set in `p`, for every output channel (padded like the gather weights).
-    data: Vec<f32>,
+    data: AlignedFloats,
     kh: usize,
     cin: usize,
     padded: usize,
@@ -97,7 +97,7 @@ impl PatternTables {
         let block = segments.block as usize;
         let rows = kh * cin * block;
         let w = conv.weight.data();
-        let mut data = vec![0.0f32; rows * padded];
+        let mut data = AlignedFloats::zeros(rows * padded);
         for ky in 0..kh {
             for c in 0..cin {
                 for (first, bits, offset) in segments.iter() {
@@ -360,7 +360,7 @@ impl DevicePatternTables {
         }
         let stream = backend.stream();
         Ok(Some(Self {
-            table: stream.clone_htod(&tables.data)?,
+            table: stream.clone_htod(&tables.data[..])?,
             bias: stream.clone_htod(&bias)?,
             padded: padded as u32,
         }))
