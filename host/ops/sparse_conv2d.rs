@@ -1026,25 +1026,36 @@ impl ActiveChannels {
     }
 }
 
-/// The active inputs of one image as lists the gather walks without testing bits: pixel by
-/// pixel (CSR), and each input row's active pixels per stride residue.
+/// The active inputs of one image as lists the gather walks without testing bits: each input
+/// row's active pixels per stride residue, each with its range of entries.
 ///
 /// The pixels stay in column order. Visiting them fewest inputs first, so the inner loop's exit
 /// branch would repeat, was measured 1–4% slower (the sort, and the scattered accumulator
 /// accesses, cost more than the branch misses it saved).
 #[derive(Debug)]
 struct ActiveInputs {
-    /// `[H·W + 1]`: pixel `p`'s inputs are `starts[p]..starts[p + 1]` of `rows` and `values`.
-    starts: Vec<u32>,
     /// Each active channel `c` as `64·c`: its weight row's offset within a tap of a 64-lane chunk
     /// (a narrower chunk shifts it right), so the common case adds it with no multiply.
     rows: Vec<u32>,
     /// The non-zero values, for integer-valued inputs; empty when every non-zero is 1.
     values: Vec<f32>,
     /// For input row `y` and residue `r < stride`: its active pixels `x ≡ r (mod stride)`, in
-    /// column order, at `order[order_starts[y·stride + r]..order_starts[y·stride + r + 1]]`.
-    order: Vec<u32>,
-    order_starts: Vec<u32>,
+    /// column order, at `spans[span_starts[y·stride + r]..span_starts[y·stride + r + 1]]`.
+    spans: Vec<Span>,
+    span_starts: Vec<u32>,
+}
+
+/// An active input pixel `x = r + stride·column` of residue class `r`, and its inputs: entries
+/// `first..last` (never empty) of [`ActiveInputs::rows`] and `values`.
+///
+/// Keeping the column (not `x`) lets every tap find its output column by one addition, and the
+/// range here (not in a per-pixel table) spares the gather a dependent load per (pixel, tap):
+/// 3×3 64→64 @56, batch 8, 5%, in one process on the 2-core Xeon, 1.79–1.88 → 1.68–1.75 ms.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    column: u32,
+    first: u32,
+    last: u32,
 }
 
 /// Entries a pixel's mask word writes before testing whether it holds more: a 5% spike word of
@@ -1135,26 +1146,29 @@ impl ActiveInputs {
             starts.push(len as u32);
         }
         rows.truncate(len);
-        let mut order = Vec::new();
-        let mut order_starts = Vec::with_capacity(h * stride + 1);
-        order_starts.push(0u32);
+        let mut spans = Vec::with_capacity(hw);
+        let mut span_starts = Vec::with_capacity(h * stride + 1);
+        span_starts.push(0u32);
         for y in 0..h {
             for residue in 0..stride {
-                order.extend(
-                    (residue..w)
-                        .step_by(stride)
-                        .filter(|&x| starts[y * w + x + 1] > starts[y * w + x])
-                        .map(|x| x as u32),
-                );
-                order_starts.push(order.len() as u32);
+                for x in (residue..w).step_by(stride) {
+                    let (first, last) = (starts[y * w + x], starts[y * w + x + 1]);
+                    if last > first {
+                        spans.push(Span {
+                            column: (x / stride) as u32,
+                            first,
+                            last,
+                        });
+                    }
+                }
+                span_starts.push(spans.len() as u32);
             }
         }
         Self {
-            starts,
             rows,
             values,
-            order,
-            order_starts,
+            spans,
+            span_starts,
         }
     }
 }
@@ -1247,7 +1261,6 @@ fn sparse_conv_cpu(
     let geometry = RowGeometry {
         cin: conv.in_channels(),
         h,
-        w,
         ow,
         kernel: conv.kernel_size(),
         stride: conv.stride,
@@ -1444,7 +1457,6 @@ unsafe fn transpose_8x8_blocks(
 struct RowGeometry {
     cin: usize,
     h: usize,
-    w: usize,
     ow: usize,
     kernel: (usize, usize),
     stride: (usize, usize),
@@ -1526,58 +1538,59 @@ impl BandJob<'_> {
         for px in buffer.chunks_exact_mut(CH) {
             px.copy_from_slice(&bias);
         }
-        let (stride, pad) = (g.stride.1, g.padding.1 as isize);
+        let (stride, pad) = (g.stride.1 as isize, g.padding.1 as isize);
+        let ow = g.ow as isize;
         let taps_base = self.weights.chunk(self.start).as_ptr();
         let shift_64 = (64 / CH).trailing_zeros();
         for ky in 0..kh {
             for kx in 0..kw {
-                // Input column ix feeds output column (ix + pad − kx·dil) / stride when that
-                // divides exactly: the pixels of one residue class modulo the stride.
+                // Input column x = residue + stride·column feeds output column
+                // (x + pad − kx·dil) / stride = column + delta where that divides exactly.
                 let shift = pad - (kx * g.dilation.1) as isize;
-                let residue = (-shift).rem_euclid(stride as isize) as usize;
-                let tap = (ky * kw + kx) * g.cin * CH;
-                for (r, a) in
-                    (0..self.images.len() * self.rows).map(|r| (r, &self.images[r / self.rows]))
-                {
+                let residue = (-shift).rem_euclid(stride);
+                let delta = (residue + shift) / stride;
+                // SAFETY: the chunk holds kh·kw taps of Cin rows of CH lanes.
+                let tap = unsafe { taps_base.add((ky * kw + kx) * g.cin * CH) };
+                for r in 0..self.images.len() * self.rows {
+                    let a = &self.images[r / self.rows];
                     let oy = self.oy0 + r % self.rows;
                     let Some(iy) =
                         RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h)
                     else {
                         continue;
                     };
-                    let class = iy * stride + residue;
-                    let pixels = &a.order
-                        [a.order_starts[class] as usize..a.order_starts[class + 1] as usize];
+                    let class = iy * g.stride.1 + residue as usize;
+                    let spans =
+                        &a.spans[a.span_starts[class] as usize..a.span_starts[class + 1] as usize];
+                    // Sorted by column: those whose output column lies in 0..ow.
+                    let lo = spans.partition_point(|s| (s.column as isize) < -delta);
+                    let hi = spans.partition_point(|s| (s.column as isize) < ow - delta);
                     let out_row = &mut buffer[r * g.ow * CH..(r + 1) * g.ow * CH];
-                    for &ix in pixels {
-                        let shifted = ix as isize + shift;
-                        // Strides are 1 or 2 in ResNets: no division for either.
-                        let ox = match stride {
-                            1 => shifted,
-                            2 => shifted >> 1,
-                            _ => shifted / stride as isize,
-                        };
-                        if shifted < 0 || ox as usize >= g.ow {
-                            continue;
-                        }
-                        let p = iy * g.w + ix as usize;
-                        let (first, last) = (a.starts[p] as usize, a.starts[p + 1] as usize);
-                        let out = &mut out_row[ox as usize * CH..(ox as usize + 1) * CH];
-                        let mut acc: [f32; CH] = out.try_into().expect("CH lanes");
-                        for i in first..last {
-                            // SAFETY: every entry is 64·c for a channel c < Cin, so row
-                            // tap + c·CH is one of the chunk's kh·kw·Cin rows of CH lanes.
-                            unsafe {
-                                let row = tap + (*a.rows.get_unchecked(i) as usize >> shift_64);
-                                let value = if BINARY {
-                                    1.0
-                                } else {
-                                    *a.values.get_unchecked(i)
-                                };
-                                accumulate::<CH, BINARY>(&mut acc, taps_base.add(row), value);
+                    let (rows, values) = (a.rows.as_ptr(), a.values.as_ptr());
+                    for s in &spans[lo..hi.max(lo)] {
+                        let ox = (s.column as isize + delta) as usize;
+                        let (first, last) = (s.first as usize, s.last as usize);
+                        // SAFETY: ox < ow; first < last index `rows` (and `values` when not
+                        // binary); every entry is 64·c for a channel c < Cin, so row c·CH of the
+                        // tap lies in the chunk.
+                        unsafe {
+                            let value = |i: usize| if BINARY { 1.0 } else { *values.add(i) };
+                            let src = |i: usize| tap.add(*rows.add(i) as usize >> shift_64);
+                            // The pixel's sum starts from its first input, not from the stored
+                            // accumulator, so that load is off the chain of additions.
+                            let mut sum = [0.0f32; CH];
+                            let first_row = src(first);
+                            for (j, v) in sum.iter_mut().enumerate() {
+                                *v = value(first) * *first_row.add(j);
+                            }
+                            for i in first + 1..last {
+                                accumulate::<CH, BINARY>(&mut sum, src(i), value(i));
+                            }
+                            let out = out_row.as_mut_ptr().add(ox * CH);
+                            for (j, v) in sum.iter().enumerate() {
+                                *out.add(j) += v;
                             }
                         }
-                        out.copy_from_slice(&acc);
                     }
                 }
             }
