@@ -1229,6 +1229,13 @@ impl UsedInputs {
     }
 }
 
+/// Weight bytes a group of taps of one kernel row may take for the gather to walk each active
+/// pixel's inputs once for all of them: L1's 48 KiB on the 2-core Xeon. Measured there in one
+/// process (batch 8, 5%): 3×3 64→64 @56 1.40–1.49 → 1.27–1.34 ms with three taps (48 KiB)
+/// against one; 128→128 @28 0.95–0.96 either way; 256→256 @14 0.78 → 0.79–0.83 with two or
+/// three (128–192 KiB).
+const GROUPED_TAP_BYTES: usize = 48 << 10;
+
 /// Output pixels per band task (whole output rows, at least one).
 ///
 /// Each band loads every tap's weight slice once and fills and transposes its own buffer, so
@@ -1567,62 +1574,125 @@ impl BandJob<'_> {
         for px in buffer.chunks_exact_mut(CH) {
             px.copy_from_slice(&bias);
         }
+        // Taps of a kernel row read the same input pixels (one residue class) when the stride
+        // divides the dilation (stride 1: ResNet's 3×3 convs); as many go together as their
+        // weight slices fit L1.
+        let together = if g.dilation.1.is_multiple_of(g.stride.1) {
+            (GROUPED_TAP_BYTES / (g.cin * CH * 4).max(1)).clamp(1, 3)
+        } else {
+            1
+        };
+        for ky in 0..kh {
+            let mut kx = 0;
+            while kx < kw {
+                match together.min(kw - kx) {
+                    3 => self.taps::<CH, BINARY, 3>(buffer, ky, kx),
+                    2 => self.taps::<CH, BINARY, 2>(buffer, ky, kx),
+                    _ => self.taps::<CH, BINARY, 1>(buffer, ky, kx),
+                }
+                kx += together.min(kw - kx);
+            }
+        }
+    }
+
+    /// Taps `(ky, kx .. kx + T)`, whose input pixels are one residue class: each active pixel's
+    /// inputs are walked once and added through all `T` taps.
+    #[inline(always)]
+    fn taps<const CH: usize, const BINARY: bool, const T: usize>(
+        &self,
+        buffer: &mut [f32],
+        ky: usize,
+        kx: usize,
+    ) {
+        let g = self.g;
+        let kw = g.kernel.1;
         let (stride, pad) = (g.stride.1 as isize, g.padding.1 as isize);
         let ow = g.ow as isize;
         let taps_base = self.weights.chunk(self.start).as_ptr();
-        let shift_64 = (64 / CH).trailing_zeros();
-        for ky in 0..kh {
-            for kx in 0..kw {
-                // Input column x = residue + stride·column feeds output column
-                // (x + pad − kx·dil) / stride = column + delta where that divides exactly.
-                let shift = pad - (kx * g.dilation.1) as isize;
-                let residue = (-shift).rem_euclid(stride);
-                let delta = (residue + shift) / stride;
-                // SAFETY: the chunk holds kh·kw taps of Cin rows of CH lanes.
-                let tap = unsafe { taps_base.add((ky * kw + kx) * g.cin * CH) };
-                for r in 0..self.images.len() * self.rows {
-                    let a = &self.images[r / self.rows];
-                    let oy = self.oy0 + r % self.rows;
-                    let Some(iy) =
-                        RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h)
-                    else {
-                        continue;
-                    };
-                    let class = iy * g.stride.1 + residue as usize;
-                    let spans =
-                        &a.spans[a.span_starts[class] as usize..a.span_starts[class + 1] as usize];
-                    // Sorted by column: those whose output column lies in 0..ow.
-                    let lo = spans.partition_point(|s| (s.column as isize) < -delta);
-                    let hi = spans.partition_point(|s| (s.column as isize) < ow - delta);
-                    let out_row = &mut buffer[r * g.ow * CH..(r + 1) * g.ow * CH];
-                    let (rows, values) = (a.rows.as_ptr(), a.values.as_ptr());
-                    for s in &spans[lo..hi.max(lo)] {
-                        let ox = (s.column as isize + delta) as usize;
-                        let (first, last) = (s.first as usize, s.last as usize);
-                        // SAFETY: ox < ow; first < last index `rows` (and `values` when not
-                        // binary); every entry is 64·c for a channel c < Cin, so row c·CH of the
-                        // tap lies in the chunk.
-                        unsafe {
-                            let value = |i: usize| if BINARY { 1.0 } else { *values.add(i) };
-                            let src = |i: usize| tap.add(*rows.add(i) as usize >> shift_64);
-                            // The pixel's sum starts from its first input, not from the stored
-                            // accumulator, so that load is off the chain of additions.
-                            let mut sum = [0.0f32; CH];
-                            let first_row = src(first);
-                            for (j, v) in sum.iter_mut().enumerate() {
-                                *v = value(first) * *first_row.add(j);
-                            }
-                            for i in first + 1..last {
-                                accumulate::<CH, BINARY>(&mut sum, src(i), value(i));
-                            }
-                            let out = out_row.as_mut_ptr().add(ox * CH);
-                            for (j, v) in sum.iter().enumerate() {
-                                *out.add(j) += v;
-                            }
-                        }
-                    }
+        // Input column x = residue + stride·column feeds output column
+        // (x + pad − kx·dil) / stride = column + delta where that divides exactly.
+        let shift = |t: usize| pad - ((kx + t) * g.dilation.1) as isize;
+        let residue = (-shift(0)).rem_euclid(stride);
+        let deltas: [isize; T] = std::array::from_fn(|t| (residue + shift(t)) / stride);
+        // SAFETY: the chunk holds kh·kw taps of Cin rows of CH lanes.
+        let taps: [*const f32; T] =
+            std::array::from_fn(|t| unsafe { taps_base.add((ky * kw + kx + t) * g.cin * CH) });
+        for r in 0..self.images.len() * self.rows {
+            let a = &self.images[r / self.rows];
+            let oy = self.oy0 + r % self.rows;
+            let Some(iy) = RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h)
+            else {
+                continue;
+            };
+            let class = iy * g.stride.1 + residue as usize;
+            let spans = &a.spans[a.span_starts[class] as usize..a.span_starts[class + 1] as usize];
+            // Sorted by column: per tap, those whose output column lies in 0..ow.
+            let ranges: [(usize, usize); T] = std::array::from_fn(|t| {
+                let lo = spans.partition_point(|s| (s.column as isize) < -deltas[t]);
+                let hi = spans.partition_point(|s| (s.column as isize) < ow - deltas[t]);
+                (lo, hi.max(lo))
+            });
+            let (both_lo, both_hi) = ranges
+                .iter()
+                .fold((0, spans.len()), |(lo, hi), &(l, h)| (lo.max(l), hi.min(h)));
+            let both_hi = both_hi.max(both_lo);
+            let out_row = buffer[r * g.ow * CH..(r + 1) * g.ow * CH].as_mut_ptr();
+            let inputs = (a.rows.as_ptr(), a.values.as_ptr());
+            // SAFETY (both loops): each span's output column is in 0..ow for the taps it is
+            // added through; its entries index `rows` (and `values` when not binary); every
+            // entry is 64·c for a channel c < Cin, so row c·CH of each tap lies in the chunk.
+            for s in &spans[both_lo..both_hi] {
+                let outs = std::array::from_fn(|t| unsafe {
+                    out_row.add((s.column as isize + deltas[t]) as usize * CH)
+                });
+                unsafe { add_span::<CH, BINARY, T>(s, inputs, taps, outs) };
+            }
+            // Where only some taps land inside the row (its first and last columns).
+            for t in 0..T {
+                let (lo, hi) = ranges[t];
+                let edges = (lo..hi).filter(|i| !(both_lo..both_hi).contains(i));
+                for s in edges.map(|i| &spans[i]) {
+                    let out = unsafe { out_row.add((s.column as isize + deltas[t]) as usize * CH) };
+                    unsafe { add_span::<CH, BINARY, 1>(s, inputs, [taps[t]], [out]) };
                 }
             }
+        }
+    }
+}
+
+/// `outs[t] += Σ value · tap_t[row]` over the span's inputs, for each tap `t`.
+///
+/// # Safety
+/// The span's entries index `rows` (and `values`, unless binary), every row lies inside each
+/// tap, and each `outs[t]` points to `CH` writable floats.
+#[inline(always)]
+unsafe fn add_span<const CH: usize, const BINARY: bool, const T: usize>(
+    s: &Span,
+    (rows, values): (*const u32, *const f32),
+    taps: [*const f32; T],
+    outs: [*mut f32; T],
+) {
+    let shift_64 = (64 / CH).trailing_zeros();
+    let (first, last) = (s.first as usize, s.last as usize);
+    let value = |i: usize| if BINARY { 1.0 } else { *values.add(i) };
+    let row = |i: usize| *rows.add(i) as usize >> shift_64;
+    // The sums start from the first input, not from the stored accumulators, so those loads
+    // are off the chains of additions.
+    let mut sums = [[0.0f32; CH]; T];
+    for (sum, tap) in sums.iter_mut().zip(taps) {
+        let src = tap.add(row(first));
+        for (j, v) in sum.iter_mut().enumerate() {
+            *v = value(first) * *src.add(j);
+        }
+    }
+    for i in first + 1..last {
+        for (sum, tap) in sums.iter_mut().zip(taps) {
+            accumulate::<CH, BINARY>(sum, tap.add(row(i)), value(i));
+        }
+    }
+    for (sum, out) in sums.iter().zip(outs) {
+        for (j, v) in sum.iter().enumerate() {
+            *out.add(j) += v;
         }
     }
 }
