@@ -1641,11 +1641,25 @@ impl BandJob<'_> {
             // SAFETY (both loops): each span's output column is in 0..ow for the taps it is
             // added through; its entries index `rows` (and `values` when not binary); every
             // entry is 64·c for a channel c < Cin, so row c·CH of each tap lies in the chunk.
-            for s in &spans[both_lo..both_hi] {
-                let outs = std::array::from_fn(|t| unsafe {
-                    out_row.add((s.column as isize + deltas[t]) as usize * CH)
-                });
-                unsafe { add_span::<CH, BINARY, T>(s, inputs, taps, outs) };
+            let sliding = T == 3 && (1..T).all(|t| deltas[t] == deltas[0] - t as isize);
+            if sliding {
+                let taps3 = [taps[0], taps[1], taps[T - 1]];
+                unsafe {
+                    add_spans_sliding::<CH, BINARY>(
+                        &spans[both_lo..both_hi],
+                        inputs,
+                        taps3,
+                        out_row,
+                        deltas[0],
+                    )
+                };
+            } else {
+                for s in &spans[both_lo..both_hi] {
+                    let outs = std::array::from_fn(|t| unsafe {
+                        out_row.add((s.column as isize + deltas[t]) as usize * CH)
+                    });
+                    unsafe { add_span::<CH, BINARY, T>(s, inputs, taps, outs) };
+                }
             }
             // Where only some taps land inside the row (its first and last columns).
             for t in 0..T {
@@ -1657,6 +1671,78 @@ impl BandJob<'_> {
                 }
             }
         }
+    }
+}
+
+/// [`add_span`] through three taps whose output columns are `column + delta`, `− 1`, `− 2`
+/// (stride 1, dilation 1), over spans sorted by column: an output pixel takes its three
+/// contributions from three adjacent spans, so two partial sums ride along in registers and
+/// each span stores one finished pixel instead of adding to three.
+///
+/// # Safety
+/// As [`add_span`], for every span and the three output pixels of each.
+#[inline(always)]
+unsafe fn add_spans_sliding<const CH: usize, const BINARY: bool>(
+    spans: &[Span],
+    (rows, values): (*const u32, *const f32),
+    taps: [*const f32; 3],
+    out_row: *mut f32,
+    delta: isize,
+) {
+    let shift_64 = (64 / CH).trailing_zeros();
+    let value = |i: usize| if BINARY { 1.0 } else { *values.add(i) };
+    let row = |i: usize| *rows.add(i) as usize >> shift_64;
+    let add_to = |ox: isize, sum: &[f32; CH]| {
+        let out = out_row.offset(ox * CH as isize);
+        for (j, v) in sum.iter().enumerate() {
+            *out.add(j) += v;
+        }
+    };
+    // After a span at column c (output base = c + delta): `next` is pixel base's partial sum,
+    // `mid` pixel base − 1's; `base` is None before the first span.
+    let mut base: Option<isize> = None;
+    let (mut next, mut mid) = ([0.0f32; CH], [0.0f32; CH]);
+    for s in spans {
+        let here = s.column as isize + delta;
+        if base != Some(here - 1) {
+            // Not adjacent to the last span: its partial sums are final.
+            if let Some(b) = base {
+                add_to(b, &next);
+                add_to(b - 1, &mid);
+            }
+            next = [0.0; CH];
+            mid = [0.0; CH];
+        }
+        let (first, last) = (s.first as usize, s.last as usize);
+        // Pixel here − 2 is finished by this span's third tap, starting from its partial sum;
+        // here − 1 continues from `next`; `here` starts.
+        let mut sums = [[0.0f32; CH]; 3];
+        for (t, sum) in sums.iter_mut().enumerate() {
+            let src = taps[t].add(row(first));
+            let carried = match t {
+                0 => None,
+                1 => Some(&next),
+                _ => Some(&mid),
+            };
+            for (j, v) in sum.iter_mut().enumerate() {
+                let w = value(first) * *src.add(j);
+                *v = carried.map_or(w, |c| c[j] + w);
+            }
+        }
+        for i in first + 1..last {
+            for (sum, tap) in sums.iter_mut().zip(taps) {
+                accumulate::<CH, BINARY>(sum, tap.add(row(i)), value(i));
+            }
+        }
+        let [s0, s1, s2] = sums;
+        add_to(here - 2, &s2);
+        next = s0;
+        mid = s1;
+        base = Some(here);
+    }
+    if let Some(b) = base {
+        add_to(b, &next);
+        add_to(b - 1, &mid);
     }
 }
 
