@@ -1138,61 +1138,60 @@ impl ActiveInputs {
         let hw = h * w;
         let words = scan.words;
         let total: usize = scan.masks.iter().map(|m| m.count_ones() as usize).sum();
-        let mut starts = Vec::with_capacity(hw + 1);
         // Slack for the unrolled stores past the last entry.
         let mut rows = vec![0u32; total + UNROLLED_BITS];
         let mut values = Vec::new();
         let mut len = 0usize;
-        starts.push(0u32);
-        for (p, (y, x)) in (0..h).flat_map(|y| (0..w).map(move |x| (y, x))).enumerate() {
-            if used.rows[y] && used.cols[x] {
-                for (word, &mask) in scan.masks[p * words..(p + 1) * words].iter().enumerate() {
-                    let first_row = (word * 64) as u32;
-                    if !binary {
-                        let mut m = mask;
-                        while m != 0 {
-                            let c = word * 64 + m.trailing_zeros() as usize;
-                            m &= m - 1;
-                            values.push(image[c * hw + p]);
-                        }
-                    }
-                    let count = mask.count_ones() as usize;
-                    let mut m = mask;
-                    // One block of stores even for an empty word, so the loop runs once for
-                    // almost every word (a predictable branch). `rows` holds `total +
-                    // UNROLLED_BITS` entries, so every block that starts at or below `len + count
-                    // <= total` fits.
-                    for at in (len..len + count.max(1)).step_by(UNROLLED_BITS) {
-                        // Bits past the last write slack entries that the next word overwrites.
-                        for slot in &mut rows[at..at + UNROLLED_BITS] {
-                            *slot = (first_row + m.trailing_zeros()) * 64;
-                            m &= m.wrapping_sub(1);
-                        }
-                    }
-                    len += count;
-                }
-            }
-            starts.push(len as u32);
-        }
-        rows.truncate(len);
         let mut spans = Vec::with_capacity(hw);
         let mut span_starts = Vec::with_capacity(h * stride + 1);
         span_starts.push(0u32);
+        // Pixels in the order the gather walks them: each row's residue classes in turn.
         for y in 0..h {
             for residue in 0..stride {
                 for x in (residue..w).step_by(stride) {
-                    let (first, last) = (starts[y * w + x], starts[y * w + x + 1]);
-                    if last > first {
+                    if !(used.rows[y] && used.cols[x]) {
+                        continue;
+                    }
+                    let p = y * w + x;
+                    let first = len;
+                    for (word, &mask) in scan.masks[p * words..(p + 1) * words].iter().enumerate() {
+                        let first_row = (word * 64) as u32;
+                        if !binary {
+                            let mut m = mask;
+                            while m != 0 {
+                                let c = word * 64 + m.trailing_zeros() as usize;
+                                m &= m - 1;
+                                values.push(image[c * hw + p]);
+                            }
+                        }
+                        let count = mask.count_ones() as usize;
+                        let mut m = mask;
+                        // One block of stores even for an empty word, so the loop runs once for
+                        // almost every word (a predictable branch). `rows` holds `total +
+                        // UNROLLED_BITS` entries, so every block that starts at or below `len +
+                        // count <= total` fits.
+                        for at in (len..len + count.max(1)).step_by(UNROLLED_BITS) {
+                            // Bits past the last write slack entries that the next word
+                            // overwrites.
+                            for slot in &mut rows[at..at + UNROLLED_BITS] {
+                                *slot = (first_row + m.trailing_zeros()) * 64;
+                                m &= m.wrapping_sub(1);
+                            }
+                        }
+                        len += count;
+                    }
+                    if len > first {
                         spans.push(Span {
                             column: (x / stride) as u32,
-                            first,
-                            last,
+                            first: first as u32,
+                            last: len as u32,
                         });
                     }
                 }
                 span_starts.push(spans.len() as u32);
             }
         }
+        rows.truncate(len);
         Self {
             rows,
             values,
