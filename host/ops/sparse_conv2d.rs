@@ -49,7 +49,7 @@ use crate::ops::spike_gather::{
 use crate::ops::tensor_conv::{self, tensor_conv_cuda, TensorConvWeights};
 use crate::ops::{expect_inputs, Operator};
 use crate::optimize::block_selector::{BlockSelector, BlockSize};
-use crate::tensor::Tensor;
+use crate::tensor::{AlignedOutput, Tensor};
 use sparseflow_kernels::pattern_conv::SEGMENT_BITS;
 use sparseflow_kernels::sweep_conv::{
     sweep_strip_rows, sweep_supports, SWEEP_CHANNELS, SWEEP_SHARED_BYTES, SWEEP_THREADS,
@@ -637,8 +637,8 @@ impl SparseConv2d {
         // path and little more.
         let density = sampled_density(x.data());
         let weights = self.gather_weights();
-        let len = out_shape.iter().product();
-        let mut out = Vec::with_capacity(len);
+        // On a cache line, so the transposes' stores of each output run never split one.
+        let mut out = AlignedOutput::new(out_shape.iter().product());
         if density * self.conv.kernel_size().1 as f64 >= self.pattern_above {
             if let Some(tables) = self.pattern_tables(weights.padded_outputs) {
                 if pattern_conv_cpu(
@@ -650,8 +650,7 @@ impl SparseConv2d {
                     out.as_mut_ptr(),
                 ) {
                     // SAFETY: pattern_conv_cpu wrote every element of the output.
-                    unsafe { out.set_len(len) };
-                    return Tensor::new(out_shape, out);
+                    return unsafe { out.assume_written(out_shape) };
                 }
             }
         }
@@ -684,8 +683,7 @@ impl SparseConv2d {
         let images = (&actives[..], binary);
         sparse_conv_cpu(&self.conv, &weights, images, (n, h, w), out.as_mut_ptr());
         // SAFETY: sparse_conv_cpu wrote every element of the [n, Cout, OH, OW] output.
-        unsafe { out.set_len(len) };
-        Tensor::new(out_shape, out)
+        unsafe { out.assume_written(out_shape) }
     }
 
     /// The pattern tables, built on first use; `None` when the geometry allows none.
