@@ -953,6 +953,10 @@ impl ActiveChannels {
     /// compared 8 pixels at a time into one byte of bits, stored at `[pixel group][channel]`;
     /// then each group's bytes (64 channels per word) are transposed into its 8 pixels' words,
     /// bit by bit with a shift and a movemask.
+    ///
+    /// An AVX-512 form (sixteen pixels a compare, straight into mask registers: half the
+    /// instructions) measured the same in one process (3×3 64→64 @56, batch 8, 5%, 2-core Xeon:
+    /// 1.23–1.25 ms either way; 256→256 @14 0.82): the scan waits on reading the input.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,popcnt,bmi1,bmi2")]
     unsafe fn scan_avx2(image: &[f32], cin: usize, h: usize, w: usize) -> Self {
@@ -1849,12 +1853,15 @@ mod tests {
     /// the same masks and the same binary flag, down to a single non-binary value.
     #[test]
     fn mask_scans_agree() {
-        let (h, w) = (4, 24); // 96 pixels: the vectorised scan's 32-pixel blocks
-        for (seed, cin, density, integer) in [
-            (1, 3, 0.3, false),
-            (2, 70, 0.05, false),
-            (3, 64, 0.5, true),
-            (4, 130, 1.0, false),
+        // Whole 8-pixel groups, then maps whose last group is partial.
+        for (seed, cin, density, integer, (h, w)) in [
+            (1, 3, 0.3, false, (4, 24)),
+            (2, 70, 0.05, false, (4, 24)),
+            (3, 64, 0.5, true, (4, 24)),
+            (4, 130, 1.0, false, (4, 24)),
+            (5, 64, 0.2, false, (3, 7)),
+            (6, 65, 0.3, true, (5, 13)),
+            (7, 20, 1.0, false, (1, 1)),
         ] {
             let mut image = random_sparse(&[cin, h, w], density, integer, seed)
                 .data()

@@ -216,9 +216,6 @@ pub fn cached_upload(
     Ok(w)
 }
 
-/// True when the CPU can run the AVX2 builds of the sparse kernels: AVX2 and FMA (their
-/// accumulators then live in ymm registers), plus POPCNT and BMI1/2, which every AVX2 CPU has
-/// and without which `count_ones` and `trailing_zeros` are bit-twiddling loops.
 /// Whether this CPU has AVX-512F on top of [`has_avx2`]'s features.
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -231,6 +228,9 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// True when the CPU can run the AVX2 builds of the sparse kernels: AVX2 and FMA (their
+/// accumulators then live in ymm registers), plus POPCNT and BMI1/2, which every AVX2 CPU has
+/// and without which `count_ones` and `trailing_zeros` are bit-twiddling loops.
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
