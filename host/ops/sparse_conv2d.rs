@@ -1107,11 +1107,32 @@ impl ActiveInputs {
         used: &UsedInputs,
     ) -> Self {
         #[cfg(target_arch = "x86_64")]
+        if has_avx512() && std::arch::is_x86_feature_detected!("avx512vbmi2") {
+            // SAFETY: the features were detected.
+            return unsafe { Self::new_avx512(scan, image, hw, stride, binary, used) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the features were detected.
             return unsafe { Self::new_avx2(scan, image, hw, stride, binary, used) };
         }
-        Self::build(scan, image, hw, stride, binary, used)
+        Self::build::<false>(scan, image, hw, stride, binary, used)
+    }
+
+    /// [`Self::build`] writing each mask word's entries with one byte compress
+    /// (`vpcompressb`) instead of a bit loop: 3×3 64→64 @56, batch 8, 5%, in one process on the
+    /// 2-core Xeon, the layer 1.16–1.19 → 1.14–1.16 ms.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,avx2,fma,popcnt,bmi1,bmi2")]
+    unsafe fn new_avx512(
+        scan: &ActiveChannels,
+        image: &[f32],
+        hw: (usize, usize),
+        stride: usize,
+        binary: bool,
+        used: &UsedInputs,
+    ) -> Self {
+        Self::build::<true>(scan, image, hw, stride, binary, used)
     }
 
     /// [`Self::build`] with hardware `popcnt` and `tzcnt`.
@@ -1125,11 +1146,11 @@ impl ActiveInputs {
         binary: bool,
         used: &UsedInputs,
     ) -> Self {
-        Self::build(scan, image, hw, stride, binary, used)
+        Self::build::<false>(scan, image, hw, stride, binary, used)
     }
 
     #[inline(always)]
-    fn build(
+    fn build<const COMPRESS: bool>(
         scan: &ActiveChannels,
         image: &[f32],
         (h, w): (usize, usize),
@@ -1141,7 +1162,7 @@ impl ActiveInputs {
         let words = scan.words;
         let total: usize = scan.masks.iter().map(|m| m.count_ones() as usize).sum();
         // Slack for the unrolled stores past the last entry.
-        let mut rows = vec![0u32; total + UNROLLED_BITS];
+        let mut rows = vec![0u32; total + ENTRY_SLACK];
         let mut values = Vec::new();
         let mut len = 0usize;
         let mut spans = Vec::with_capacity(hw);
@@ -1167,6 +1188,16 @@ impl ActiveInputs {
                             }
                         }
                         let count = mask.count_ones() as usize;
+                        #[cfg(target_arch = "x86_64")]
+                        if COMPRESS {
+                            // SAFETY: `rows` holds ENTRY_SLACK entries past the last, and
+                            // COMPRESS is only instantiated where VBMI2 was detected.
+                            unsafe {
+                                compress_entries(mask, first_row, rows.as_mut_ptr().add(len))
+                            };
+                            len += count;
+                            continue;
+                        }
                         let mut m = mask;
                         // One block of stores even for an empty word, so the loop runs once for
                         // almost every word (a predictable branch). `rows` holds `total +
@@ -1199,6 +1230,53 @@ impl ActiveInputs {
             values,
             spans,
             span_starts,
+        }
+    }
+}
+
+/// Entries `rows` holds past the last: the unrolled stores' and the compress's overshoot.
+const ENTRY_SLACK: usize = 64;
+
+/// Writes `(first_row + c)·64` for each set bit `c` of `mask`, in order, at `dst`, 16 at a time
+/// (up to 15 past the last, and 16 for an empty mask).
+///
+/// # Safety
+/// `dst` has room for `count + 16` entries rounded to 16; the CPU has AVX-512 VBMI2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+#[inline]
+unsafe fn compress_entries(mask: u64, first_row: u32, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    static IOTA: [u8; 64] = {
+        let mut bytes = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            bytes[i] = i as u8;
+            i += 1;
+        }
+        bytes
+    };
+    let positions = _mm512_maskz_compress_epi8(mask, _mm512_loadu_si512(IOTA.as_ptr().cast()));
+    let base = _mm512_set1_epi32(first_row as i32);
+    let count = mask.count_ones() as usize;
+    let quarter = |bytes: __m128i| {
+        _mm512_slli_epi32::<6>(_mm512_add_epi32(_mm512_cvtepu8_epi32(bytes), base))
+    };
+    _mm512_storeu_si512(dst.cast(), quarter(_mm512_castsi512_si128(positions)));
+    if count > 16 {
+        _mm512_storeu_si512(
+            dst.add(16).cast(),
+            quarter(_mm512_extracti32x4_epi32::<1>(positions)),
+        );
+        if count > 32 {
+            _mm512_storeu_si512(
+                dst.add(32).cast(),
+                quarter(_mm512_extracti32x4_epi32::<2>(positions)),
+            );
+            _mm512_storeu_si512(
+                dst.add(48).cast(),
+                quarter(_mm512_extracti32x4_epi32::<3>(positions)),
+            );
         }
     }
 }
@@ -1876,6 +1954,64 @@ mod tests {
                 let portable = ActiveChannels::scan_portable(&image, cin, h, w);
                 assert_eq!(fast.masks, portable.masks, "seed {seed}");
                 assert_eq!(fast.binary, portable.binary, "seed {seed}");
+            }
+        }
+    }
+
+    /// Every build of the entry lists (portable, AVX2, AVX-512 compress) lists the same entries,
+    /// values and spans, for binary and integer inputs, one and two mask words, strides 1 and 2.
+    #[test]
+    fn entry_list_builds_agree() {
+        for (seed, cin, density, integer, stride) in [
+            (1, 64, 0.05, false, 1),
+            (2, 70, 0.3, true, 2),
+            (3, 130, 1.0, false, 1),
+            (4, 17, 0.5, true, 1),
+        ] {
+            let (h, w) = (6, 11);
+            let image = random_sparse(&[cin, h, w], density, integer, seed);
+            let conv = Conv2d::new(
+                random_uniform(&[4, cin, 3, 3], -1.0, 1.0, seed),
+                None,
+                (stride, stride),
+                (1, 1),
+                (1, 1),
+                1,
+            )
+            .unwrap();
+            let used = UsedInputs::new(&conv, (h, w), conv.output_hw(h, w).unwrap());
+            let scan = ActiveChannels::scan_portable(image.data(), cin, h, w);
+            let build = |lists: ActiveInputs| {
+                let spans: Vec<(u32, u32, u32)> = lists
+                    .spans
+                    .iter()
+                    .map(|s| (s.column, s.first, s.last))
+                    .collect();
+                (lists.rows, lists.values, spans, lists.span_starts)
+            };
+            let args = (&scan, image.data(), (h, w), stride, scan.binary, &used);
+            let portable = build(ActiveInputs::build::<false>(
+                args.0, args.1, args.2, args.3, args.4, args.5,
+            ));
+            assert!(!portable.0.is_empty(), "seed {seed}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                let mut fast = Vec::new();
+                if has_avx2() {
+                    // SAFETY: the features were detected.
+                    fast.push(unsafe {
+                        ActiveInputs::new_avx2(args.0, args.1, args.2, args.3, args.4, args.5)
+                    });
+                }
+                if has_avx512() && std::arch::is_x86_feature_detected!("avx512vbmi2") {
+                    // SAFETY: the features were detected.
+                    fast.push(unsafe {
+                        ActiveInputs::new_avx512(args.0, args.1, args.2, args.3, args.4, args.5)
+                    });
+                }
+                for lists in fast {
+                    assert_eq!(build(lists), portable, "seed {seed}");
+                }
             }
         }
     }
