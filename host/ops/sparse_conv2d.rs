@@ -1354,17 +1354,25 @@ fn band_shape(oh: usize, ow: usize, n: usize, chunks: usize) -> (usize, usize) {
 }
 
 /// The sparse convolution of `n` images `[Cin, H, W]` into `out` `[n, Cout, OH, OW]`, every
-/// element of which it writes: tap by tap over each band, so each tap's weight slice
-/// (`Cin × chunk`) is reused across the whole band.
+/// element of which it writes: a group of taps of one kernel row at a time over each band, so
+/// their weight slices (`Cin × chunk` each, together within L1) are reused across the whole
+/// band.
 ///
-/// Measured against it on the 2-core Xeon (3×3 64→64 @56, batch 8, 5%, the sparse forward
-/// alone: 1.86–1.95 ms) and dropped: sweeping each output row left to right with the three
+/// Measured at stop 25 against the tap-by-tap order of then (2-core Xeon, 3×3 64→64 @56,
+/// batch 8, 5%, the sparse forward alone: 1.86–1.95 ms) and dropped: sweeping each output row
+/// left to right with the three
 /// outputs an input column feeds in registers (every tap of an input added where it is read,
 /// each output stored once) ran the same, 1.86 ms, bound by the 147 KB of all nine taps'
 /// weights coming from L2; split into 32- or 16-lane passes that fit L1, 2.08 / 2.39 ms (a
 /// list walk per pass); with each column's three rows merged into one list first, 2.16 ms.
 /// Exactly three inputs per pixel instead of a varying count (a timing probe, wrong output) was
-/// only 10% faster, so the loop's exit branch is not what bounds it.
+/// only 10% faster then; at stop 26, with the kernel row's taps together, 8% (1.51 → 1.38 ms):
+/// the loops' mispredicted exits cost about that much. Sorting each row's pixels by input count
+/// so that exits repeat: 1.44–1.47 → 1.58–1.61 ms (the sort, and the accumulators visited out
+/// of order). Writing rows out (transposed) as the last kernel row finishes them, instead of the
+/// band at the end: 1.31–1.34 → 1.39–1.52 ms for 1 to 4 rows at a time (a whole band equal).
+/// Prefetching the band's output lines for ownership during its gather, spread over its rows:
+/// 1.43 → 1.49 ms. (All in one process each, the layer's median.)
 fn sparse_conv_cpu(
     conv: &Conv2d,
     weights: &GatherWeights,
@@ -1601,7 +1609,8 @@ struct BandJob<'a> {
     g: &'a RowGeometry,
     weights: &'a GatherWeights,
     bias: &'a [f32],
-    /// The images this task computes, tap by tap, so each tap's weights serve all of them.
+    /// The images this task computes, taps group by group, so each group's weights serve all of
+    /// them.
     images: &'a [ActiveInputs],
     /// Every non-zero of the batch is 1: no values to multiply by.
     binary: bool,
@@ -1641,18 +1650,12 @@ impl BandJob<'_> {
         }
     }
 
-    /// Tap by tap: one tap's weights for this chunk (Cin rows of CH lanes) stay in cache while
-    /// every output pixel of the band takes their contributions.
+    /// Taps group by group: a group's weights for this chunk (Cin rows of CH lanes a tap) stay
+    /// in L1 while every output pixel of the band takes their contributions.
     #[inline(always)]
     fn band<const CH: usize, const BINARY: bool>(&self, buffer: &mut [f32]) {
         let g = self.g;
         let (kh, kw) = g.kernel;
-        let bias: [f32; CH] = self.bias[self.start..self.start + CH]
-            .try_into()
-            .expect("CH lanes");
-        for px in buffer.chunks_exact_mut(CH) {
-            px.copy_from_slice(&bias);
-        }
         // Taps of a kernel row read the same input pixels (one residue class) when the stride
         // divides the dilation (stride 1: ResNet's 3×3 convs); as many go together as their
         // weight slices fit L1.
@@ -1696,7 +1699,18 @@ impl BandJob<'_> {
         // SAFETY: the chunk holds kh·kw taps of Cin rows of CH lanes.
         let taps: [*const f32; T] =
             std::array::from_fn(|t| unsafe { taps_base.add((ky * kw + kx + t) * g.cin * CH) });
+        let bias: &[f32; CH] = self.bias[self.start..self.start + CH]
+            .try_into()
+            .expect("CH lanes");
         for r in 0..self.images.len() * self.rows {
+            if ky == 0 && kx == 0 {
+                // The band's first taps: each row starts from the bias just before it is used,
+                // in L1 (filling the whole band first: 1.16–1.17 → 1.18–1.20 ms, 3×3 64→64 @56,
+                // batch 8, 5%, in one process).
+                for px in buffer[r * g.ow * CH..(r + 1) * g.ow * CH].chunks_exact_mut(CH) {
+                    px.copy_from_slice(bias);
+                }
+            }
             let a = &self.images[r / self.rows];
             let oy = self.oy0 + r % self.rows;
             let Some(iy) = RowGeometry::source(oy, ky, g.stride.0, g.padding.0, g.dilation.0, g.h)
