@@ -67,6 +67,31 @@ proptest! {
         }
     }
 
+    /// Maps large enough to be split into bands and batches large enough for one image per task
+    /// (the path where each task lists its image and then gathers it), on two threads.
+    #[test]
+    fn sparse_conv_equals_dense_on_banded_batches(
+        images in 4usize..9, cin in 1usize..70, cout in 1usize..130,
+        h in 17usize..26, w in 17usize..26,
+        k in prop_oneof![Just(1usize), Just(3)],
+        stride in 1usize..3, pad in 0usize..2, dilation in 1usize..3,
+        with_bias: bool, integer: bool, density in density(), seed: u64,
+    ) {
+        let seed = seed % (1 << 60);
+        let conv = Conv2d::new(
+            random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+            with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
+            (stride, stride), (pad, pad), (dilation, dilation), 1,
+        ).unwrap();
+        let x = random_sparse(&[images, cin, h, w], density, integer, seed + 2);
+        let want = conv.forward(&[&x]).unwrap();
+        let mut sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
+        sparse.dense_above_density = f64::INFINITY;
+        sparse.pattern_above = f64::INFINITY;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        assert_close(&pool.install(|| sparse.forward(&[&x])).unwrap(), &want)?;
+    }
+
     #[test]
     fn sparse_linear_equals_dense(
         rows in 1usize..9, features in 1usize..300, outputs in 1usize..130,
