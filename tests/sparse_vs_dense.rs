@@ -31,6 +31,24 @@ fn assert_close(got: &Tensor, want: &Tensor) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A `k × k` conv with weights (and bias) uniform in [−1, 1) from `seed` and `seed + 1`.
+fn random_conv(
+    [cout, cin, k]: [usize; 3],
+    (stride, pad, dilation): (usize, usize, usize),
+    with_bias: bool,
+    seed: u64,
+) -> Conv2d {
+    Conv2d::new(
+        random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+        with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
+        (stride, stride),
+        (pad, pad),
+        (dilation, dilation),
+        1,
+    )
+    .unwrap()
+}
+
 fn density() -> impl Strategy<Value = f64> {
     prop_oneof![Just(0.0), Just(1.0), 0.0..=1.0f64, 0.0..0.1f64]
 }
@@ -47,11 +65,7 @@ proptest! {
         with_bias: bool, integer: bool, density in density(), seed: u64,
     ) {
         let seed = seed % (1 << 60);
-        let conv = Conv2d::new(
-            random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
-            with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
-            (stride, stride), (pad, pad), (dilation, dilation), 1,
-        ).unwrap();
+        let conv = random_conv([cout, cin, k], (stride, pad, dilation), with_bias, seed);
         let x = random_sparse(&[t, n, cin, h, w], density, integer, seed + 2);
         let Ok(want) = conv.forward(&[&x]) else {
             // A geometry with no output (kernel larger than the padded input) must fail alike.
@@ -78,11 +92,7 @@ proptest! {
         with_bias: bool, integer: bool, density in density(), seed: u64,
     ) {
         let seed = seed % (1 << 60);
-        let conv = Conv2d::new(
-            random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
-            with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
-            (stride, stride), (pad, pad), (dilation, dilation), 1,
-        ).unwrap();
+        let conv = random_conv([cout, cin, k], (stride, pad, dilation), with_bias, seed);
         let x = random_sparse(&[images, cin, h, w], density, integer, seed + 2);
         let want = conv.forward(&[&x]).unwrap();
         let mut sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
