@@ -898,15 +898,17 @@ impl SpikeMasks {
 /// The input density above which the dense GEMM beats the sparse gather on this kind of layer.
 ///
 /// Measured with `sparseflow bench-layer --dense-above 2` (sparse kernel forced) against the
-/// im2col + GEMM path in the same run, batch 8, binary spikes, on the 2-core AMD EPYC (Zen 3)
-/// CI machine (README, "Dense fallback"). 3×3 convs: the sparse kernel was 2.2–2.9× faster at
-/// 50–70% non-zeros on 64→64 @56 and 1.3–1.4× on 256→256 @14 and 512→512 @7; at 100% it lost
-/// on 512→512 (0.77×). 1×1 convs, whose dense path is one GEMM with no im2col, cross over when
-/// a pixel has about 40 active channels: 256→64 @56 1.33× at 10%, 0.85× at 20%; 128→256 @56
-/// stride 2 1.27× at 20%, 1.09× at 30%, 0.85× at 45%; 64→256 @56 still 1.09× at 45%.
+/// im2col + GEMM path in the same run, batch 8, binary spikes, on the 2-core Xeon (AVX-512) at
+/// stop 26 (README, "Dense fallback"). 1×1 convs: sparse/dense 1.84–2.80× at 45% on 2048→512
+/// @7, 1024→256 @14, 512→128 @28, 256→64 @56, 128→256 @28 stride 2 and 64→256 @56; 1.41–2.22×
+/// at 55%; 1024→256 @14 0.99× at 60% (the others 1.2–2.3× up to 70–100%). At 5% the 1×1 convs
+/// with 1024 and 2048 inputs run 7–10× faster sparse, which the rule before (dense above
+/// 40 / Cin, from stop 15's Zen 3 machine and gather) sent to the dense GEMM. 3×3 convs:
+/// 1.8–3.0× at 60%, 1.0–1.7× at 100% on binary input (the pattern tables above 67%); kept at
+/// 60%, as integer-valued (SEW) input has no pattern path.
 pub fn dense_above_density(conv: &Conv2d) -> f64 {
     match conv.kernel_size() {
-        (1, 1) => (40.0 / conv.in_channels().max(1) as f64).min(0.45),
+        (1, 1) => 0.5,
         _ => 0.6,
     }
 }
