@@ -903,7 +903,7 @@ impl SpikeMasks {
 /// @7, 1024→256 @14, 512→128 @28, 256→64 @56, 128→256 @28 stride 2 and 64→256 @56; 1.41–2.22×
 /// at 55%; 1024→256 @14 0.99× at 60% (the others 1.2–2.3× up to 70–100%). At 5% the 1×1 convs
 /// with 1024 and 2048 inputs run 7–10× faster sparse, which the rule before (dense above
-/// 40 / Cin, from stop 15's Zen 3 machine and gather) sent to the dense GEMM. 3×3 convs:
+/// 40 / Cin, from an earlier stop's Zen 3 machine and gather) sent to the dense GEMM. 3×3 convs:
 /// 1.8–3.0× at 60%, 1.0–1.7× at 100% on binary input (the pattern tables above 67%); kept at
 /// 60%, as integer-valued (SEW) input has no pattern path.
 pub fn dense_above_density(conv: &Conv2d) -> f64 {
