@@ -1866,9 +1866,9 @@ impl BandJob<'_> {
 }
 
 /// [`add_span`] through three taps whose output columns are `column + delta`, `− 1`, `− 2`
-/// (stride 1, dilation 1), over spans sorted by column: an output pixel takes its three
-/// contributions from three adjacent spans, so two partial sums ride along in registers and
-/// each span stores one finished pixel instead of adding to three.
+/// (dilation equal to the stride: 1 in ResNets), over spans sorted by column: an output pixel
+/// takes its three contributions from three adjacent spans, so two partial sums ride along in
+/// registers and each span stores one finished pixel instead of adding to three.
 ///
 /// # Safety
 /// As [`add_span`], for every span and the three output pixels of each.
