@@ -43,8 +43,8 @@ use crate::ops::pattern_conv::{
     pattern_conv_cpu, pattern_conv_cuda, DevicePatternTables, PatternTables, MIN_ROWS_PER_LOOKUP,
 };
 use crate::ops::spike_gather::{
-    accumulate, cached_upload, has_avx2, has_avx512, AlignedFloats, DeviceGatherWeights,
-    DisjointWrites, GatherWeights,
+    accumulate, cached_upload, has_avx2, has_avx512, has_avx512_vbmi2, AlignedFloats,
+    DeviceGatherWeights, DisjointWrites, GatherWeights,
 };
 use crate::ops::tensor_conv::{self, tensor_conv_cuda, TensorConvWeights};
 use crate::ops::{expect_inputs, Operator};
@@ -673,13 +673,13 @@ impl SparseConv2d {
             (ActiveInputs::new(source), scan.binary)
         };
         let plan = BandPlan::new(&self.conv, &weights, (n, h, w), out.as_mut_ptr());
+        let geometry = RowGeometry::new(&self.conv, h, w);
         if plan.group == 1 && n >= 2 * rayon::current_num_threads() {
             // Enough images for every thread: each task scans and lists one image, then fills
             // and writes its bands while the lists are in cache, and one thread's scan (waiting
             // on memory) runs beside another's gather. 3×3 64→64 @56, batch 8, 5%, in one
             // process on the 2-core Xeon: 1.21 → 1.10 ms against lists for all images first.
             // Prefetching the next image's input into L2 during the bands: 1.14–1.18 ms.
-            let geometry = RowGeometry::new(&self.conv, h, w);
             let per_image = plan.bands * plan.chunks.len();
             (0..n).into_par_iter().for_each_init(
                 || plan.buffer(),
@@ -712,9 +712,11 @@ impl SparseConv2d {
             }
         }
         let actives: Vec<ActiveInputs> = actives.into_iter().map(|(lists, _)| lists).collect();
-        let images = (&actives[..], binary);
-        sparse_conv_cpu(&self.conv, &weights, images, (n, h, w), out.as_mut_ptr());
-        // SAFETY: sparse_conv_cpu wrote every element of the [n, Cout, OH, OW] output.
+        plan.for_each(|band, bias, buffer| {
+            let images = (&actives[band.images.clone()], binary);
+            fill_band(&geometry, &weights, bias, images, band, buffer);
+        });
+        // SAFETY: the bands cover every element of the [n, Cout, OH, OW] output.
         unsafe { out.assume_written(out_shape) }
     }
 
@@ -1145,7 +1147,7 @@ struct ListSource<'a> {
 impl ActiveInputs {
     fn new(source: ListSource) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() && std::arch::is_x86_feature_detected!("avx512vbmi2") {
+        if has_avx512_vbmi2() {
             // SAFETY: the features were detected.
             return unsafe { Self::new_avx512(source) };
         }
@@ -1379,18 +1381,17 @@ fn band_shape(oh: usize, ow: usize, n: usize, chunks: usize) -> (usize, usize) {
     (oh.max(1), group)
 }
 
-/// The sparse convolution of `n` images `[Cin, H, W]` into `out` `[n, Cout, OH, OW]`, every
-/// element of which it writes: a group of taps of one kernel row at a time over each band, so
-/// their weight slices (`Cin × chunk` each, together within L1) are reused across the whole
-/// band.
+/// Fills one band's buffer from its images' lists: a group of taps of one kernel row at a time
+/// over the band, so their weight slices (`Cin × chunk` each, together within L1) are reused
+/// across the whole band.
 ///
 /// Measured at stop 25 against the tap-by-tap order of then (2-core Xeon, 3×3 64→64 @56,
 /// batch 8, 5%, the sparse forward alone: 1.86–1.95 ms) and dropped: sweeping each output row
-/// left to right with the three
-/// outputs an input column feeds in registers (every tap of an input added where it is read,
-/// each output stored once) ran the same, 1.86 ms, bound by the 147 KB of all nine taps'
-/// weights coming from L2; split into 32- or 16-lane passes that fit L1, 2.08 / 2.39 ms (a
-/// list walk per pass); with each column's three rows merged into one list first, 2.16 ms.
+/// left to right with the three outputs an input column feeds in registers (every tap of an
+/// input added where it is read, each output stored once) ran the same, 1.86 ms, bound by the
+/// 147 KB of all nine taps' weights coming from L2; split into 32- or 16-lane passes that fit
+/// L1, 2.08 / 2.39 ms (a list walk per pass); with each column's three rows merged into one
+/// list first, 2.16 ms.
 /// Exactly three inputs per pixel instead of a varying count (a timing probe, wrong output) was
 /// only 10% faster then; at stop 26, with the kernel row's taps together, 8% (1.51 → 1.38 ms):
 /// the loops' mispredicted exits cost about that much. Sorting each row's pixels by input count
@@ -1399,21 +1400,6 @@ fn band_shape(oh: usize, ow: usize, n: usize, chunks: usize) -> (usize, usize) {
 /// band at the end: 1.31–1.34 → 1.39–1.52 ms for 1 to 4 rows at a time (a whole band equal).
 /// Prefetching the band's output lines for ownership during its gather, spread over its rows:
 /// 1.43 → 1.49 ms. (All in one process each, the layer's median.)
-fn sparse_conv_cpu(
-    conv: &Conv2d,
-    weights: &GatherWeights,
-    (actives, binary): (&[ActiveInputs], bool),
-    (n, h, w): (usize, usize, usize),
-    out: *mut f32,
-) {
-    let geometry = RowGeometry::new(conv, h, w);
-    for_each_band(conv, weights, (n, h, w), out, |band, bias, buffer| {
-        let images = &actives[band.images.clone()];
-        fill_band(&geometry, weights, bias, (images, binary), band, buffer);
-    });
-}
-
-/// Fills one band's buffer from its images' lists.
 fn fill_band(
     geometry: &RowGeometry,
     weights: &GatherWeights,
@@ -1529,6 +1515,23 @@ impl BandPlan {
         AlignedFloats::zeros(self.group * self.band_rows * self.ow * 64)
     }
 
+    /// [`for_each_band`] on this plan.
+    fn for_each<F>(&self, fill: F)
+    where
+        F: Fn(&Band, &[f32], &mut [f32]) + Sync,
+    {
+        (0..self.tasks()).into_par_iter().for_each_init(
+            || self.buffer(),
+            |buffer, task| {
+                let band = self.band(task);
+                let buffer = &mut buffer[..band.images.len() * band.rows * self.ow * band.width];
+                fill(&band, &self.bias, buffer);
+                // SAFETY: this is the band's own task.
+                unsafe { self.write(&band, buffer) };
+            },
+        );
+    }
+
     /// Transposes a filled band buffer into the output.
     ///
     /// # Safety
@@ -1564,17 +1567,7 @@ pub(crate) fn for_each_band<F>(
 ) where
     F: Fn(&Band, &[f32], &mut [f32]) + Sync,
 {
-    let plan = BandPlan::new(conv, weights, (n, h, w), out);
-    (0..plan.tasks()).into_par_iter().for_each_init(
-        || plan.buffer(),
-        |buffer, task| {
-            let band = plan.band(task);
-            let buffer = &mut buffer[..band.images.len() * band.rows * plan.ow * band.width];
-            fill(&band, &plan.bias, buffer);
-            // SAFETY: this is the band's own task.
-            unsafe { plan.write(&band, buffer) };
-        },
-    );
+    BandPlan::new(conv, weights, (n, h, w), out).for_each(fill);
 }
 
 /// Transposes a finished band `[pixels, padded]` into a contiguous segment of every channel
@@ -1797,6 +1790,8 @@ impl BandJob<'_> {
         // SAFETY: the chunk holds kh·kw taps of Cin rows of CH lanes.
         let taps: [*const f32; T] =
             std::array::from_fn(|t| unsafe { taps_base.add((ky * kw + kx + t) * g.cin * CH) });
+        // Three taps whose output columns are adjacent carry partial sums from pixel to pixel.
+        let sliding = T == 3 && (1..T).all(|t| deltas[t] == deltas[0] - t as isize);
         let bias: &[f32; CH] = self.bias[self.start..self.start + CH]
             .try_into()
             .expect("CH lanes");
@@ -1832,7 +1827,6 @@ impl BandJob<'_> {
             // SAFETY (both loops): each span's output column is in 0..ow for the taps it is
             // added through; its entries index `rows` (and `values` when not binary); every
             // entry is 64·c for a channel c < Cin, so row c·CH of each tap lies in the chunk.
-            let sliding = T == 3 && (1..T).all(|t| deltas[t] == deltas[0] - t as isize);
             if sliding {
                 let taps3 = [taps[0], taps[1], taps[T - 1]];
                 unsafe {
@@ -1875,14 +1869,11 @@ impl BandJob<'_> {
 #[inline(always)]
 unsafe fn add_spans_sliding<const CH: usize, const BINARY: bool>(
     spans: &[Span],
-    (rows, values): (*const u32, *const f32),
+    inputs: (*const u32, *const f32),
     taps: [*const f32; 3],
     out_row: *mut f32,
     delta: isize,
 ) {
-    let shift_64 = (64 / CH).trailing_zeros();
-    let value = |i: usize| if BINARY { 1.0 } else { *values.add(i) };
-    let row = |i: usize| *rows.add(i) as usize >> shift_64;
     let add_to = |ox: isize, sum: &[f32; CH]| {
         let out = out_row.offset(ox * CH as isize);
         for (j, v) in sum.iter().enumerate() {
@@ -1904,28 +1895,10 @@ unsafe fn add_spans_sliding<const CH: usize, const BINARY: bool>(
             next = [0.0; CH];
             mid = [0.0; CH];
         }
-        let (first, last) = (s.first as usize, s.last as usize);
         // Pixel here − 2 is finished by this span's third tap, starting from its partial sum;
         // here − 1 continues from `next`; `here` starts.
-        let mut sums = [[0.0f32; CH]; 3];
-        for (t, sum) in sums.iter_mut().enumerate() {
-            let src = taps[t].add(row(first));
-            let carried = match t {
-                0 => None,
-                1 => Some(&next),
-                _ => Some(&mid),
-            };
-            for (j, v) in sum.iter_mut().enumerate() {
-                let w = value(first) * *src.add(j);
-                *v = carried.map_or(w, |c| c[j] + w);
-            }
-        }
-        for i in first + 1..last {
-            for (sum, tap) in sums.iter_mut().zip(taps) {
-                accumulate::<CH, BINARY>(sum, tap.add(row(i)), value(i));
-            }
-        }
-        let [s0, s1, s2] = sums;
+        let [s0, s1, s2] =
+            span_sums::<CH, BINARY, 3>(s, inputs, taps, [None, Some(&next), Some(&mid)]);
         add_to(here - 2, &s2);
         next = s0;
         mid = s1;
@@ -1945,21 +1918,42 @@ unsafe fn add_spans_sliding<const CH: usize, const BINARY: bool>(
 #[inline(always)]
 unsafe fn add_span<const CH: usize, const BINARY: bool, const T: usize>(
     s: &Span,
-    (rows, values): (*const u32, *const f32),
+    inputs: (*const u32, *const f32),
     taps: [*const f32; T],
     outs: [*mut f32; T],
 ) {
+    let sums = span_sums::<CH, BINARY, T>(s, inputs, taps, [None; T]);
+    for (sum, out) in sums.iter().zip(outs) {
+        for (j, v) in sum.iter().enumerate() {
+            *out.add(j) += v;
+        }
+    }
+}
+
+/// For each tap `t`: `carried[t]` (or nothing) plus `Σ value · tap_t[row]` over the span's
+/// inputs. The sums start from the first input, not from a stored accumulator, so no load
+/// heads the chain of additions.
+///
+/// # Safety
+/// The span's entries index `rows` (and `values`, unless binary), and every row lies inside
+/// each tap.
+#[inline(always)]
+unsafe fn span_sums<const CH: usize, const BINARY: bool, const T: usize>(
+    s: &Span,
+    (rows, values): (*const u32, *const f32),
+    taps: [*const f32; T],
+    carried: [Option<&[f32; CH]>; T],
+) -> [[f32; CH]; T] {
     let shift_64 = (64 / CH).trailing_zeros();
     let (first, last) = (s.first as usize, s.last as usize);
     let value = |i: usize| if BINARY { 1.0 } else { *values.add(i) };
     let row = |i: usize| *rows.add(i) as usize >> shift_64;
-    // The sums start from the first input, not from the stored accumulators, so those loads
-    // are off the chains of additions.
     let mut sums = [[0.0f32; CH]; T];
-    for (sum, tap) in sums.iter_mut().zip(taps) {
+    for ((sum, tap), carried) in sums.iter_mut().zip(taps).zip(carried) {
         let src = tap.add(row(first));
         for (j, v) in sum.iter_mut().enumerate() {
-            *v = value(first) * *src.add(j);
+            let w = value(first) * *src.add(j);
+            *v = carried.map_or(w, |c| c[j] + w);
         }
     }
     for i in first + 1..last {
@@ -1967,11 +1961,7 @@ unsafe fn add_span<const CH: usize, const BINARY: bool, const T: usize>(
             accumulate::<CH, BINARY>(sum, tap.add(row(i)), value(i));
         }
     }
-    for (sum, out) in sums.iter().zip(outs) {
-        for (j, v) in sum.iter().enumerate() {
-            *out.add(j) += v;
-        }
-    }
+    sums
 }
 
 impl Operator for SparseConv2d {
@@ -2118,7 +2108,7 @@ mod tests {
                     // SAFETY: the features were detected.
                     fast.push(unsafe { ActiveInputs::new_avx2(source) });
                 }
-                if has_avx512() && std::arch::is_x86_feature_detected!("avx512vbmi2") {
+                if has_avx512_vbmi2() {
                     // SAFETY: the features were detected.
                     fast.push(unsafe { ActiveInputs::new_avx512(source) });
                 }

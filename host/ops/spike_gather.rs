@@ -228,6 +228,18 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// Whether this CPU also has AVX-512 VBMI2 (byte compress), on top of [`has_avx512`]'s.
+pub fn has_avx512_vbmi2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512() && std::arch::is_x86_feature_detected!("avx512vbmi2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// True when the CPU can run the AVX2 builds of the sparse kernels: AVX2 and FMA (their
 /// accumulators then live in ymm registers), plus POPCNT and BMI1/2, which every AVX2 CPU has
 /// and without which `count_ones` and `trailing_zeros` are bit-twiddling loops.
