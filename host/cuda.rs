@@ -40,7 +40,10 @@ pub struct CudaBackend {
     module: Arc<CudaModule>,
     /// Whether `module` is the sm_90a one, with the `wgmma` kernels.
     hopper: bool,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// The column sweep's packing output, reused by every forward on this device.
+    pub(crate) sweep_scratch: Mutex<crate::ops::sparse_conv2d::SweepScratch>,
+    /// Loaded entry points, with the dynamic shared memory each is allowed so far.
+    functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
     max_shared_memory_per_block: usize,
     multiprocessors: usize,
     /// One `u32` zero: the "no non-binary input" flag of masks built from spike bitmaps
@@ -96,6 +99,11 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::NoGpu(format!("CUDA device {ordinal} did not open ({e})")))?;
         let name = ctx.name()?;
+        // Every launch on this device is ordered on its one stream, so buffers need no events
+        // to order their uses across streams; tracking would create two events for every
+        // allocation and destroy them at every free (host time before the launches).
+        // SAFETY: no slice of this context is used on another stream.
+        unsafe { ctx.disable_event_tracking() };
         if ctx.has_async_alloc() {
             keep_pool_memory(ctx.cu_device())?;
         }
@@ -126,6 +134,7 @@ impl CudaBackend {
             module,
             hopper,
             functions: Mutex::new(HashMap::new()),
+            sweep_scratch: Mutex::default(),
             zero_word,
             max_shared_memory_per_block,
             multiprocessors,
@@ -163,18 +172,34 @@ impl CudaBackend {
 
     /// The kernel entry point `entry` of the embedded module.
     pub fn function(&self, entry: &'static str) -> Result<CudaFunction> {
+        self.function_with_shared(entry, 0)
+    }
+
+    /// [`Self::function`], allowed `bytes` of dynamic shared memory. Launches above 48 KB need
+    /// the function's limit raised; it is raised once for each larger size, not at every launch
+    /// (each `cuFuncSetAttribute` is host time before the launch).
+    pub(crate) fn function_with_shared(
+        &self,
+        entry: &'static str,
+        bytes: u32,
+    ) -> Result<CudaFunction> {
         let mut functions = self
             .functions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(f) = functions.get(entry) {
+        if let Some((f, allowed)) = functions.get_mut(entry) {
+            if bytes > *allowed {
+                allow_shared_memory(f, bytes)?;
+                *allowed = bytes;
+            }
             return Ok(f.clone());
         }
         let f = self
             .module
             .load_function(entry)
             .map_err(|e| Error::MissingKernelVariant(format!("{entry} ({e})")))?;
-        functions.insert(entry, f.clone());
+        allow_shared_memory(&f, bytes)?;
+        functions.insert(entry, (f.clone(), bytes));
         Ok(f)
     }
 }
@@ -508,7 +533,7 @@ fn keep_pool_memory(device: cudarc::driver::sys::CUdevice) -> Result<()> {
 }
 
 /// Launches with more than 48 KB of dynamic shared memory need the function's limit raised.
-pub(crate) fn allow_shared_memory(function: &CudaFunction, bytes: u32) -> Result<()> {
+fn allow_shared_memory(function: &CudaFunction, bytes: u32) -> Result<()> {
     if bytes > 48 * 1024 {
         function.set_attribute(
             cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -28,7 +28,7 @@ use sparseflow_kernels::pattern_conv::{
 /// The widest segment of the CPU's tables: a whole window row of up to 8 bits, one lookup.
 pub const CPU_SEGMENT_BITS: u32 = 8;
 
-use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
+use crate::cuda::{ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
 use crate::ops::spike_gather::{accumulate, has_avx2, AlignedFloats, GatherWeights};
@@ -421,8 +421,7 @@ pub(crate) fn pattern_conv_cuda(
         })?
     };
     let weights = conv.device_weights(&backend)?;
-    let kernel = backend.function("pattern_conv")?;
-    allow_shared_memory(&kernel, shared)?;
+    let kernel = backend.function_with_shared("pattern_conv", shared)?;
     // A grid-stride loop over pixel tiles: each CTA loads its table slice once.
     let tiles = pixels.div_ceil(PATTERN_TILE);
     let geometry = ByValue(g);

@@ -33,9 +33,7 @@ use sparseflow_kernels::sparse_conv::{
     CONV_THREADS, PACK_THREADS, SPARSE_CONV_VARIANTS,
 };
 
-use crate::cuda::{
-    allow_shared_memory, launch_kernel, CudaBackend, DeviceCache, DeviceTensor, GpuTimer, KernelArg,
-};
+use crate::cuda::{launch_kernel, CudaBackend, DeviceCache, DeviceTensor, GpuTimer, KernelArg};
 use crate::error::{Error, Result};
 use crate::impl_as_any;
 use crate::ops::conv2d::Conv2d;
@@ -439,8 +437,7 @@ impl SparseConv2d {
 
         let b = variant.block;
         let (tiles_y, tiles_x) = ((oh as u32).div_ceil(b), (ow as u32).div_ceil(b));
-        let conv = backend.function(variant.entry)?;
-        allow_shared_memory(&conv, shared)?;
+        let conv = backend.function_with_shared(variant.entry, shared)?;
         let dims = [h, w, cout, weights.padded_outputs, oh, ow].map(|v| v as u32);
         let mut launch = stream.launch_builder(&conv);
         launch.arg(x.slice());
@@ -533,21 +530,30 @@ impl SparseConv2d {
         // Below 2³² by the check above.
         let geometry @ [n32, cin32, _, h32, w32] =
             [n, cin, self.conv.out_channels(), h, w].map(|v| v as u32);
+        let dims = (n32, cin32, h32 * w32);
+        let stream = backend.stream();
+        // Held until the sweep is queued: the scratch's masks are this forward's until then.
+        let mut scratch = backend
+            .sweep_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // Masks a marking neuron left on the input, else a packing pass's.
-        let masks = pack_spike_masks(x, (n32, cin32, h32 * w32))?;
+        let (words, flag) = match x.spike_masks().filter(|m| m.dims == dims && m.planes == 1) {
+            Some(m) => (
+                m.words.device_ptr(stream).0,
+                m.non_binary.device_ptr(stream).0,
+            ),
+            None => scratch.pack(x, dims)?,
+        };
         let ctas = backend.multiprocessors().max(1) as u32;
         let strip_rows = sweep_strip_rows(n32, h32, w32, ctas * (SWEEP_THREADS / 32));
-        let stream = backend.stream();
-        let function = backend.function("sweep_conv3x3")?;
-        allow_shared_memory(&function, SWEEP_SHARED_BYTES)?;
+        let function = backend.function_with_shared("sweep_conv3x3", SWEEP_SHARED_BYTES)?;
         let config = LaunchConfig {
             grid_dim: (ctas, 1, 1),
             block_dim: (SWEEP_THREADS, 1, 1),
             shared_mem_bytes: SWEEP_SHARED_BYTES,
         };
         let (input, _input_use) = x.slice().device_ptr(stream);
-        let (words, _words_use) = masks.words.device_ptr(stream);
-        let (flag, _flag_use) = masks.non_binary.device_ptr(stream);
         let (w, _w_use) = weights.weights.device_ptr(stream);
         let (b, _b_use) = weights.bias.device_ptr(stream);
         let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
@@ -568,6 +574,7 @@ impl SparseConv2d {
         // launch is programmatic only for the sm_90a build, which waits for the previous kernel
         // before touching the masks, input or output.
         unsafe { launch_kernel(stream, &function, config, &args, programmatic)? };
+        drop(scratch);
         *self.last_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(())
     }
@@ -749,6 +756,72 @@ impl SparseConv2d {
     }
 }
 
+/// The column sweep's packing output on one device, kept between forwards: the mask words and
+/// two non-binary flags. Each forward's packing pass raises one flag and zeroes the other, the
+/// one the next forward raises, so that a forward makes no allocation and no memset (each a
+/// driver call the packing pass waits for). Every launch is ordered on the device's one stream,
+/// and a forward queues its pass and its sweep under the backend's lock on this scratch.
+#[derive(Default)]
+pub(crate) struct SweepScratch {
+    /// Mask words (grown to the largest map packed so far) and the two flags.
+    buffers: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
+    /// Forwards packed so far: their parity picks the flag.
+    forwards: u64,
+}
+
+impl SweepScratch {
+    /// Queues `spike_mask_pack` over `x` (`(n, cin, hw)`, the caller has checked that `n ·
+    /// ceil(cin / 32) · hw` fits a `u32`) and returns the device addresses of its masks and
+    /// non-binary flag, valid for the work queued before the next call.
+    fn pack(&mut self, x: &DeviceTensor, (n, cin, hw): (u32, u32, u32)) -> Result<(u64, u64)> {
+        let backend = x.backend();
+        let stream = backend.stream();
+        let total = (n * mask_words(cin) * hw).max(1) as usize;
+        let (words, flags) = match self.buffers.take() {
+            Some((words, flags)) if words.len() >= total => (words, flags),
+            old => {
+                // SAFETY: the packing pass writes every mask word a sweep reads.
+                let words = unsafe { stream.alloc::<u32>(total)? };
+                let flags = match old {
+                    Some((_, flags)) => flags,
+                    None => stream.alloc_zeros::<u32>(2)?,
+                };
+                (words, flags)
+            }
+        };
+        let buffers = self.buffers.insert((words, flags));
+        let words = buffers.0.device_ptr(stream).0;
+        let flags = buffers.1.device_ptr(stream).0;
+        let slot = self.forwards % 2;
+        self.forwards += 1;
+        let (flag, clear) = (flags + 4 * slot, flags + 4 * (1 - slot));
+        let function = backend.function("spike_mask_pack")?;
+        let config = LaunchConfig {
+            grid_dim: ((total as u32).div_ceil(PACK_THREADS), 1, 1),
+            block_dim: (PACK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [x.slice().device_ptr(stream).0, words, flag, clear]
+            .map(KernelArg::Pointer)
+            .into_iter()
+            .chain([n, cin, hw].map(KernelArg::U32))
+            .collect::<Vec<_>>();
+        // SAFETY: `spike_mask_pack`'s arguments in order: `words` holds `total` words, `flag`
+        // is zero (raised by no pass since the one before last cleared it), `clear` is the
+        // other flag, which no queued consumer of this pass reads.
+        unsafe { launch_kernel(stream, &function, config, &args, false)? };
+        Ok((words, flag))
+    }
+
+    /// The non-binary flag the last packing pass raised or left at zero.
+    #[cfg(test)]
+    fn last_flag(&self, stream: &Arc<cudarc::driver::CudaStream>) -> Result<u32> {
+        let (_, flags) = self.buffers.as_ref().expect("a forward packed");
+        let slot = (self.forwards + 1) % 2;
+        Ok(stream.clone_dtoh(flags)?[slot as usize])
+    }
+}
+
 /// Stage 1 as a pass of its own (`spike_mask_pack`): the input's channel masks and whether some
 /// non-zero is not 1.
 #[derive(Debug)]
@@ -873,13 +946,12 @@ impl SpikeMasks {
         };
         let pack = backend.function(entry)?;
         let mut launch = stream.launch_builder(&pack);
-        launch
-            .arg(x.slice())
-            .arg(&mut words)
-            .arg(&mut flag)
-            .arg(&n)
-            .arg(&cin)
-            .arg(&hw);
+        let no_clear = 0u64;
+        launch.arg(x.slice()).arg(&mut words).arg(&mut flag);
+        if planes != 2 {
+            launch.arg(&no_clear);
+        }
+        launch.arg(&n).arg(&cin).arg(&hw);
         // SAFETY: arguments match both packing kernels' signature and contract.
         unsafe {
             launch.launch(LaunchConfig {
@@ -2276,6 +2348,41 @@ mod tests {
             "gpu_sweep_conv_matches_cpu: {checked} cases equal on {}",
             backend.name()
         );
+    }
+
+    /// Forwards reuse the sweep's packing scratch: each raises the non-binary flag exactly when
+    /// its own input holds a value other than 0 or 1, whatever the forwards before it held (a
+    /// flag left raised would send binary spikes down the slower exact path; one left low,
+    /// integers down the adds-only one), and each equals the CPU reference.
+    #[test]
+    fn gpu_sweep_flags_follow_each_forward() {
+        let Some(backend) = gpu_or_skip("gpu_sweep_flags_follow_each_forward") else {
+            return;
+        };
+        let conv = Conv2d::new(
+            random_uniform(&[64, 64, 3, 3], -1.0, 1.0, 91),
+            Some(random_uniform(&[64], -1.0, 1.0, 92)),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            1,
+        )
+        .unwrap();
+        let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
+        let inputs = [false, true, true, false, false, true, false, true];
+        for (k, &integer) in inputs.iter().enumerate() {
+            let x = random_sparse(&[2, 64, 12, 16], 0.05, integer, 100 + k as u64);
+            let want = conv.forward(&[&x]).unwrap();
+            let dx = DeviceTensor::upload(&backend, &x).unwrap();
+            let mut out = DeviceTensor::uninit(&backend, want.shape().to_vec()).unwrap();
+            out.fill(f32::NAN).unwrap();
+            sparse.forward_cuda_sweep(&dx, &mut out).unwrap();
+            let what = format!("forward {k}, integer {integer}");
+            assert_close_elementwise(&out.download().unwrap(), &want, &what);
+            let scratch = backend.sweep_scratch.lock().unwrap();
+            let flag = scratch.last_flag(backend.stream()).unwrap();
+            assert_eq!(flag != 0, integer, "{what}: flag {flag}");
+        }
     }
 
     #[test]

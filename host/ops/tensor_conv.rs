@@ -26,7 +26,7 @@ use sparseflow_kernels::wgmma_conv::{
     WINDOW_MAX_STAGES, WINDOW_THREADS,
 };
 
-use crate::cuda::{allow_shared_memory, ByValue, CudaBackend, DeviceCache, DeviceTensor};
+use crate::cuda::{ByValue, CudaBackend, DeviceCache, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Conv2d;
 use crate::ops::sparse_conv2d::SpikeMasks;
@@ -333,8 +333,7 @@ fn block_shape(
     if shared > backend.max_shared_memory_per_block() {
         return Ok(None);
     }
-    let function = backend.function(entry)?;
-    allow_shared_memory(&function, shared as u32)?;
+    let function = backend.function_with_shared(entry, shared as u32)?;
     for &threads in threads {
         let per_sm = function
             .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
@@ -479,8 +478,7 @@ pub(crate) fn tensor_conv_cuda(
     };
     if let Some((packed, scale, shape)) = window {
         window_flag = stream.alloc_zeros::<u32>(1)?;
-        let function = backend.function("wgmma_window_conv2d")?;
-        allow_shared_memory(&function, shape.shared)?;
+        let function = backend.function_with_shared("wgmma_window_conv2d", shape.shared)?;
         let mut launch = stream.launch_builder(&function);
         launch
             .arg(x.slice())
@@ -572,8 +570,7 @@ pub(crate) fn tensor_conv_cuda(
         };
         let entry = if masks.planes == 2 { integer } else { binary };
         let flag = &*masks.non_binary;
-        let spikes = backend.function(entry)?;
-        allow_shared_memory(&spikes, shared_mem_bytes)?;
+        let spikes = backend.function_with_shared(entry, shared_mem_bytes)?;
         let mut launch = stream.launch_builder(&spikes);
         launch
             .arg(&masks.words)
@@ -610,8 +607,7 @@ pub(crate) fn tensor_conv_cuda(
     } else {
         "tensor_conv2d_wide"
     };
-    let function = backend.function(entry)?;
-    allow_shared_memory(&function, shared)?;
+    let function = backend.function_with_shared(entry, shared)?;
     let always = 0u64;
     let mut launch = stream.launch_builder(&function);
     launch
@@ -673,8 +669,7 @@ pub(crate) fn tensor_conv_neuron_cuda(
     } else {
         "tensor_conv2d_wide_neuron"
     };
-    let function = backend.function(entry)?;
-    allow_shared_memory(&function, shared)?;
+    let function = backend.function_with_shared(entry, shared)?;
     let has_bias = weights.bias.is_some() as u32;
     let bias = weights.bias.as_ref().unwrap_or(&weights.scaled);
     let (geometry, neuron) = (ByValue(g), ByValue(neuron));

@@ -453,16 +453,15 @@ pub unsafe fn load_streaming_f32(ptr: *const f32) -> f32 {
     out
 }
 
-/// Index of the lowest set bit of `m` (`m` non-zero): bit-reverse, then find the highest.
+/// Index of the lowest set bit of `m` (`m` non-zero): the bit isolated (`m & −m`), then found.
+/// One bit-find; a bit reversal before it cost the column sweep 2–3% at 1% spikes (H100).
 #[inline(always)]
 pub fn lowest_set_bit(m: u32) -> u32 {
     let out: u32;
     unsafe {
         asm!(
-            "{{ .reg .b32 %r;",
-            "brev.b32 %r, {m};",
-            "bfind.shiftamt.u32 {out}, %r; }}",
-            m = in(reg32) m,
+            "bfind.u32 {out}, {m};",
+            m = in(reg32) m & m.wrapping_neg(),
             out = out(reg32) out,
         );
     }

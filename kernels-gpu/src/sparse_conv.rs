@@ -128,14 +128,18 @@ pub const fn mask_words(cin: u32) -> u32 {
 }
 
 /// # Safety
-/// `input` holds `n·cin·hw` floats, `masks` `n·words·hw` u32, `non_binary` one u32 (zeroed by the
-/// host). Launch with `PACK_THREADS` threads and `ceil(n·words·hw / PACK_THREADS)` blocks.
+/// `input` holds `n·cin·hw` floats, `masks` `n·words·hw` u32, `non_binary` one u32 (zero
+/// before the launch); `clear` null or one u32 that is neither `non_binary` nor read by this
+/// launch's consumers: the launch zeroes it (the flag of the next forward, so that no memset
+/// precedes each pass). Launch with `PACK_THREADS` threads and `ceil(n·words·hw /
+/// PACK_THREADS)` blocks.
 #[cfg(target_arch = "nvptx64")]
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     input: *const f32,
     masks: *mut u32,
     non_binary: *mut u32,
+    clear: *mut u32,
     n: u32,
     cin: u32,
     hw: u32,
@@ -147,6 +151,9 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     gpu::launch_dependents();
     let words = mask_words(cin);
     let idx = gpu::block_x() * PACK_THREADS + gpu::thread_x();
+    if idx == 0 && !clear.is_null() {
+        *clear = 0;
+    }
     let total = n * words * hw;
     let mut odd = false;
     if idx < total {

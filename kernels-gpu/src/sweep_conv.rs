@@ -16,11 +16,13 @@
 //!   one image. Its warp walks the input rows from one above the strip to one below. Twenty
 //!   lanes load the row's channel masks (from `spike_mask_pack`, or from a marking neuron's
 //!   bitmap): two words for each of the ten input pixels (the eight, and one either side), two
-//!   rows ahead. A vote finds the non-zero words; a jump table sends each one to code compiled
-//!   for its pixel, whose loop over the set bits (warp-uniform, no divergence) adds each
-//!   channel's weight rows to up to nine accumulators: three output rows (input row `iy` feeds
-//!   rows `iy − 1 ..= iy + 1`) of eight pixels, each lane two output channels, 48 floats in
-//!   registers. When an input row is done, output row `iy − 1` is complete: lanes `2j, 2j + 1`
+//!   rows ahead (the next item's first two rows load while this item's last two are swept). A
+//!   vote finds the non-zero words; the ten pixels are then visited in a fixed order, each
+//!   skipped by a warp-uniform test of the vote, and a visited pixel's two words are broadcast
+//!   to code compiled for that pixel, whose loop over the set bits (warp-uniform, no
+//!   divergence) adds each channel's weight rows to up to nine accumulators: three output rows
+//!   (input row `iy` feeds rows `iy − 1 ..= iy + 1`) of eight pixels, each lane two output
+//!   channels, 48 floats in registers. When an input row is done, output row `iy − 1` is complete: lanes `2j, 2j + 1`
 //!   swap halves so that each stores 16 bytes of one channel's 32-byte run.
 //!
 //! Any float input is exact: when some non-zero is not 1 (SEW's integers) each is read back and
@@ -100,6 +102,21 @@
 //! - (stop 25) the strip's two halo rows compiled apart with only the kernel row that reaches
 //!   the strip (a sixth of the weight reads saved at 8-row strips): 0.126–0.131 ms against
 //!   0.110–0.124 at 1%, 0.241 against 0.216 at 5% (the binary row code two thirds larger).
+//!
+//! Stop 27 (H100, ncu at the boost clock, 1%): the sweep 60.5 → 55.1 µs. ncu's source view had
+//! a fifth of the warps' samples on the jump table each non-zero word took (the table's
+//! constant load, then the indirect branch resolving: 5.2 of them a row), so the pixels are
+//! visited in a fixed order instead; the lowest set bit is found by one bit-find on `m & −m`
+//! rather than a reversal and a bit-find; and each item's first masks load during the
+//! previous item (a global load's latency had been waited out at every item's start). Layer,
+//! one call, three rounds each: jump table 0.1112–0.1138 ms, fixed order 0.1058–0.1092, with
+//! the prefetch 0.1077–0.1090 (0.0993–0.1005 against 0.1002–0.1011 with forwards queued back
+//! to back, where the host's launch time is hidden: within the noise, kept). Measured and dropped on top of
+//! it: 640 threads at 96 registers (0.115 against 0.110 ms), and 256-byte L2 fetches
+//! (`ld.global.nc.L2::256B`) in the packing pass (38.9 → 39.0 µs, ncu). The sweep is now
+//! L1-bound (81.6% of L1/TEX throughput): 5.6 M shared-memory wavefronts for the weights and
+//! 3.2 M for the output stores; of 26 M instructions, 3 M are the accumulators' rotation at
+//! each row, which only a row loop unrolled three times would drop (see above).
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
@@ -210,6 +227,20 @@ struct Sweep {
 #[cfg(target_arch = "nvptx64")]
 type Rows = [[[f32; 2]; SWEEP_PIXELS as usize]; 3];
 
+/// One work item's place: image, first output column, output rows `oy0..oy_end`, and the mask
+/// word this lane loads for each input row (word `lane / 16` of input pixel `x0 − 1 + lane %
+/// 16`, where `loads_mask`).
+#[cfg(target_arch = "nvptx64")]
+#[derive(Clone, Copy)]
+struct Item {
+    img: u32,
+    x0: u32,
+    oy0: u32,
+    oy_end: u32,
+    loads_mask: bool,
+    lane_masks: *const u32,
+}
+
 #[cfg(target_arch = "nvptx64")]
 impl Sweep {
     /// Copies the weights into shared memory (the whole CTA) and gathers the launch's geometry
@@ -264,53 +295,97 @@ impl Sweep {
     unsafe fn sweep_items(&self, masks: *const u32, binary: bool) {
         use crate::gpu;
         let warps = SWEEP_THREADS / 32;
+        let stride = gpu::grid_dim_x() * warps;
         let mut item = gpu::block_x() * warps + gpu::thread_x() / 32;
-        while item < self.items {
-            self.sweep_item(masks, binary, item);
-            item += gpu::grid_dim_x() * warps;
+        if item >= self.items {
+            return;
+        }
+        let mut it = self.item(masks, item);
+        let mut first = [
+            self.fetch(&it, it.oy0.wrapping_sub(1)),
+            self.fetch(&it, it.oy0),
+        ];
+        loop {
+            item += stride;
+            let following = (item < self.items).then(|| self.item(masks, item));
+            let ahead = self.sweep_item(binary, &it, first, following.as_ref());
+            match following {
+                Some(f) => (it, first) = (f, ahead),
+                None => break,
+            }
         }
     }
 
-    /// One work item: a column of eight output pixels over a strip of rows of one image.
+    /// Where work item `item` lies, and this lane's mask pointer in it.
     #[inline(always)]
-    unsafe fn sweep_item(&self, masks: *const u32, binary: bool, item: u32) {
-        use crate::gpu;
+    unsafe fn item(&self, masks: *const u32, item: u32) -> Item {
         let (h, w) = (self.h, self.w);
-        let plane = h * w;
         let words = self.cin.div_ceil(32);
         let columns = w.div_ceil(SWEEP_PIXELS);
         let strips = h.div_ceil(self.strip_rows);
-        // The mask this lane loads: word `lane / 16` of input pixel `x0 − 1 + lane % 16`.
         let (lane_word, lane_pixel) = (self.lane / 16, self.lane % 16);
-        let loads_mask = lane_word < words && lane_pixel < SWEEP_INPUTS as u32;
-        // Lanes 2j and 2j + 1 store output channels 4j..4j + 4 (pixels 0..4 and 4..8 of each).
-        let high = self.lane % 2 == 1;
         let column = item % columns;
         let strip = item / columns % strips;
         let img = item / (columns * strips);
         let x0 = column * SWEEP_PIXELS;
         let oy0 = strip * self.strip_rows;
-        let oy_end = (oy0 + self.strip_rows).min(h);
         let x = (x0 + lane_pixel).wrapping_sub(1);
-        let lane_masks = masks.wrapping_add(((img * words + lane_word) * plane + x) as usize);
-        let fetch = |iy: u32| {
-            if loads_mask && iy < h && x < w {
-                gpu::load_nc_u32(lane_masks.add((iy * w) as usize))
-            } else {
-                0
-            }
-        };
+        Item {
+            img,
+            x0,
+            oy0,
+            oy_end: (oy0 + self.strip_rows).min(h),
+            loads_mask: lane_word < words && lane_pixel < SWEEP_INPUTS as u32 && x < w,
+            lane_masks: masks.wrapping_add(((img * words + lane_word) * h * w + x) as usize),
+        }
+    }
+
+    /// This lane's mask word of input row `iy` in `it` (0 outside the image).
+    #[inline(always)]
+    unsafe fn fetch(&self, it: &Item, iy: u32) -> u32 {
+        if it.loads_mask && iy < self.h {
+            crate::gpu::load_nc_u32(it.lane_masks.add((iy * self.w) as usize))
+        } else {
+            0
+        }
+    }
+
+    /// One work item: a column of eight output pixels over a strip of rows of one image;
+    /// `first` holds its first two input rows' masks. Returns those of `following`.
+    #[inline(always)]
+    unsafe fn sweep_item(
+        &self,
+        binary: bool,
+        it: &Item,
+        first: [u32; 2],
+        following: Option<&Item>,
+    ) -> [u32; 2] {
+        let (h, w) = (self.h, self.w);
+        let plane = h * w;
+        // Lanes 2j and 2j + 1 store output channels 4j..4j + 4 (pixels 0..4 and 4..8 of each).
+        let high = self.lane % 2 == 1;
+        let Item {
+            img,
+            x0,
+            oy0,
+            oy_end,
+            ..
+        } = *it;
         let bias = [self.bias; SWEEP_PIXELS as usize];
         let mut acc: Rows = [bias; 3];
+        let mut ahead = [0; 2];
         // Input rows oy0 − 1 ..= oy_end (wrapping: row −1 is u32::MAX, outside the image), the
         // masks of the next two already loading.
         let mut iy = oy0.wrapping_sub(1);
-        let mut next = [fetch(iy), fetch(iy.wrapping_add(1))];
+        let mut next = first;
         loop {
             let current = next[0];
             next = [next[1], 0];
             if iy.wrapping_add(1) != oy_end {
-                next[1] = fetch(iy.wrapping_add(2));
+                next[1] = self.fetch(it, iy.wrapping_add(2));
+            } else if let Some(f) = following {
+                // Two rows before the end, the next item's first masks start loading.
+                ahead = [self.fetch(f, f.oy0.wrapping_sub(1)), self.fetch(f, f.oy0)];
             }
             // Channel 0 of input pixel x0 − 1 in this row (values are read only when odd).
             let values = self
@@ -343,49 +418,40 @@ impl Sweep {
             acc = [acc[1], acc[2], bias];
             iy = iy.wrapping_add(1);
         }
+        ahead
     }
 
     /// Adds one input row (this lane's mask word `current`: word `lane / 16` of input pixel
-    /// `lane % 16`) to the accumulators: only the lanes holding a non-zero word are visited.
+    /// `lane % 16`) to the accumulators. The ten pixels are visited in a fixed order, each
+    /// skipped by a warp-uniform test of one vote unless one of its two words is non-zero; a
+    /// visited pixel's words are broadcast from the lanes that hold them.
     #[inline(always)]
     unsafe fn add_row<const BINARY: bool>(&self, current: u32, acc: &mut Rows, values: *const f32) {
         use crate::gpu;
         let plane = self.h * self.w;
-        let mut live = gpu::warp_ballot(current != 0);
-        while live != 0 {
-            let l = gpu::lowest_set_bit(live);
-            live &= live - 1;
-            let m = gpu::shfl_u32(current, l);
-            let (a, lw, p) = (&mut *acc, self.lane_weights, plane);
-            macro_rules! pixel {
-                ($i:literal, $word:literal) => {
-                    add_pixel::<$i, $word, BINARY>(m, a, lw, values.wrapping_add($i), p)
-                };
-            }
-            match l {
-                0 => pixel!(0, 0),
-                1 => pixel!(1, 0),
-                2 => pixel!(2, 0),
-                3 => pixel!(3, 0),
-                4 => pixel!(4, 0),
-                5 => pixel!(5, 0),
-                6 => pixel!(6, 0),
-                7 => pixel!(7, 0),
-                8 => pixel!(8, 0),
-                9 => pixel!(9, 0),
-                16 => pixel!(0, 1),
-                17 => pixel!(1, 1),
-                18 => pixel!(2, 1),
-                19 => pixel!(3, 1),
-                20 => pixel!(4, 1),
-                21 => pixel!(5, 1),
-                22 => pixel!(6, 1),
-                23 => pixel!(7, 1),
-                24 => pixel!(8, 1),
-                25 => pixel!(9, 1),
-                _ => {}
-            }
+        let live = gpu::warp_ballot(current != 0);
+        let (lw, p) = (self.lane_weights, plane);
+        macro_rules! pixel {
+            ($i:literal) => {
+                if live & ((1 << $i) | (1 << (16 + $i))) != 0 {
+                    let m0 = gpu::shfl_u32(current, $i);
+                    let m1 = gpu::shfl_u32(current, 16 + $i);
+                    let v = values.wrapping_add($i);
+                    add_pixel::<$i, 0, BINARY>(m0, acc, lw, v, p);
+                    add_pixel::<$i, 1, BINARY>(m1, acc, lw, v, p);
+                }
+            };
         }
+        pixel!(0);
+        pixel!(1);
+        pixel!(2);
+        pixel!(3);
+        pixel!(4);
+        pixel!(5);
+        pixel!(6);
+        pixel!(7);
+        pixel!(8);
+        pixel!(9);
     }
 }
 
