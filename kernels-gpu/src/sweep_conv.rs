@@ -431,27 +431,15 @@ impl Sweep {
         let plane = self.h * self.w;
         let live = gpu::warp_ballot(current != 0);
         let (lw, p) = (self.lane_weights, plane);
-        macro_rules! pixel {
-            ($i:literal) => {
-                if live & ((1 << $i) | (1 << (16 + $i))) != 0 {
-                    let m0 = gpu::shfl_u32(current, $i);
-                    let m1 = gpu::shfl_u32(current, 16 + $i);
-                    let v = values.wrapping_add($i);
-                    add_pixel::<$i, 0, BINARY>(m0, acc, lw, v, p);
-                    add_pixel::<$i, 1, BINARY>(m1, acc, lw, v, p);
-                }
-            };
-        }
-        pixel!(0);
-        pixel!(1);
-        pixel!(2);
-        pixel!(3);
-        pixel!(4);
-        pixel!(5);
-        pixel!(6);
-        pixel!(7);
-        pixel!(8);
-        pixel!(9);
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] {
+            if live & ((1 << i) | (1 << (16 + i))) != 0 {
+                let m0 = gpu::shfl_u32(current, i as u32);
+                let m1 = gpu::shfl_u32(current, 16 + i as u32);
+                let v = values.wrapping_add(i);
+                add_pixel::<i, 0, BINARY>(m0, acc, lw, v, p);
+                add_pixel::<i, 1, BINARY>(m1, acc, lw, v, p);
+            }
+        });
     }
 }
 
