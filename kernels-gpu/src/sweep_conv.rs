@@ -113,7 +113,9 @@
 //! the prefetch 0.1077–0.1090 (0.0993–0.1005 against 0.1002–0.1011 with forwards queued back
 //! to back, where the host's launch time is hidden: within the noise, kept). Measured and dropped on top of
 //! it: 640 threads at 96 registers (0.115 against 0.110 ms), and 256-byte L2 fetches
-//! (`ld.global.nc.L2::256B`) in the packing pass (38.9 → 39.0 µs, ncu). The sweep is now
+//! (`ld.global.nc.L2::256B`) in the packing pass (38.9 → 39.0 µs, ncu), and a grid-stride
+//! packing pass with the next word's 32 loads in flight (39.1 → 40.2–40.4 µs): reads of the
+//! input stay at about 80% of DRAM bandwidth. The sweep is now
 //! L1-bound (81.6% of L1/TEX throughput): 5.6 M shared-memory wavefronts for the weights and
 //! 3.2 M for the output stores; of 26 M instructions, 3 M are the accumulators' rotation at
 //! each row, which only a row loop unrolled three times would drop (see above).
