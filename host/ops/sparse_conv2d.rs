@@ -952,7 +952,8 @@ impl SpikeMasks {
             launch.arg(&no_clear);
         }
         launch.arg(&n).arg(&cin).arg(&hw);
-        // SAFETY: arguments match both packing kernels' signature and contract.
+        // SAFETY: arguments match both packing kernels' signatures and contracts (the mask
+        // pass's `clear` null: this path zeroes its flag itself).
         unsafe {
             launch.launch(LaunchConfig {
                 grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
