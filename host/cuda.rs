@@ -165,7 +165,9 @@ impl CudaBackend {
         self.multiprocessors
     }
 
-    /// The stream every SparseFlow launch on this device is ordered on.
+    /// The stream every SparseFlow launch on this device is ordered on. Buffers carry no
+    /// cross-stream events (cudarc's tracking is off): work queued on another stream of this
+    /// context must synchronize with this one before it touches them.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
