@@ -22,8 +22,9 @@
 //!   to code compiled for that pixel, whose loop over the set bits (warp-uniform, no
 //!   divergence) adds each channel's weight rows to up to nine accumulators: three output rows
 //!   (input row `iy` feeds rows `iy − 1 ..= iy + 1`) of eight pixels, each lane two output
-//!   channels, 48 floats in registers. When an input row is done, output row `iy − 1` is complete: lanes `2j, 2j + 1`
-//!   swap halves so that each stores 16 bytes of one channel's 32-byte run.
+//!   channels, 48 floats in registers. When an input row is done, output row `iy − 1` is
+//!   complete: lanes `2j, 2j + 1` swap halves so that each stores 16 bytes of one channel's
+//!   32-byte run.
 //!
 //! Any float input is exact: when some non-zero is not 1 (SEW's integers) each is read back and
 //! multiplied; binary spikes add.
@@ -107,18 +108,18 @@
 //! a fifth of the warps' samples on the jump table each non-zero word took (the table's
 //! constant load, then the indirect branch resolving: 5.2 of them a row), so the pixels are
 //! visited in a fixed order instead; the lowest set bit is found by one bit-find on `m & −m`
-//! rather than a reversal and a bit-find; and each item's first masks load during the
-//! previous item (a global load's latency had been waited out at every item's start). Layer,
-//! one call, three rounds each: jump table 0.1112–0.1138 ms, fixed order 0.1058–0.1092, with
-//! the prefetch 0.1077–0.1090 (0.0993–0.1005 against 0.1002–0.1011 with forwards queued back
-//! to back, where the host's launch time is hidden: within the noise, kept). Measured and dropped on top of
+//! rather than a reversal and a bit-find; and each item's first masks load during the previous
+//! item (a global load's latency had been waited out at every item's start). Layer, one call,
+//! three rounds each: jump table 0.1112–0.1138 ms, fixed order 0.1058–0.1092, with the prefetch
+//! 0.1077–0.1090 (0.0993–0.1005 against 0.1002–0.1011 with forwards queued back to back, where
+//! the host's launch time is hidden: within the noise, kept). Measured and dropped on top of
 //! it: 640 threads at 96 registers (0.115 against 0.110 ms), and 256-byte L2 fetches
 //! (`ld.global.nc.L2::256B`) in the packing pass (38.9 → 39.0 µs, ncu), and a grid-stride
 //! packing pass with the next word's 32 loads in flight (39.1 → 40.2–40.4 µs): reads of the
-//! input stay at about 80% of DRAM bandwidth. The sweep is now
-//! L1-bound (81.6% of L1/TEX throughput): 5.6 M shared-memory wavefronts for the weights and
-//! 3.2 M for the output stores; of 26 M instructions, 3 M are the accumulators' rotation at
-//! each row, which only a row loop unrolled three times would drop (see above).
+//! input stay at about 80% of DRAM bandwidth. The sweep is now L1-bound (81.6% of L1/TEX
+//! throughput): 5.6 M shared-memory wavefronts for the weights and 3.2 M for the output stores;
+//! of 26 M instructions, 3 M are the accumulators' rotation at each row, which only a row loop
+//! unrolled three times would drop (see above).
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
