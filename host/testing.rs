@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use crate::cuda::CudaBackend;
+use crate::ops::conv2d::Conv2d;
 use crate::tensor::Tensor;
 
 /// The CUDA backend for a GPU test, or `None` after printing a skip notice when no GPU is usable.
@@ -63,6 +64,25 @@ pub fn random_uniform(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let data = (0..n).map(|_| lo + (hi - lo) * rng.next_f32()).collect();
     Tensor::new(shape.to_vec(), data).expect("shape and data agree by construction")
+}
+
+/// A `k × k` conv of one group with weights (and, `with_bias`, a bias) uniform in [−1, 1) from
+/// `seed` and `seed + 1`.
+pub fn random_conv(
+    [cout, cin, k]: [usize; 3],
+    (stride, pad, dilation): (usize, usize, usize),
+    with_bias: bool,
+    seed: u64,
+) -> Conv2d {
+    Conv2d::new(
+        random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
+        with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
+        (stride, stride),
+        (pad, pad),
+        (dilation, dilation),
+        1,
+    )
+    .expect("a valid conv by construction")
 }
 
 /// Like [`random_spikes`], but with `integer` the non-zeros are 1, 2 or 3 (SEW sums of spikes).

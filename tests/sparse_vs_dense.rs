@@ -4,12 +4,11 @@
 //! relative. The sparse kernels are forced even where the dense fallback would run, and both
 //! sparse conv paths are checked: the element gather and, on binary inputs, the pattern tables.
 use proptest::prelude::*;
-use sparseflow::ops::conv2d::Conv2d;
 use sparseflow::ops::linear::Linear;
 use sparseflow::ops::sparse_conv2d::{BlockChoice, SparseConv2d};
 use sparseflow::ops::sparse_linear::SparseLinear;
 use sparseflow::ops::Operator;
-use sparseflow::testing::{random_sparse, random_uniform};
+use sparseflow::testing::{random_conv, random_sparse, random_uniform};
 use sparseflow::Tensor;
 
 fn assert_close(got: &Tensor, want: &Tensor) -> Result<(), TestCaseError> {
@@ -29,24 +28,6 @@ fn assert_close(got: &Tensor, want: &Tensor) -> Result<(), TestCaseError> {
         );
     }
     Ok(())
-}
-
-/// A `k × k` conv with weights (and bias) uniform in [−1, 1) from `seed` and `seed + 1`.
-fn random_conv(
-    [cout, cin, k]: [usize; 3],
-    (stride, pad, dilation): (usize, usize, usize),
-    with_bias: bool,
-    seed: u64,
-) -> Conv2d {
-    Conv2d::new(
-        random_uniform(&[cout, cin, k, k], -1.0, 1.0, seed),
-        with_bias.then(|| random_uniform(&[cout], -1.0, 1.0, seed + 1)),
-        (stride, stride),
-        (pad, pad),
-        (dilation, dilation),
-        1,
-    )
-    .unwrap()
 }
 
 fn density() -> impl Strategy<Value = f64> {

@@ -2100,7 +2100,9 @@ impl Operator for SparseConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close_elementwise, gpu_or_skip, random_sparse, random_uniform};
+    use crate::testing::{
+        assert_close_elementwise, gpu_or_skip, random_conv, random_sparse, random_uniform,
+    };
 
     /// The vectorised mask scan (taken on this CPU when it has AVX2) against the portable one:
     /// the same masks and the same binary flag, down to a single non-binary value.
@@ -2197,15 +2199,7 @@ mod tests {
     /// where each image is listed and gathered in one task (8 images).
     #[test]
     fn mixed_binary_and_integer_images_equal_dense() {
-        let conv = Conv2d::new(
-            random_uniform(&[24, 20, 3, 3], -1.0, 1.0, 5),
-            Some(random_uniform(&[24], -1.0, 1.0, 6)),
-            (1, 1),
-            (1, 1),
-            (1, 1),
-            1,
-        )
-        .unwrap();
+        let conv = random_conv([24, 20, 3], (1, 1, 1), true, 5);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
@@ -2360,15 +2354,7 @@ mod tests {
         let Some(backend) = gpu_or_skip("gpu_sweep_flags_follow_each_forward") else {
             return;
         };
-        let conv = Conv2d::new(
-            random_uniform(&[64, 64, 3, 3], -1.0, 1.0, 91),
-            Some(random_uniform(&[64], -1.0, 1.0, 92)),
-            (1, 1),
-            (1, 1),
-            (1, 1),
-            1,
-        )
-        .unwrap();
+        let conv = random_conv([64, 64, 3], (1, 1, 1), true, 91);
         let sparse = SparseConv2d::from_dense(&conv, BlockChoice::Fixed(Some(8)));
         let inputs = [false, true, true, false, false, true, false, true];
         for (k, &integer) in inputs.iter().enumerate() {
