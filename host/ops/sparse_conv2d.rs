@@ -538,7 +538,7 @@ impl SparseConv2d {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         // Masks a marking neuron left on the input, else a packing pass's.
-        let (words, flag) = match x.spike_masks().filter(|m| m.dims == dims && m.planes == 1) {
+        let (words, flag) = match marked_spike_masks(x, dims) {
             Some(m) => (
                 m.words.device_ptr(stream).0,
                 m.non_binary.device_ptr(stream).0,
@@ -795,21 +795,10 @@ impl SweepScratch {
         let slot = self.forwards % 2;
         self.forwards += 1;
         let (flag, clear) = (flags + 4 * slot, flags + 4 * (1 - slot));
-        let function = backend.function("spike_mask_pack")?;
-        let config = LaunchConfig {
-            grid_dim: ((total as u32).div_ceil(PACK_THREADS), 1, 1),
-            block_dim: (PACK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = [x.slice().device_ptr(stream).0, words, flag, clear]
-            .map(KernelArg::Pointer)
-            .into_iter()
-            .chain([n, cin, hw].map(KernelArg::U32))
-            .collect::<Vec<_>>();
-        // SAFETY: `spike_mask_pack`'s arguments in order: `words` holds `total` words, `flag`
-        // is zero (raised by no pass since the one before last cleared it), `clear` is the
-        // other flag, which no queued consumer of this pass reads.
-        unsafe { launch_kernel(stream, &function, config, &args, false)? };
+        // SAFETY: `words` holds `total` words, `flag` is zero (raised by no pass since the one
+        // before last cleared it), `clear` is the other flag, which no queued consumer of this
+        // pass reads.
+        unsafe { queue_pack(x, (n, cin, hw), 1, [words, flag, clear])? };
         Ok((words, flag))
     }
 
@@ -920,10 +909,57 @@ impl SpikeMasks {
 /// marked, when it did, else a `spike_mask_pack` launch over it; the caller has checked that
 /// `n · ceil(cin / 32) · hw` fits a `u32`.
 pub(crate) fn pack_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Result<Arc<SpikeMasks>> {
-    if let Some(masks) = x.spike_masks().filter(|m| m.dims == dims && m.planes == 1) {
+    if let Some(masks) = marked_spike_masks(x, dims) {
         return Ok(masks.clone());
     }
     Ok(Arc::new(SpikeMasks::pack(x, dims, 1)?))
+}
+
+/// The channel masks a marking neuron left on `x`, where they describe it as `dims`.
+fn marked_spike_masks(x: &DeviceTensor, dims: (u32, u32, u32)) -> Option<&Arc<SpikeMasks>> {
+    x.spike_masks().filter(|m| m.dims == dims && m.planes == 1)
+}
+
+/// Queues a packing pass over `x` (`(n, cin, hw)`, `n · ceil(cin / 32) · hw` below 2³²):
+/// `spike_mask_pack` with `planes` 1, `spike_plane_pack` with 2.
+///
+/// # Safety
+/// `words` holds `planes · n · ceil(cin / 32) · hw` words and `flag` one zero word, both alive
+/// until the pass has run; `clear` (the mask pass only) is 0 or one word no consumer of this
+/// pass reads, which it zeroes.
+unsafe fn queue_pack(
+    x: &DeviceTensor,
+    (n, cin, hw): (u32, u32, u32),
+    planes: u32,
+    [words, flag, clear]: [u64; 3],
+) -> Result<()> {
+    let backend = x.backend();
+    let stream = backend.stream();
+    let entry = if planes == 2 {
+        "spike_plane_pack"
+    } else {
+        "spike_mask_pack"
+    };
+    let function = backend.function(entry)?;
+    let mut args = [x.slice().device_ptr(stream).0, words, flag]
+        .map(KernelArg::Pointer)
+        .to_vec();
+    if planes != 2 {
+        args.push(KernelArg::Pointer(clear));
+    }
+    args.extend([n, cin, hw].map(KernelArg::U32));
+    let config = LaunchConfig {
+        grid_dim: (
+            (n * mask_words(cin) * hw).div_ceil(PACK_THREADS).max(1),
+            1,
+            1,
+        ),
+        block_dim: (PACK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments are both packing kernels' in order, under their contracts (the
+    // caller's part above).
+    unsafe { launch_kernel(stream, &function, config, &args, false) }
 }
 
 impl SpikeMasks {
@@ -939,28 +975,14 @@ impl SpikeMasks {
         // SAFETY: the packing kernels write every mask word.
         let mut words = unsafe { stream.alloc::<u32>((planes * total).max(1) as usize)? };
         let mut flag = stream.alloc_zeros::<u32>(1)?;
-        let entry = if planes == 2 {
-            "spike_plane_pack"
-        } else {
-            "spike_mask_pack"
-        };
-        let pack = backend.function(entry)?;
-        let mut launch = stream.launch_builder(&pack);
-        let no_clear = 0u64;
-        launch.arg(x.slice()).arg(&mut words).arg(&mut flag);
-        if planes != 2 {
-            launch.arg(&no_clear);
-        }
-        launch.arg(&n).arg(&cin).arg(&hw);
-        // SAFETY: arguments match both packing kernels' signatures and contracts (the mask
-        // pass's `clear` null: this path zeroes its flag itself).
-        unsafe {
-            launch.launch(LaunchConfig {
-                grid_dim: (total.div_ceil(PACK_THREADS).max(1), 1, 1),
-                block_dim: (PACK_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })?
-        };
+        let pointers = [
+            words.device_ptr_mut(stream).0,
+            flag.device_ptr_mut(stream).0,
+            0,
+        ];
+        // SAFETY: `words` holds `planes · total` words, `flag` one zero word, both kept in
+        // the masks returned; no `clear`.
+        unsafe { queue_pack(x, dims, planes, pointers)? };
         Ok(Self {
             words,
             non_binary: Arc::new(flag),
