@@ -121,6 +121,37 @@
 //! of 26 M instructions, 3 M are the accumulators' rotation at each row, which only a row loop
 //! unrolled three times would drop (see above).
 //!
+//! Stop 28 (H100, layer at 1%, docs/e2e-h100/ab-stop28.txt; 0.100–0.104 ms for this kernel in
+//! the same calls). What bounds the sweep, by probes that drop one kind of work
+//! (wrong outputs, timing only): without the output stores 0.082–0.083 ms; without the weight
+//! reads (a register instead) 0.098–0.099; without both 0.078–0.079. At 5%: 0.192 → 0.170
+//! (no stores), 0.152 (no weight reads), 0.141. At 1% the stores cost 18 µs, and it is the
+//! lines they touch: the same stores aimed at 64-byte runs (8 lines an instruction instead of
+//! 16) ran 0.096–0.098 ms, at whole 128-byte lines (4) 0.090. ncu (ncu's clocks): 66.4 µs, L1
+//! 85% busy, 7.1 M shared-memory wavefronts, 200.7 K store instructions on 3.2 M sectors, DRAM
+//! 39%. An eight-pixel column is one 32-byte sector of each channel row, so each store
+//! instruction touches 16 lines whatever the lanes do; longer runs need wider items (more
+//! accumulators than the registers hold) or a re-layout through shared memory, whose writes
+//! and reads cost the L1 about what the lines save. Measured and dropped:
+//! - the packing pass beside the sweep, one CTA of each on every multiprocessor (the sweep a
+//!   programmatic dependent that starts at once, fewer registers; a count per image released
+//!   by the packing warps, acquired by each item): 0.145 ms with twelve packing warps loading
+//!   into registers (15 loads in flight a lane at 32 registers), 0.226–0.253 with four warps
+//!   staging through the bulk-copy engine (one 128-byte run a lane) or `cp.async` (16 KB in
+//!   flight a warp). Alone, that packing ran 0.100 ms at four warps whatever the stages
+//!   (4 × 1 to 4 × 4), 0.066 at eight, 0.053–0.058 at 16 to 32, against 0.044 for the packing
+//!   pass over the whole machine: a warp's misses in flight, not the bytes staged, set its
+//!   rate, and beside the sweep the packing warps also wait on its L1;
+//! - one output row at a time (three input rows read for each, no halo waste, 32
+//!   accumulators, sixteen-pixel columns): 0.128–0.130 ms (three times the pixel tests, votes
+//!   and broadcasts a row; its GPU test also failed on small maps, not pursued);
+//! - the rows of all images laid end to end and cut into equal runs, one a group of
+//!   column-adjacent warps (24–28 input rows for the busiest warp against 30): 0.1032–0.1040
+//!   against 0.1019–0.1028 ms at 1%, 0.178 against 0.191 at 5% (first tried with a warp's run
+//!   along one column instead of across: 0.173 ms, the sectors of a line then stored far apart
+//!   in time);
+//! - `st.global.cs` output stores: 0.1019–0.1028 against 0.1001–0.1011 ms.
+//!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
 //! mostly short scoreboard (shared-memory results, 28%) and fixed-latency waits (27%).
