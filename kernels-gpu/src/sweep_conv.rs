@@ -136,12 +136,12 @@
 //! - the packing pass beside the sweep, one CTA of each on every multiprocessor (the sweep a
 //!   programmatic dependent that starts at once, fewer registers; a count per image released
 //!   by the packing warps, acquired by each item): 0.145 ms with twelve packing warps loading
-//!   into registers (15 loads in flight a lane at 32 registers), 0.226–0.253 with four warps
-//!   staging through the bulk-copy engine (one 128-byte run a lane) or `cp.async` (16 KB in
-//!   flight a warp). Alone, that packing ran 0.100 ms at four warps whatever the stages
-//!   (4 × 1 to 4 × 4), 0.066 at eight, 0.053–0.058 at 16 to 32, against 0.044 for the packing
-//!   pass over the whole machine: a warp's misses in flight, not the bytes staged, set its
-//!   rate, and beside the sweep the packing warps also wait on its L1;
+//!   into registers (15 loads in flight a lane at 32 registers), 0.252–0.255 with four warps
+//!   staging through the bulk-copy engine (one 128-byte run a lane), 0.226–0.227 through
+//!   `cp.async` (16 KB in flight a warp). Alone, that packing ran 0.100 ms at four warps
+//!   whatever the stages (4 × 1 to 4 × 4), 0.066 at eight, 0.053–0.058 at 16 to 32, against
+//!   0.044 for the packing pass over the whole machine: a warp's misses in flight, not the
+//!   bytes staged, set its rate, and beside the sweep the packing warps also wait on its L1;
 //! - one output row at a time (three input rows read for each, no halo waste, 32
 //!   accumulators, sixteen-pixel columns): 0.128–0.130 ms (three times the pixel tests, votes
 //!   and broadcasts a row; its GPU test also failed on small maps, not pursued);
