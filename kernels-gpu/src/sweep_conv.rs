@@ -150,7 +150,16 @@
 //!   against 0.1019–0.1028 ms at 1%, 0.178 against 0.191 at 5% (first tried with a warp's run
 //!   along one column instead of across: 0.173 ms, the sectors of a line then stored far apart
 //!   in time);
-//! - `st.global.cs` output stores: 0.1019–0.1028 against 0.1001–0.1011 ms.
+//! - `st.global.cs` output stores: 0.1019–0.1028 against 0.1001–0.1011 ms;
+//! - whole-line stores through shared memory: the warps of a CTA in groups of one warp a
+//!   column (two groups of seven at 56 pixels, each with 29 KB of staging beside the
+//!   weights), each warp writing its finished rows into its group's staging, and every two
+//!   rows the group, between two barriers, storing each channel's two rows (one contiguous
+//!   run, 4 lines instead of 14): 0.1115–0.1131 ms against 0.1027–0.1176 in the same call
+//!   (the GPU tests pass on it). A probe of the same staging without the barriers (each warp
+//!   storing its own staged rows as whole lines, to wrong places) ran 0.0904–0.0922 against
+//!   0.1001–0.1005: the barriers' waits (a row's work varies from warp to warp with the spikes
+//!   it holds) cost more than the lines save.
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
