@@ -935,19 +935,19 @@ unsafe fn queue_pack(
 ) -> Result<()> {
     let backend = x.backend();
     let stream = backend.stream();
-    let entry = if planes == 2 {
-        "spike_plane_pack"
+    // The plane pass has no `clear` argument.
+    let (entry, clear) = if planes == 2 {
+        ("spike_plane_pack", None)
     } else {
-        "spike_mask_pack"
+        ("spike_mask_pack", Some(clear))
     };
     let function = backend.function(entry)?;
-    let mut args = [x.slice().device_ptr(stream).0, words, flag]
+    let args = [x.slice().device_ptr(stream).0, words, flag]
+        .into_iter()
+        .chain(clear)
         .map(KernelArg::Pointer)
-        .to_vec();
-    if planes != 2 {
-        args.push(KernelArg::Pointer(clear));
-    }
-    args.extend([n, cin, hw].map(KernelArg::U32));
+        .chain([n, cin, hw].map(KernelArg::U32))
+        .collect::<Vec<_>>();
     let config = LaunchConfig {
         grid_dim: (
             (n * mask_words(cin) * hw).div_ceil(PACK_THREADS).max(1),
