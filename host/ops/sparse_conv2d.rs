@@ -50,7 +50,8 @@ use crate::optimize::block_selector::{BlockSelector, BlockSize};
 use crate::tensor::{AlignedOutput, Tensor};
 use sparseflow_kernels::pattern_conv::SEGMENT_BITS;
 use sparseflow_kernels::sweep_conv::{
-    sweep_strip_rows, sweep_supports, SWEEP_CHANNELS, SWEEP_SHARED_BYTES, SWEEP_THREADS,
+    stage_pixels, sweep_stage_groups, sweep_strip_rows, sweep_supports, SWEEP_CHANNELS,
+    SWEEP_PIXELS, SWEEP_SHARED_BYTES, SWEEP_STAGED_SHARED_BYTES, SWEEP_THREADS,
 };
 
 /// How the prescan block size is chosen.
@@ -537,6 +538,14 @@ impl SparseConv2d {
             .sweep_scratch
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let groups = sweep_stage_groups(w32);
+        // The sm_90a module stores staged rows through a tensor map of the output.
+        let out_map = if groups > 0 && backend.has_wgmma() {
+            let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
+            scratch.output_map(o, [n32, geometry[2], h32, w32], stream)?
+        } else {
+            0
+        };
         // Masks a marking neuron left on the input, else a packing pass's.
         let (words, flag) = match marked_spike_masks(x, dims) {
             Some(m) => (
@@ -546,12 +555,18 @@ impl SparseConv2d {
             None => scratch.pack(x, dims)?,
         };
         let ctas = backend.multiprocessors().max(1) as u32;
-        let strip_rows = sweep_strip_rows(n32, h32, w32, ctas * (SWEEP_THREADS / 32));
-        let function = backend.function_with_shared("sweep_conv3x3", SWEEP_SHARED_BYTES)?;
+        // Where a CTA's warps form groups that store whole rows, only theirs take items.
+        let (warps, shared) = match groups {
+            0 => (SWEEP_THREADS / 32, SWEEP_SHARED_BYTES),
+            g => (g * w32.div_ceil(SWEEP_PIXELS), SWEEP_STAGED_SHARED_BYTES),
+        };
+        let strip_rows = sweep_strip_rows(n32, h32, w32, ctas * warps);
+
+        let function = backend.function_with_shared("sweep_conv3x3", shared)?;
         let config = LaunchConfig {
             grid_dim: (ctas, 1, 1),
             block_dim: (SWEEP_THREADS, 1, 1),
-            shared_mem_bytes: SWEEP_SHARED_BYTES,
+            shared_mem_bytes: shared,
         };
         let (input, _input_use) = x.slice().device_ptr(stream);
         let (w, _w_use) = weights.weights.device_ptr(stream);
@@ -563,9 +578,10 @@ impl SparseConv2d {
         args.extend(
             geometry
                 .iter()
-                .chain([&strip_rows])
+                .chain([&strip_rows, &groups])
                 .map(|&d| KernelArg::U32(d)),
         );
+        args.push(KernelArg::Pointer(out_map));
         // The sm_90a module's sweep waits for the packing pass in the kernel, so its CTAs may
         // start (and copy the weights) while that pass's last CTAs still run.
         let programmatic = backend.has_wgmma();
@@ -767,9 +783,63 @@ pub(crate) struct SweepScratch {
     buffers: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
     /// Forwards packed so far: their parity picks the flag.
     forwards: u64,
+    /// The last output tensor map the staged sweep stored through, on the device, and its
+    /// bytes (uploaded again only when they change).
+    output_map: Option<(CudaSlice<u64>, [u64; 16])>,
 }
 
 impl SweepScratch {
+    /// The device address of a tensor map of `out` (`[n, cout, h, w]` on the device) whose box
+    /// is one staged output row, `[stage_pixels(w), 1, cout, 1]`, for the staged sweep's
+    /// tensor stores. Queued on the stream before the forward's kernels.
+    fn output_map(
+        &mut self,
+        out: u64,
+        [n, cout, h, w]: [u32; 4],
+        stream: &Arc<cudarc::driver::CudaStream>,
+    ) -> Result<u64> {
+        use cudarc::driver::sys;
+        let dims = [w, h, cout, n].map(u64::from);
+        let strides = [w, w * h, w * h * cout].map(|s| 4 * u64::from(s));
+        let boxed = [stage_pixels(w), 1, cout, 1];
+        let unit = [1u32; 4];
+        // SAFETY: a zeroed tensor map is plain data, overwritten by the encoding.
+        let mut map: sys::CUtensorMap = unsafe { std::mem::zeroed() };
+        // SAFETY: every array has the rank's entries; `out` is a device address 16-byte
+        // aligned (an allocation), its strides multiples of 16 (`w` a multiple of 4).
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                4,
+                out as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxed.as_ptr(),
+                unit.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()?;
+        }
+        let bytes = map.opaque;
+        match &mut self.output_map {
+            Some((_, current)) if *current == bytes => {}
+            slot => {
+                let mut device = match slot.take() {
+                    Some((device, _)) => device,
+                    None => stream.alloc_zeros::<u64>(16)?,
+                };
+                stream.memcpy_htod(&bytes, &mut device)?;
+                *slot = Some((device, bytes));
+            }
+        }
+        let (device, _) = self.output_map.as_ref().expect("set above");
+        Ok(device.device_ptr(stream).0)
+    }
+
     /// Queues `spike_mask_pack` over `x` (`(n, cin, hw)`, the caller has checked that `n ·
     /// ceil(cin / 32) · hw` fits a `u32`) and returns the device addresses of its masks and
     /// non-binary flag, valid for the work queued before the next call.
@@ -2329,6 +2399,10 @@ mod tests {
             (1, 1, 1, 3, 4),
             (40, 64, 64, 12, 28),
             (5, 64, 64, 56, 56),
+            // Staged whole-row stores: a half column at the right edge, ragged outputs, fewer
+            // row bands than staging groups.
+            (3, 40, 36, 13, 44),
+            (1, 64, 64, 3, 48),
         ] {
             for &density in &[0.0, 0.01, 0.05, 0.5, 1.0] {
                 for integer in [false, true] {

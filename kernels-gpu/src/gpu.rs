@@ -262,6 +262,40 @@ pub fn sync_warp() {
     unsafe { asm!("bar.warp.sync 0xffffffff;") }
 }
 
+/// Sleeps about `ns` nanoseconds (a polling warp leaves the issue slots to the others).
+#[inline(always)]
+pub fn nanosleep(ns: u32) {
+    unsafe { asm!("nanosleep.u32 {ns};", ns = in(reg32) ns) }
+}
+
+/// The `u32` at shared-window address `addr`, read again each time (a flag another warp sets).
+///
+/// # Safety
+/// `addr` is a 4-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn load_volatile_shared_u32(addr: u32) -> u32 {
+    let out: u32;
+    asm!(
+        "ld.volatile.shared.u32 {out}, [{addr}];",
+        addr = in(reg32) addr,
+        out = out(reg32) out,
+    );
+    out
+}
+
+/// Writes `value` at shared-window address `addr` (a flag other warps poll).
+///
+/// # Safety
+/// `addr` is a 4-byte aligned address inside the CTA's shared memory.
+#[inline(always)]
+pub unsafe fn store_volatile_shared_u32(addr: u32, value: u32) {
+    asm!(
+        "st.volatile.shared.u32 [{addr}], {v};",
+        addr = in(reg32) addr,
+        v = in(reg32) value,
+    );
+}
+
 /// Stores four consecutive floats with one 16-byte store.
 ///
 /// # Safety
@@ -468,6 +502,52 @@ pub fn lowest_set_bit(m: u32) -> u32 {
     out
 }
 
+/// A cache policy under which the lines a load brings into L2 are evicted first: for a pass
+/// that streams its input once, so that the dirty lines the previous kernel left in L2 are
+/// written back later, while the next kernel keeps DRAM less busy.
+#[inline(always)]
+pub fn l2_evict_first_policy() -> u64 {
+    let policy: u64;
+    // PTX ISA 7.4: the sm_80 module (ISA 7.0) streams without the hint.
+    #[cfg(sparseflow_sm90)]
+    unsafe {
+        asm!(
+            "createpolicy.fractional.L2::evict_first.b64 {p}, 1.0;",
+            p = out(reg64) policy,
+            options(pure, nomem, nostack),
+        );
+    }
+    #[cfg(not(sparseflow_sm90))]
+    {
+        policy = 0;
+    }
+    policy
+}
+
+/// One float from global memory, read once: through the read-only path, under L2 cache
+/// `policy` (see [`l2_evict_first_policy`]).
+///
+/// # Safety
+/// `ptr` is 4-byte aligned global memory, valid and unchanged for the whole launch.
+#[inline(always)]
+pub unsafe fn load_once_f32(ptr: *const f32, policy: u64) -> f32 {
+    let out: f32;
+    #[cfg(not(sparseflow_sm90))]
+    {
+        let _ = policy;
+        out = load_nc_f32(ptr);
+    }
+    #[cfg(sparseflow_sm90)]
+    asm!(
+        "ld.global.nc.L2::cache_hint.f32 {out}, [{ptr}], {policy};",
+        ptr = in(reg64) ptr,
+        policy = in(reg64) policy,
+        out = out(reg32) out,
+        options(pure, readonly, nostack),
+    );
+    out
+}
+
 /// One float from global memory through the read-only data cache (L1).
 ///
 /// # Safety
@@ -646,6 +726,47 @@ pub fn async_copy_wait_all() {
 #[inline(always)]
 pub fn wgmma_fence() {
     unsafe { asm!("wgmma.fence.sync.aligned;") }
+}
+
+/// Stores the box at shared-window address `src` (128-byte aligned, laid out as the tensor map
+/// describes) into the 4-d tensor that `map` (the generic address of a `CUtensorMap` in
+/// global memory) describes, at coordinates `[x, y, z, w]` (innermost first), with the tensor
+/// memory accelerator, in this thread's current bulk group. Shared writes of other threads
+/// must be fenced ([`fence_proxy_async_shared`]) and synchronised before.
+///
+/// # Safety
+/// `map` is a valid tensor map whose box fits at `src` in the CTA's shared memory, which does
+/// not change until [`bulk_wait_read`] returns.
+#[cfg(sparseflow_sm90)]
+#[inline(always)]
+pub unsafe fn tensor_store_4d(map: u64, src: u32, [x, y, z, w]: [u32; 4]) {
+    asm!(
+        "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [{map}, {{{x}, {y}, {z}, {w}}}], [{src}];",
+        map = in(reg64) map,
+        src = in(reg32) src,
+        x = in(reg32) x,
+        y = in(reg32) y,
+        z = in(reg32) z,
+        w = in(reg32) w,
+    );
+}
+
+/// Closes this thread's bulk group and waits until every bulk copy it issued has read its
+/// shared memory (the source may then be overwritten; the writes may still be in flight).
+#[cfg(sparseflow_sm90)]
+#[inline(always)]
+pub fn bulk_wait_read() {
+    unsafe {
+        asm!("cp.async.bulk.commit_group;");
+        asm!("cp.async.bulk.wait_group.read 0;");
+    }
+}
+
+/// Waits until every bulk copy this thread issued has completed, writes included.
+#[cfg(sparseflow_sm90)]
+#[inline(always)]
+pub fn bulk_wait_all() {
+    unsafe { asm!("cp.async.bulk.wait_group 0;") }
 }
 
 /// `fence.proxy.async.shared::cta`: makes this thread's writes to shared memory (stores and

@@ -150,6 +150,10 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
     #[cfg(sparseflow_sm90)]
     gpu::launch_dependents();
     let words = mask_words(cin);
+    // The input is read once: its lines are the first L2 evicts, so the dirty output lines the
+    // previous forward's sweep left there stay, to be written back while the next sweep (bound
+    // by its L1, not DRAM) runs, instead of during this DRAM-bound pass.
+    let policy = gpu::l2_evict_first_policy();
     let idx = gpu::block_x() * PACK_THREADS + gpu::thread_x();
     if idx == 0 && !clear.is_null() {
         *clear = 0;
@@ -171,14 +175,14 @@ pub unsafe extern "ptx-kernel" fn spike_mask_pack(
             // A full word: all 32 loads are issued before any is tested.
             let mut v = [0.0f32; 32];
             for (j, v) in v.iter_mut().enumerate() {
-                *v = *first.add(j * hw as usize);
+                *v = gpu::load_once_f32(first.add(j * hw as usize), policy);
             }
             for (j, &v) in v.iter().enumerate() {
                 mark(j as u32, v);
             }
         } else {
             for j in 0..channels {
-                mark(j, *first.add((j * hw) as usize));
+                mark(j, gpu::load_once_f32(first.add((j * hw) as usize), policy));
             }
         }
         *masks.add(idx as usize) = m;

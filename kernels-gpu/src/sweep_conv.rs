@@ -181,6 +181,51 @@ pub const SWEEP_CHANNELS: u32 = 64;
 pub const SWEEP_THREADS: u32 = 512;
 /// Dynamic shared memory: the weights `[9 taps][64 channels][64 outputs]` as f32.
 pub const SWEEP_SHARED_BYTES: u32 = 9 * SWEEP_CHANNELS * SWEEP_CHANNELS * 4;
+/// Staging groups a CTA forms on maps [`sweep_stage_groups`] stages: each is one warp a column
+/// of [`SWEEP_PIXELS`] pixels, which together hold whole output rows, and one warp that stores
+/// them.
+pub const SWEEP_STAGE_GROUPS: u32 = 2;
+/// Bytes of one staged output row: 64 channels of up to 60 pixels (see [`stage_pixels`]).
+const STAGE_ROW_BYTES: u32 = SWEEP_CHANNELS * 60 * 4;
+/// Bytes of a group's staging: two rows, then for each the sequence number that may be written
+/// into it next (128 bytes kept, for the alignment of the next group).
+const STAGE_GROUP_BYTES: u32 = 2 * STAGE_ROW_BYTES + 128;
+/// Dynamic shared memory of a staged launch: the weights, then each group's staging.
+pub const SWEEP_STAGED_SHARED_BYTES: u32 =
+    SWEEP_SHARED_BYTES + SWEEP_STAGE_GROUPS * STAGE_GROUP_BYTES;
+
+/// Staging groups for `w`-wide maps: [`SWEEP_STAGE_GROUPS`] where the groups, each a warp a
+/// column and one that stores, fill 14 to 16 warps (6 or 7 columns: 41 to 56 pixels), else 0
+/// (each warp stores its own 32-byte runs).
+pub const fn sweep_stage_groups(w: u32) -> u32 {
+    let columns = w.div_ceil(SWEEP_PIXELS);
+    if columns >= 6 && SWEEP_STAGE_GROUPS * (columns + 1) <= SWEEP_THREADS / 32 {
+        SWEEP_STAGE_GROUPS
+    } else {
+        0
+    }
+}
+
+/// Pixels a staged channel row holds for `w`-wide maps: `w`, or `w + 4` where `w` is a multiple
+/// of 8, so that channels `4j` of four consecutive `j` (an eight-lane phase of a staging store,
+/// with two chunks each) fall on two bank halves rather than one. The tensor memory
+/// accelerator stores the row as a box this wide (pixels past `w` are outside the tensor, not
+/// written).
+pub const fn stage_pixels(w: u32) -> u32 {
+    if w.is_multiple_of(8) {
+        w + 4
+    } else {
+        w
+    }
+}
+
+/// Byte offset in a staged row of chunk `q` (pixels `4q..4q + 4`) of channel `c`, with
+/// [`stage_pixels`] `pixels` a channel row.
+#[inline(always)]
+pub const fn stage_offset(c: u32, q: u32, pixels: u32) -> u32 {
+    c * pixels * 4 + q * 16
+}
+
 /// Bytes between consecutive taps' weights in shared memory.
 #[cfg(target_arch = "nvptx64")]
 const TAP_BYTES: u32 = SWEEP_CHANNELS * SWEEP_CHANNELS * 4;
@@ -238,8 +283,17 @@ pub unsafe extern "ptx-kernel" fn sweep_conv3x3(
     h: u32,
     w: u32,
     strip_rows: u32,
+    groups: u32,
+    out_map: u64,
 ) {
-    let s = Sweep::new(input, weights, bias, out, [n, cin, cout, h, w, strip_rows]);
+    let s = Sweep::new(
+        input,
+        weights,
+        bias,
+        out,
+        [n, cin, cout, h, w, strip_rows, groups],
+        out_map,
+    );
     // Launched as a programmatic dependent of the packing pass (sm_90), the weights' copy above
     // overlapped that pass's last CTAs; its masks are read only from here on.
     #[cfg(sparseflow_sm90)]
@@ -263,6 +317,15 @@ struct Sweep {
     w: u32,
     strip_rows: u32,
     items: u32,
+    /// Staging groups of the CTA (0: direct stores), and warps of each.
+    groups: u32,
+    columns: u32,
+    /// Shared-window address of this warp's group staging.
+    staging: u32,
+    /// Pixels a staged channel row holds.
+    stage_pixels: u32,
+    /// Generic address of the output's tensor map (sm_90, staged), else 0.
+    out_map: u64,
 }
 
 /// Accumulators of a warp: `[output row][pixel][channel pair]`, rows `iy − 1 ..= iy + 1` of the
@@ -294,7 +357,8 @@ impl Sweep {
         weights: *const f32,
         bias: *const f32,
         out: *mut f32,
-        [n, cin, cout, h, w, strip_rows]: [u32; 6],
+        [n, cin, cout, h, w, strip_rows, groups]: [u32; 7],
+        out_map: u64,
     ) -> Self {
         use crate::gpu;
         let base = gpu::dynamic_shared_base();
@@ -313,9 +377,21 @@ impl Sweep {
             }
             e += SWEEP_THREADS;
         }
+        // Each group's row slot `k` is free for sequence number `k`.
+        if tid < 2 * groups {
+            let (group, k) = (tid / 2, tid % 2);
+            let free = base + SWEEP_SHARED_BYTES + group * STAGE_GROUP_BYTES + 2 * STAGE_ROW_BYTES;
+            gpu::store_shared_u32(free + 4 * k, k);
+        }
         gpu::async_copy_wait_all();
         gpu::sync_threads();
         let lane = tid % 32;
+        let columns = w.div_ceil(SWEEP_PIXELS);
+        let group = if groups > 0 {
+            tid / 32 / (columns + 1)
+        } else {
+            0
+        };
         let (b0, b1) = gpu::load_nc_f32x2(bias.add(2 * lane as usize));
         Self {
             input,
@@ -328,21 +404,45 @@ impl Sweep {
             h,
             w,
             strip_rows,
-            items: n * h.div_ceil(strip_rows) * w.div_ceil(SWEEP_PIXELS),
+            items: n * h.div_ceil(strip_rows) * columns,
+            groups,
+            columns,
+            staging: base + SWEEP_SHARED_BYTES + group * STAGE_GROUP_BYTES,
+            stage_pixels: stage_pixels(w),
+            out_map,
         }
     }
 
-    /// This warp's work items, dealt round-robin over every warp of the grid; `binary`: every
-    /// input is 0 or 1.
+    /// This warp's work items, dealt round-robin over every warp of the grid, or when staging,
+    /// row bands (all columns of a strip) dealt over the groups, a warp taking its column of
+    /// each; `binary`: every input is 0 or 1.
     #[inline(always)]
     unsafe fn sweep_items(&self, masks: *const u32, binary: bool) {
         use crate::gpu;
         let warps = SWEEP_THREADS / 32;
-        let stride = gpu::grid_dim_x() * warps;
-        let mut item = gpu::block_x() * warps + gpu::thread_x() / 32;
+        let warp = gpu::thread_x() / 32;
+        let (mut item, stride) = if self.groups == 0 {
+            (gpu::block_x() * warps + warp, gpu::grid_dim_x() * warps)
+        } else {
+            let (group, column) = (warp / (self.columns + 1), warp % (self.columns + 1));
+            if group >= self.groups {
+                return;
+            }
+            let (band, bands) = (
+                gpu::block_x() * self.groups + group,
+                gpu::grid_dim_x() * self.groups,
+            );
+            if column == self.columns {
+                self.store_rows(band, bands);
+                return;
+            }
+            (band * self.columns + column, bands * self.columns)
+        };
         if item >= self.items {
             return;
         }
+        // Rows this warp has staged: the same sequence in every warp of its group.
+        let mut staged = 0;
         let mut it = self.item(masks, item);
         let mut first = [
             self.fetch(&it, it.oy0.wrapping_sub(1)),
@@ -351,7 +451,7 @@ impl Sweep {
         loop {
             item += stride;
             let following = (item < self.items).then(|| self.item(masks, item));
-            let ahead = self.sweep_item(binary, &it, first, following.as_ref());
+            let ahead = self.sweep_item(binary, &it, first, following.as_ref(), &mut staged);
             match following {
                 Some(f) => (it, first) = (f, ahead),
                 None => break,
@@ -402,6 +502,7 @@ impl Sweep {
         it: &Item,
         first: [u32; 2],
         following: Option<&Item>,
+        staged: &mut u32,
     ) -> [u32; 2] {
         let (h, w) = (self.h, self.w);
         let plane = h * w;
@@ -445,15 +546,20 @@ impl Sweep {
             // Output row iy − 1 has had all three input rows.
             let oy = iy.wrapping_sub(1);
             if oy >= oy0 && oy < oy_end {
-                store_row(
-                    &acc[0],
-                    high,
-                    self.lane,
-                    self.out,
-                    (((img * self.cout) * h + oy) * w + x0, plane),
-                    self.cout,
-                    x0 + 4 < w,
-                );
+                let quads = RowQuads::new(&acc[0], high);
+                if self.groups == 0 {
+                    store_row(
+                        &quads,
+                        self.lane,
+                        self.out,
+                        (((img * self.cout) * h + oy) * w + x0, plane),
+                        self.cout,
+                        x0 + 4 < w,
+                    );
+                } else {
+                    self.stage_row(&quads, x0, *staged);
+                    *staged = staged.wrapping_add(1);
+                }
             }
             if iy == oy_end {
                 break;
@@ -462,6 +568,105 @@ impl Sweep {
             iy = iy.wrapping_add(1);
         }
         ahead
+    }
+
+    /// Writes a finished output row segment into its group's staging row for sequence number
+    /// `seq` (rows alternate between two slots, so a warp waits only when its group's storing
+    /// warp has not yet emptied the slot it wrote two rows before), then arrives at the slot's
+    /// barrier without waiting.
+    #[inline(always)]
+    unsafe fn stage_row(&self, quads: &RowQuads, x0: u32, seq: u32) {
+        use crate::gpu;
+        let slot = seq % 2;
+        let row = self.staging + slot * STAGE_ROW_BYTES;
+        let free = self.staging + 2 * STAGE_ROW_BYTES + 4 * slot;
+        while gpu::load_volatile_shared_u32(free) != seq {
+            gpu::nanosleep(20);
+        }
+        let j = self.lane / 2;
+        let q = x0 / 4 + quads.high as u32;
+        if !quads.high || x0 + 4 < self.w {
+            unroll!(s in [0, 1, 2, 3] {
+                let (a, b, c, d) = quads.quad(s);
+                let at = row + stage_offset(4 * j + s as u32, q, self.stage_pixels);
+                gpu::store_shared_u32x4(at, [a, b, c, d].map(f32::to_bits));
+            });
+        }
+        // The bulk copies that store the row read it through the async proxy.
+        #[cfg(sparseflow_sm90)]
+        gpu::fence_proxy_async_shared();
+        // The barrier orders these writes before the storing warp's reads.
+        gpu::arrive_named(self.row_barrier(slot), 32 * (self.columns + 1));
+    }
+
+    /// Named barrier of this warp's group for row slot `slot` (barrier 0 is the CTA's).
+    #[inline(always)]
+    fn row_barrier(&self, slot: u32) -> u32 {
+        1 + 2 * (crate::gpu::thread_x() / 32 / (self.columns + 1)) + slot
+    }
+
+    /// The storing warp of a group: for each row its column warps stage (their row bands from
+    /// `band`, every `stride`-th), waits for all of them at the slot's barrier and stores the
+    /// whole row, each store instruction covering 512 contiguous bytes of channel rows (about
+    /// six lines, against sixteen for a column's own stores), then frees the slot.
+    #[inline(always)]
+    unsafe fn store_rows(&self, mut band: u32, stride: u32) {
+        use crate::gpu;
+        let (h, w) = (self.h, self.w);
+        let strips = h.div_ceil(self.strip_rows);
+        let chunks = w / 4;
+        let plane = h * w;
+        let (lane_c, lane_q) = (self.lane / chunks, self.lane % chunks);
+        let (step_c, step_q) = (32 / chunks, 32 % chunks);
+        let mut seq = 0u32;
+        while band * self.columns < self.items {
+            let (img, strip) = (band / strips, band % strips);
+            let oy0 = strip * self.strip_rows;
+            for oy in oy0..(oy0 + self.strip_rows).min(h) {
+                let slot = seq % 2;
+                let row = self.staging + slot * STAGE_ROW_BYTES;
+                gpu::sync_named(self.row_barrier(slot), 32 * (self.columns + 1));
+                let first = (img * self.cout * h + oy) * w;
+                // sm_90: the whole row by the tensor memory accelerator (one instruction); the
+                // slot is free once it has read it.
+                #[cfg(sparseflow_sm90)]
+                let lsu = self.out_map == 0;
+                #[cfg(not(sparseflow_sm90))]
+                let lsu = true;
+                #[cfg(sparseflow_sm90)]
+                if !lsu && self.lane == 0 {
+                    gpu::tensor_store_4d(self.out_map, row, [0, oy, 0, img]);
+                    gpu::bulk_wait_read();
+                }
+                // Otherwise chunk `lane + 32·i` of the row's `cout · chunks`, channel-major;
+                // every read has returned (its store took the value) before the slot is freed.
+                if lsu {
+                    let (mut c, mut q) = (lane_c, lane_q);
+                    while c < self.cout {
+                        let at = row + stage_offset(c, q, self.stage_pixels);
+                        let v = gpu::load_shared_f32x4_at(at);
+                        gpu::store_f32x4(self.out.add((first + c * plane + 4 * q) as usize), v);
+                        c += step_c;
+                        q += step_q;
+                        if q >= chunks {
+                            q -= chunks;
+                            c += 1;
+                        }
+                    }
+                }
+                gpu::sync_warp();
+                if self.lane == 0 {
+                    let free = self.staging + 2 * STAGE_ROW_BYTES + 4 * slot;
+                    gpu::store_volatile_shared_u32(free, seq.wrapping_add(2));
+                }
+                seq = seq.wrapping_add(1);
+            }
+            band += stride;
+        }
+        #[cfg(sparseflow_sm90)]
+        if self.lane == 0 {
+            gpu::bulk_wait_all();
+        }
     }
 
     /// Adds one input row (this lane's mask word `current`: word `lane / 16` of input pixel
@@ -530,15 +735,59 @@ unsafe fn add_pixel<const I: usize, const WORD: u32, const BINARY: bool>(
     }
 }
 
-/// Stores a finished output row segment: lane `l` holds channels `2l, 2l + 1` of eight pixels;
-/// lanes `2j, 2j + 1` swap halves so that each 32-byte run of channel `4j + s` is written by
-/// the pair (pixels 0..4 by `2j`, 4..8 by `2j + 1`): 16 rows an instruction, not 32.
-/// `(first, plane)`: offset of channel 0's first pixel, and channel stride.
+/// A finished output row segment rearranged for 16-byte stores: lane `l` holds channels `2l,
+/// 2l + 1` of eight pixels; lanes `2j, 2j + 1` swap halves so that each holds four pixels of
+/// channels `4j..4j + 4` (pixels 0..4 on `2j`, 4..8 on `2j + 1`).
+#[cfg(target_arch = "nvptx64")]
+struct RowQuads {
+    /// `mine[q][k]`: channel `2l + k` at pixel `4·high + q`; `theirs`: the partner's there.
+    mine: [[f32; 2]; 4],
+    theirs: [[f32; 2]; 4],
+    high: bool,
+}
+
+#[cfg(target_arch = "nvptx64")]
+impl RowQuads {
+    #[inline(always)]
+    fn new(acc: &[[f32; 2]; SWEEP_PIXELS as usize], high: bool) -> Self {
+        use crate::gpu;
+        let mut mine = [[0.0f32; 2]; 4];
+        let mut theirs = [[0.0f32; 2]; 4];
+        unroll!(q in [0, 1, 2, 3] {
+            unroll!(k in [0, 1] {
+                let (lo, hi) = (acc[q][k], acc[4 + q][k]);
+                let (keep, give) = if high { (hi, lo) } else { (lo, hi) };
+                mine[q][k] = keep;
+                theirs[q][k] = f32::from_bits(gpu::shfl_xor_u32(give.to_bits(), 1));
+            });
+        });
+        Self { mine, theirs, high }
+    }
+
+    /// This lane's four pixels of channel `4j + s`: the even lane's own channels for `s < 2`,
+    /// the odd lane's for `s ≥ 2`.
+    #[inline(always)]
+    fn quad(&self, s: usize) -> (f32, f32, f32, f32) {
+        let own = (s >= 2) == self.high;
+        let k = s % 2;
+        let v = |q: usize| {
+            if own {
+                self.mine[q][k]
+            } else {
+                self.theirs[q][k]
+            }
+        };
+        (v(0), v(1), v(2), v(3))
+    }
+}
+
+/// Stores a finished output row segment straight from the lanes: each 32-byte run of channel
+/// `4j + s` is written by the pair `2j, 2j + 1`, 16 rows an instruction. `(first, plane)`:
+/// offset of channel 0's first pixel, and channel stride.
 #[cfg(target_arch = "nvptx64")]
 #[inline(always)]
 unsafe fn store_row(
-    acc: &[[f32; 2]; SWEEP_PIXELS as usize],
-    high: bool,
+    quads: &RowQuads,
     lane: u32,
     out: *mut f32,
     (first, plane): (u32, u32),
@@ -546,27 +795,12 @@ unsafe fn store_row(
     second_half: bool,
 ) {
     use crate::gpu;
-    // `mine[q][k]`: channel 2l + k at pixel 4·high + q; `theirs`: the partner's channels there.
-    let mut mine = [[0.0f32; 2]; 4];
-    let mut theirs = [[0.0f32; 2]; 4];
-    unroll!(q in [0, 1, 2, 3] {
-        unroll!(k in [0, 1] {
-            let (lo, hi) = (acc[q][k], acc[4 + q][k]);
-            let (keep, give) = if high { (hi, lo) } else { (lo, hi) };
-            mine[q][k] = keep;
-            theirs[q][k] = f32::from_bits(gpu::shfl_xor_u32(give.to_bits(), 1));
-        });
-    });
-    // Channels 4j + s: the even lane's own for s < 2, the odd lane's own for s ≥ 2.
     let j = lane / 2;
     unroll!(s in [0, 1, 2, 3] {
-        let own = (s >= 2) == high;
-        let k = s % 2;
         let co = 4 * j + s as u32;
-        let v = |q: usize| if own { mine[q][k] } else { theirs[q][k] };
-        if co < cout && (!high || second_half) {
-            let at = out.add((first + co * plane + 4 * high as u32) as usize);
-            gpu::store_f32x4(at, (v(0), v(1), v(2), v(3)));
+        if co < cout && (!quads.high || second_half) {
+            let at = out.add((first + co * plane + 4 * quads.high as u32) as usize);
+            gpu::store_f32x4(at, quads.quad(s));
         }
     });
 }
@@ -590,6 +824,37 @@ mod tests {
         // One image on many warps: short strips; no warps: one strip.
         assert!(sweep_strip_rows(1, 56, 56, warps) <= 2);
         assert_eq!(sweep_strip_rows(4, 7, 8, 0), 7);
+    }
+
+    #[test]
+    fn staging_layout_spreads_banks() {
+        for w in (44..=56).step_by(4) {
+            let pixels = stage_pixels(w);
+            assert!(pixels >= w && SWEEP_CHANNELS * pixels * 4 <= STAGE_ROW_BYTES);
+            // A staging store's eight-lane phase: lanes 2j, 2j + 1 for four consecutive j
+            // write chunks x0 / 4 and x0 / 4 + 1 of channel 4j + s: at most two to a bank quad.
+            for x0 in (0..w).step_by(SWEEP_PIXELS as usize) {
+                for s in 0..4 {
+                    for phase in 0..4 {
+                        let mut quads = [0; 8];
+                        for lane in 0..8 {
+                            let j = 4 * phase + lane / 2;
+                            let quad = stage_offset(4 * j + s, x0 / 4 + lane % 2, pixels) / 16 % 8;
+                            quads[quad as usize] += 1;
+                        }
+                        assert!(quads.iter().all(|&k| k <= 2), "w {w} x0 {x0} s {s}");
+                    }
+                }
+            }
+        }
+        assert_eq!(sweep_stage_groups(56), SWEEP_STAGE_GROUPS);
+        assert_eq!(sweep_stage_groups(28), 0);
+        assert_eq!(sweep_stage_groups(64), 0);
+        assert_eq!(sweep_stage_groups(44), SWEEP_STAGE_GROUPS);
+        const { assert!(SWEEP_STAGED_SHARED_BYTES <= 227 * 1024) };
+        // Staged rows keep the tensor memory accelerator's 128-byte alignment.
+        const { assert!(STAGE_ROW_BYTES.is_multiple_of(128) && SWEEP_SHARED_BYTES.is_multiple_of(128)) };
+        const { assert!(STAGE_GROUP_BYTES.is_multiple_of(128)) };
     }
 
     #[test]

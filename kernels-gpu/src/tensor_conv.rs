@@ -624,10 +624,12 @@ pub unsafe extern "ptx-kernel" fn spike_plane_pack(
         let word = (idx / hw) % words;
         let img = idx / (hw * words);
         let first = input.add(((img * cin + word * 32) * hw + pixel) as usize);
-        // All 32 loads are issued before any is tested.
+        // All 32 loads are issued before any is tested; the input is read once, first evicted
+        // from L2 (as in `spike_mask_pack`).
+        let policy = gpu::l2_evict_first_policy();
         let mut v = [0.0f32; 32];
         for (j, v) in v.iter_mut().enumerate() {
-            *v = gpu::load_nc_f32(first.add(j * hw as usize));
+            *v = gpu::load_once_f32(first.add(j * hw as usize), policy);
         }
         let (mut low, mut high) = (0u32, 0u32);
         for (j, &v) in v.iter().enumerate() {
