@@ -23,8 +23,17 @@
 //!   divergence) adds each channel's weight rows to up to nine accumulators: three output rows
 //!   (input row `iy` feeds rows `iy − 1 ..= iy + 1`) of eight pixels, each lane two output
 //!   channels, 48 floats in registers. When an input row is done, output row `iy − 1` is
-//!   complete: lanes `2j, 2j + 1` swap halves so that each stores 16 bytes of one channel's
+//!   complete: lanes `2j, 2j + 1` swap halves so that each holds 16 bytes of one channel's
 //!   32-byte run.
+//! - Where the map is 41 to 56 pixels wide ([`sweep_stage_groups`]), a CTA's warps form two
+//!   groups of one warp per column and one storing warp, and a group takes whole row bands
+//!   (every column of a strip). A column warp writes each finished row segment into its
+//!   group's staging row (two slots) and arrives at the slot's named barrier without waiting;
+//!   the storing warp waits there and stores the whole row, all 64 channels, with one
+//!   `cp.async.bulk.tensor` through a tensor map of the output (sm_90; ordinary 16-byte stores
+//!   of contiguous runs in the generic module), then frees the slot. The output stores so
+//!   leave the load/store unit, where an 8-pixel column's store instruction touches 16 lines.
+//!   Narrower or wider maps store each warp's 32-byte runs itself.
 //!
 //! Any float input is exact: when some non-zero is not 1 (SEW's integers) each is read back and
 //! multiplied; binary spikes add.
@@ -160,6 +169,21 @@
 //!   storing its own staged rows as whole lines, to wrong places) ran 0.0904–0.0922 against
 //!   0.1001–0.1005: the barriers' waits (a row's work varies from warp to warp with the spikes
 //!   it holds) cost more than the lines save.
+//!
+//! Stop 29 (H100, layer at 1%, docs/e2e-h100/ab-stop29.txt): the staged rows above, stored by
+//! the tensor memory accelerator, 0.0965–0.0987 → 0.0940–0.0956 ms in one call (5%: 0.188 →
+//! 0.171), and 0.0916–0.0944 ms in eight runs on the final build with the packing pass's
+//! evict-first loads (0.1017–0.1036 → 0.0983–0.0988 alone). Measured and dropped:
+//! - the same staging with a count per slot, the last warp to arrive storing the row, ordered
+//!   by `fence.acq_rel.cta` and acquire/release atomics: 0.135 ms. Each compiles to
+//!   `MEMBAR.ALL.CTA`, which waits for the warp's outstanding loads (its mask prefetch);
+//! - a storing warp with ordinary 16-byte stores of the staged row (about six lines an
+//!   instruction instead of 16, but two fewer sweeping warps and the staging's extra shared
+//!   traffic): 0.098–0.100 against 0.098–0.099;
+//! - one `cp.async.bulk` per channel row (64 a row, each issued lane by lane): 0.114–0.119 at
+//!   1%, where the storing warp cannot issue them as fast as rows finish (at 5%, 0.171);
+//! - 14-row strips (two bands a group): 0.096 against 0.093–0.095; producers spinning without
+//!   `nanosleep`: no difference.
 //!
 //! ncu at stop 24 (1%, ncu's clocks): the sweep 74 µs, L1 76% busy (shared-memory wavefronts
 //! from the weight reads, 2 per read, and the stores' 64 line lookups a row), issue 43%; stalls
