@@ -542,7 +542,10 @@ impl SparseConv2d {
         // The sm_90a module stores staged rows through a tensor map of the output.
         let out_map = if groups > 0 && backend.has_wgmma() {
             let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
-            scratch.output_map(o, [n32, geometry[2], h32, w32], stream)?
+            // Without a map (the driver refused it) the storing warps use ordinary stores.
+            scratch
+                .output_map(o, [n32, geometry[2], h32, w32], stream)
+                .unwrap_or(0)
         } else {
             0
         };
@@ -783,10 +786,14 @@ pub(crate) struct SweepScratch {
     buffers: Option<(CudaSlice<u32>, CudaSlice<u32>)>,
     /// Forwards packed so far: their parity picks the flag.
     forwards: u64,
-    /// The last output tensor map the staged sweep stored through, on the device, and its
-    /// bytes (uploaded again only when they change).
-    output_map: Option<(CudaSlice<u64>, [u64; 16])>,
+    /// The output tensor maps the staged sweep stored through lately, on the device, with their
+    /// bytes, most recent last: a network's forwards reuse a few output buffers, so a map is
+    /// uploaded again only when its buffer is new.
+    output_maps: Vec<(CudaSlice<u64>, [u64; 16])>,
 }
+
+/// Output tensor maps [`SweepScratch`] keeps on the device.
+const KEPT_OUTPUT_MAPS: usize = 16;
 
 impl SweepScratch {
     /// The device address of a tensor map of `out` (`[n, cout, h, w]` on the device) whose box
@@ -825,19 +832,23 @@ impl SweepScratch {
             .result()?;
         }
         let bytes = map.opaque;
-        match &mut self.output_map {
-            Some((_, current)) if *current == bytes => {}
-            slot => {
-                let mut device = match slot.take() {
-                    Some((device, _)) => device,
-                    None => stream.alloc_zeros::<u64>(16)?,
+        let entry = match self.output_maps.iter().position(|(_, b)| *b == bytes) {
+            Some(i) => self.output_maps.remove(i),
+            None => {
+                // The oldest map's buffer is rewritten in stream order, after the launches
+                // that read it.
+                let mut device = if self.output_maps.len() >= KEPT_OUTPUT_MAPS {
+                    self.output_maps.remove(0).0
+                } else {
+                    stream.alloc_zeros::<u64>(16)?
                 };
                 stream.memcpy_htod(&bytes, &mut device)?;
-                *slot = Some((device, bytes));
+                (device, bytes)
             }
-        }
-        let (device, _) = self.output_map.as_ref().expect("set above");
-        Ok(device.device_ptr(stream).0)
+        };
+        let address = entry.0.device_ptr(stream).0;
+        self.output_maps.push(entry);
+        Ok(address)
     }
 
     /// Queues `spike_mask_pack` over `x` (`(n, cin, hw)`, the caller has checked that `n ·
