@@ -616,7 +616,7 @@ impl Sweep {
                 gpu::store_shared_u32x4(at, [a, b, c, d].map(f32::to_bits));
             });
         }
-        // The bulk copies that store the row read it through the async proxy.
+        // The tensor store that writes the row reads it through the async proxy.
         #[cfg(sparseflow_sm90)]
         gpu::fence_proxy_async_shared();
         // The barrier orders these writes before the storing warp's reads.
@@ -631,8 +631,8 @@ impl Sweep {
 
     /// The storing warp of a group: for each row its column warps stage (their row bands from
     /// `band`, every `stride`-th), waits for all of them at the slot's barrier and stores the
-    /// whole row, each store instruction covering 512 contiguous bytes of channel rows (about
-    /// six lines, against sixteen for a column's own stores), then frees the slot.
+    /// whole row, with one tensor store where the host gave a tensor map of the output (sm_90),
+    /// else with 16-byte stores of 512 contiguous bytes an instruction, then frees the slot.
     #[inline(always)]
     unsafe fn store_rows(&self, mut band: u32, stride: u32) {
         use crate::gpu;
