@@ -539,9 +539,9 @@ impl SparseConv2d {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let groups = sweep_stage_groups(w32);
+        let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
         // The sm_90a module stores staged rows through a tensor map of the output.
         let out_map = if groups > 0 && backend.has_wgmma() {
-            let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
             // Without a map (the driver refused it) the storing warps use ordinary stores.
             scratch
                 .output_map(o, [n32, geometry[2], h32, w32], stream)
@@ -564,7 +564,6 @@ impl SparseConv2d {
             g => (g * w32.div_ceil(SWEEP_PIXELS), SWEEP_STAGED_SHARED_BYTES),
         };
         let strip_rows = sweep_strip_rows(n32, h32, w32, ctas * warps);
-
         let function = backend.function_with_shared("sweep_conv3x3", shared)?;
         let config = LaunchConfig {
             grid_dim: (ctas, 1, 1),
@@ -574,7 +573,6 @@ impl SparseConv2d {
         let (input, _input_use) = x.slice().device_ptr(stream);
         let (w, _w_use) = weights.weights.device_ptr(stream);
         let (b, _b_use) = weights.bias.device_ptr(stream);
-        let (o, _o_use) = out.slice_mut().device_ptr_mut(stream);
         let mut args = [input, words, flag, w, b, o]
             .map(KernelArg::Pointer)
             .to_vec();

@@ -602,8 +602,7 @@ impl Sweep {
     unsafe fn stage_row(&self, quads: &RowQuads, x0: u32, seq: u32) {
         use crate::gpu;
         let slot = seq % 2;
-        let row = self.staging + slot * STAGE_ROW_BYTES;
-        let free = self.staging + 2 * STAGE_ROW_BYTES + 4 * slot;
+        let (row, free) = self.stage_slot(slot);
         while gpu::load_volatile_shared_u32(free) != seq {
             gpu::nanosleep(20);
         }
@@ -621,6 +620,16 @@ impl Sweep {
         gpu::fence_proxy_async_shared();
         // The barrier orders these writes before the storing warp's reads.
         gpu::arrive_named(self.row_barrier(slot), 32 * (self.columns + 1));
+    }
+
+    /// Shared-window addresses of this warp's group's staging row `slot` and of its word
+    /// holding the sequence number that may be written into it next.
+    #[inline(always)]
+    fn stage_slot(&self, slot: u32) -> (u32, u32) {
+        (
+            self.staging + slot * STAGE_ROW_BYTES,
+            self.staging + 2 * STAGE_ROW_BYTES + 4 * slot,
+        )
     }
 
     /// Named barrier of this warp's group for row slot `slot` (barrier 0 is the CTA's).
@@ -648,7 +657,7 @@ impl Sweep {
             let oy0 = strip * self.strip_rows;
             for oy in oy0..(oy0 + self.strip_rows).min(h) {
                 let slot = seq % 2;
-                let row = self.staging + slot * STAGE_ROW_BYTES;
+                let (row, free) = self.stage_slot(slot);
                 gpu::sync_named(self.row_barrier(slot), 32 * (self.columns + 1));
                 let first = (img * self.cout * h + oy) * w;
                 // sm_90: the whole row by the tensor memory accelerator (one instruction); the
@@ -680,7 +689,6 @@ impl Sweep {
                 }
                 gpu::sync_warp();
                 if self.lane == 0 {
-                    let free = self.staging + 2 * STAGE_ROW_BYTES + 4 * slot;
                     gpu::store_volatile_shared_u32(free, seq.wrapping_add(2));
                 }
                 seq = seq.wrapping_add(1);
